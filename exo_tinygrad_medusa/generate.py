@@ -1,0 +1,148 @@
+"""Generation on a whole model: plain decoding and Medusa share one loop (plain is the root-only tree)."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from tinygrad import Tensor
+
+from .medusa.heads import MedusaHeads
+from .medusa.tree import PLAIN, MedusaTree
+from .model import KVCache, Transformer
+from .sampling import GenerationConfig, exact_accept, probabilities, sample, typical_accept
+from .steps import ShardSteps
+
+log = logging.getLogger(__name__)
+OnTokens = Callable[[list[int]], None]
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    generated_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    accept_lengths: list[int] = field(default_factory=list)  # tokens each verify step produced (before stop cuts)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        return len(self.accept_lengths)
+
+    @property
+    def mean_accepted(self) -> float:
+        return float(np.mean(self.accept_lengths)) if self.accept_lengths else 1.0
+
+    @property
+    def accept_histogram(self) -> dict[int, int]:
+        return dict(sorted(Counter(self.accept_lengths).items()))
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return len(self.prompt_ids) / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # the first token comes from the prefill; decode speed counts what the verify steps produced
+        return (len(self.generated_ids) - 1) / self.decode_s if self.decode_s and len(self.generated_ids) > 1 else 0.0
+
+
+class _Emitter:
+    """Cuts accepted tokens exactly at the first EOS and at the token budget, and streams what it keeps."""
+
+    def __init__(self, result: GenerationResult, eos_ids: set[int], budget: int, on_tokens: OnTokens | None):
+        self.result, self.eos_ids, self.budget, self.on_tokens = result, eos_ids, budget, on_tokens
+        self.done = False
+
+    def push(self, tokens: list[int]) -> None:
+        kept = []
+        for t in tokens:
+            kept.append(t)
+            if t in self.eos_ids:
+                self.done, self.result.finish_reason = True, "stop"
+                break
+            if len(self.result.generated_ids) + len(kept) >= self.budget:
+                self.done, self.result.finish_reason = True, "length"
+                break
+        self.result.generated_ids.extend(kept)
+        if kept and self.on_tokens:
+            self.on_tokens(kept)
+
+
+class Generator:
+    """Owns a whole model (one shard holding every layer), its captured steps and one KV cache."""
+
+    def __init__(self, model: Transformer, eos_token_ids, tree: MedusaTree = PLAIN, heads: MedusaHeads | None = None):
+        if not (model.shard.is_first_layer() and model.shard.is_last_layer()):
+            raise ValueError("Generator needs the whole model; use the engine for sharded models")
+        self.model, self.tree, self.eos_ids = model, tree, set(eos_token_ids)
+        self.steps = ShardSteps(model, tree, heads)
+        self.cache: KVCache = model.new_cache()
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.model.max_context:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens but the context holds {self.model.max_context} "
+                             f"(at least one must be left to generate)")
+        vocab = self.model.config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+
+    def prefill(self, prompt_ids: list[int]) -> tuple[Tensor, int]:
+        """Run the prompt in fixed-size chunks (the last one padded); returns the last chunk's hidden states and
+        the row of the last prompt token. Padding writes K/V past the prompt: those slots are rewritten first."""
+        C, hidden, row = self.steps.chunk, None, 0
+        for start in range(0, len(prompt_ids), C):
+            chunk = prompt_ids[start:start + C]
+            row = len(chunk) - 1
+            tokens = Tensor([chunk + [0] * (C - len(chunk))], dtype="int32")
+            hidden = self.steps.prefill(tokens, self.cache.layers, self.steps.bind(start))
+        return hidden, row
+
+    def generate(self, prompt_ids: list[int], cfg: GenerationConfig = GenerationConfig(),
+                 on_tokens: OnTokens | None = None) -> GenerationResult:
+        self.check_prompt(prompt_ids)
+        result = GenerationResult(list(prompt_ids))
+        rng = np.random.default_rng(cfg.seed)
+        emit = _Emitter(result, self.eos_ids, min(cfg.max_new_tokens, self.model.max_context - len(prompt_ids)), on_tokens)
+        t0 = time.perf_counter()
+        hidden, row = self.prefill(prompt_ids)
+        logits, tree_tokens = self.steps.propose_after_prefill(hidden, Tensor([row], dtype="int32"))
+        tree_tokens = tree_tokens.numpy()
+        if not cfg.greedy:
+            tree_tokens[0] = sample(probabilities(logits.numpy(), cfg), rng)
+        result.prefill_s = (t1 := time.perf_counter()) - t0
+        emit.push([int(tree_tokens[0])])
+        start_pos = len(prompt_ids)
+        while not emit.done:
+            nodes, next_tree = self._verify(tree_tokens, start_pos, cfg, rng)
+            result.accept_lengths.append(len(nodes))
+            emit.push([int(tree_tokens[n]) for n in nodes[1:]] + [int(next_tree[0])])
+            if nodes != list(range(len(nodes))):  # accepted nodes must sit in consecutive cache slots
+                keep = np.arange(self.tree.size, dtype=np.int32)
+                keep[:len(nodes)] = nodes
+                self.steps.compact(self.cache.layers, self.steps.bind(start_pos), Tensor(keep))
+            start_pos += len(nodes)
+            tree_tokens = next_tree
+        result.decode_s = time.perf_counter() - t1
+        return result
+
+    def _verify(self, tree_tokens: np.ndarray, start_pos: int, cfg: GenerationConfig, rng) -> tuple[list[int], np.ndarray]:
+        """One verify step: the accepted tree nodes (root first) and the next tree (its root is the bonus token)."""
+        x, pos = Tensor(tree_tokens.reshape(1, -1).astype(np.int32)), self.steps.bind(start_pos)
+        if cfg.greedy:
+            summary = self.steps.verify_greedy(x, self.cache.layers, pos).numpy()
+            n_accepted, best = int(summary[0]), int(summary[1])
+            return self.tree.retrieve_paths[best][:n_accepted + 1].tolist(), summary[2:]
+        hidden, logits = self.steps.verify_logits(x, self.cache.layers, pos)
+        accept = exact_accept if cfg.medusa_sampling == "exact" or self.tree.size == 1 else typical_accept
+        nodes, bonus = accept(self.tree, tree_tokens, logits.numpy(), cfg, rng)
+        _, next_tree = self.steps.propose_after_verify(hidden, Tensor([nodes[-1]], dtype="int32"))
+        next_tree = next_tree.numpy()
+        next_tree[0] = bonus
+        return nodes, next_tree

@@ -1,0 +1,213 @@
+"""Medusa heads: ResBlocks on the final normed hidden state, each head guessing one token further ahead.
+
+Head k reads h_t and predicts token t + k + 2 (the base lm_head predicts t + 1). A head is `num_layers`
+ResBlocks x + SiLU(W x + b), then its own lm_head ("v1", the published Medusa-1 layout) or the base model's
+("v2": heads stay a few MB even for 150k-token vocabularies). Checkpoints use the published layout:
+config.json + medusa_lm_head.safetensors with `{head}.{layer}.linear.weight|bias` and, for v1,
+`{head}.{num_layers}.weight`."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tinygrad import Tensor, dtypes
+from tinygrad.nn.state import safe_load, safe_save, torch_load
+
+from ..config import ModelConfig
+
+log = logging.getLogger(__name__)
+WEIGHTS_FILE = "medusa_lm_head.safetensors"
+
+
+@dataclass(frozen=True)
+class MedusaConfig:
+    medusa_num_heads: int
+    medusa_num_layers: int
+    hidden_size: int
+    vocab_size: int
+    medusa_format: str = "v2"  # "v1": each head has its own lm_head; "v2": heads share the base model's
+    base_model_name_or_path: str = ""
+
+    def __post_init__(self):
+        if self.medusa_num_heads < 1:
+            raise ValueError(f"medusa_num_heads must be >= 1, got {self.medusa_num_heads}")
+        if self.medusa_num_layers < 0:
+            raise ValueError(f"medusa_num_layers must be >= 0, got {self.medusa_num_layers}")
+        if self.medusa_format not in ("v1", "v2"):
+            raise ValueError(f"medusa_format must be 'v1' or 'v2', got {self.medusa_format!r}")
+
+
+class MedusaHeads:
+    def __init__(self, config: MedusaConfig, base_lm_head: Tensor | None = None, seed: int | None = None):
+        c = config
+        self.config = c
+        # zero-initialised ResBlocks make a fresh head an identity on h: it starts as a copy of the base lm_head
+        self.linear_w = [[Tensor.zeros(c.hidden_size, c.hidden_size).contiguous() for _ in range(c.medusa_num_layers)]
+                         for _ in range(c.medusa_num_heads)]
+        self.linear_b = [[Tensor.zeros(c.hidden_size).contiguous() for _ in range(c.medusa_num_layers)]
+                         for _ in range(c.medusa_num_heads)]
+        self.base_lm_head = base_lm_head
+        self.lm_heads: list[Tensor] = []
+        if c.medusa_format == "v1":
+            if base_lm_head is None:
+                raise ValueError("v1 heads are initialised from the base lm_head: pass base_lm_head")
+            self.lm_heads = [base_lm_head.contiguous() for _ in range(c.medusa_num_heads)]
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.medusa_num_heads
+
+    def trainable(self) -> list[Tensor]:
+        params = [t for head in self.linear_w for t in head] + [t for head in self.linear_b for t in head]
+        return params + self.lm_heads
+
+    def features(self, hidden: Tensor) -> list[Tensor]:
+        """Per head, the hidden state after its ResBlocks: hidden (..., D) -> list of (..., D)."""
+        out = []
+        for ws, bs in zip(self.linear_w, self.linear_b):
+            x = hidden
+            for w, b in zip(ws, bs):
+                x = x + (x @ w.T + b).silu()
+            out.append(x)
+        return out
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        """hidden (..., D) -> logits (num_heads, ..., V)."""
+        feats = self.features(hidden)
+        if self.config.medusa_format == "v2":
+            return Tensor.stack(*feats) @ self.base_lm_head.T
+        return Tensor.stack(*[f @ w.T for f, w in zip(feats, self.lm_heads)])
+
+    def use_first(self, num_heads: int | None = None, num_layers: int | None = None) -> "MedusaHeads":
+        """Keep the first heads/layers only (--medusa-num-heads/--medusa-num-layers)."""
+        c = self.config
+        for name, asked, have in (("heads", num_heads, c.medusa_num_heads), ("layers", num_layers, c.medusa_num_layers)):
+            if asked is not None and not 1 <= asked <= have:
+                raise ValueError(f"--medusa-num-{name} {asked}: the checkpoint has {have} {name}")
+        if num_layers is not None and num_layers != c.medusa_num_layers:
+            raise ValueError(f"--medusa-num-layers {num_layers} does not match the checkpoint's {c.medusa_num_layers} "
+                             "(ResBlocks are trained as a stack and cannot be dropped)")
+        n = num_heads or c.medusa_num_heads
+        self.config = MedusaConfig(**{**asdict(c), "medusa_num_heads": n})
+        self.linear_w, self.linear_b = self.linear_w[:n], self.linear_b[:n]
+        self.lm_heads = self.lm_heads[:n]
+        return self
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        sd = {}
+        for h, (ws, bs) in enumerate(zip(self.linear_w, self.linear_b)):
+            for l, (w, b) in enumerate(zip(ws, bs)):
+                sd[f"{h}.{l}.linear.weight"], sd[f"{h}.{l}.linear.bias"] = w, b
+        for h, w in enumerate(self.lm_heads):
+            sd[f"{h}.{self.config.medusa_num_layers}.weight"] = w
+        return sd
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write config.json last (via a rename) so a directory never looks complete before its weights are."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(f"output directory {out} is not writable")
+        safe_save({k: v.cast(dtypes.float32).contiguous().realize() for k, v in self.state_dict().items()},
+                   str(out / WEIGHTS_FILE))
+        fd, tmp = tempfile.mkstemp(dir=out, suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self.config), f, indent=2)
+        os.replace(tmp, out / "config.json")
+        return out
+
+
+def _resolve_dir(path_or_repo: str) -> Path:
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        return path
+    if path_or_repo.count("/") == 1 and not path_or_repo.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+        try:
+            return Path(snapshot_download(path_or_repo, allow_patterns=["config.json", "medusa_lm_head.*"]))
+        except Exception as e:  # offline, 404, auth: one clear line
+            raise FileNotFoundError(f"Medusa heads {path_or_repo!r}: not a local path and the hub download failed "
+                                    f"({type(e).__name__})") from None
+    raise FileNotFoundError(f"Medusa heads {path_or_repo!r} not found (expected a directory with config.json and "
+                            f"{WEIGHTS_FILE}, or an HF repo id)")
+
+
+def load_heads(path_or_repo: str, model_config: ModelConfig, base_lm_head: Tensor, *, dtype=None,
+               device: str | None = None) -> MedusaHeads:
+    """Load and validate heads against the model they will run on; every mismatch names both numbers."""
+    root = _resolve_dir(path_or_repo)
+    cfg_path = root / "config.json" if root.is_dir() else root.parent / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"Medusa heads at {root}: missing config.json")
+    try:
+        raw = json.loads(cfg_path.read_text())
+        num_heads, num_layers = int(raw["medusa_num_heads"]), int(raw["medusa_num_layers"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"Medusa heads config {cfg_path} is invalid: {e}") from None
+    weights = _read_weights(root)
+    first = weights.get("0.0.linear.weight")
+    hidden = int(raw.get("hidden_size") or (first.shape[0] if first is not None else model_config.dim))
+    fmt = raw.get("medusa_format") or ("v1" if f"0.{num_layers}.weight" in weights else "v2")
+    lm = weights.get(f"0.{num_layers}.weight")
+    vocab = int(raw.get("vocab_size") or (lm.shape[0] if lm is not None else model_config.vocab_size))
+    if hidden != model_config.dim:
+        raise ValueError(f"Medusa heads have hidden size {hidden} but the model's hidden size is {model_config.dim}")
+    if vocab != model_config.vocab_size:
+        raise ValueError(f"Medusa heads have vocab size {vocab} but the model's vocab size is {model_config.vocab_size}")
+    config = MedusaConfig(num_heads, num_layers, hidden, vocab, fmt, raw.get("base_model_name_or_path", ""))
+    heads = MedusaHeads(config, base_lm_head)
+    expected = heads.state_dict()
+    target = dtype or base_lm_head.dtype
+    loaded = {}
+    for name, want in expected.items():
+        if name not in weights:
+            raise ValueError(f"Medusa heads {root}: missing tensor {name!r} for {num_heads} heads x {num_layers} layers")
+        got = weights[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"Medusa heads tensor {name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+        loaded[name] = got.to(device or base_lm_head.device).cast(target).contiguous()
+    Tensor.realize(*loaded.values())
+    for h in range(num_heads):
+        for l in range(num_layers):
+            heads.linear_w[h][l], heads.linear_b[h][l] = loaded[f"{h}.{l}.linear.weight"], loaded[f"{h}.{l}.linear.bias"]
+        if fmt == "v1":
+            heads.lm_heads[h] = loaded[f"{h}.{num_layers}.weight"]
+    log.info("loaded %d Medusa heads (%s, %d layer(s)) from %s", num_heads, fmt, num_layers, root)
+    return heads
+
+
+def _read_weights(root: Path) -> dict[str, Tensor]:
+    candidates = [root] if root.is_file() else [root / WEIGHTS_FILE, root / "medusa_lm_head.pt", root / "medusa_lm_head.bin"]
+    for path in candidates:
+        if path.is_file():
+            try:
+                sd = safe_load(str(path)) if path.suffix == ".safetensors" else torch_load(str(path))
+            except Exception as e:  # truncated or foreign files fail in many ways inside the readers
+                raise ValueError(f"Medusa heads file {path} is corrupt or unreadable ({type(e).__name__}: {e})") from None
+            # checkpoints saved from a wrapped module prefix every key with "medusa_head."
+            return {k.removeprefix("medusa_head."): v for k, v in sd.items()}
+    raise FileNotFoundError(f"Medusa heads at {root}: no {WEIGHTS_FILE} or medusa_lm_head.pt")
+
+
+def random_heads(model_config: ModelConfig, base_lm_head: Tensor, num_heads: int = 4, num_layers: int = 1,
+                 fmt: str = "v2", seed: int = 0, scale: float = 0.02) -> MedusaHeads:
+    """Heads with random ResBlocks: test fixtures and benchmarks where accuracy does not matter."""
+    rng = np.random.default_rng(seed)
+    heads = MedusaHeads(MedusaConfig(num_heads, num_layers, model_config.dim, model_config.vocab_size, fmt), base_lm_head)
+    dev, dt = base_lm_head.device, base_lm_head.dtype
+    for h in range(num_heads):
+        for l in range(num_layers):
+            heads.linear_w[h][l] = Tensor((rng.standard_normal((model_config.dim,) * 2) * scale).astype(np.float32),
+                                          device=dev).cast(dt).realize()
+            heads.linear_b[h][l] = Tensor((rng.standard_normal(model_config.dim) * scale).astype(np.float32),
+                                          device=dev).cast(dt).realize()
+        if fmt == "v1":
+            noise = rng.standard_normal(tuple(base_lm_head.shape)).astype(np.float32) * scale
+            heads.lm_heads[h] = (base_lm_head + Tensor(noise, device=dev).cast(dt)).contiguous().realize()
+    return heads

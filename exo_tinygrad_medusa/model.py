@@ -1,0 +1,196 @@
+"""A Llama / Qwen2 transformer shard in plain tinygrad tensors, with attention built for token trees.
+
+A forward over T new tokens writes their K/V at a symbolic `start_pos` and attends to the whole cached
+prefix plus the new tokens under a (T, T) additive mask. Token i sits at position start_pos + depths[i]:
+for causal decoding depths = 0..T-1; in a Medusa tree, siblings share a depth. Because T, the mask and
+the depths are fixed per step kind, one TinyJit capture replays at every start position.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tinygrad import Tensor, UOp, dtypes, nn
+
+from .config import ModelConfig, rope_inv_freq
+from .shard import Shard
+
+Pos = int | UOp
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # half-split ("rotate_half") layout, as in transformers; GGUF weights are un-permuted on load to match
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+
+class Attention:
+    def __init__(self, config: ModelConfig):
+        c = config
+        self.config = c
+        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+
+    def __call__(self, x: Tensor, cache_kv: Tensor, start_pos: Pos, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        c, (B, T, _) = self.config, x.shape
+        q = self.q_proj(x).reshape(B, T, c.n_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        cache_kv[:, :, :, start_pos:start_pos + T].assign(Tensor.stack(k, v).cast(cache_kv.dtype)).realize()
+        keys = cache_kv[0, :, :, 0:start_pos + T]
+        values = cache_kv[1, :, :, 0:start_pos + T]
+
+        # grouped-query attention without materialising repeated K/V: (B, kv, group, T, S)
+        group = c.n_heads // c.n_kv_heads
+        q = q.reshape(B, c.n_kv_heads, group, T, c.head_dim)
+        scores = q @ keys.unsqueeze(2).transpose(-1, -2) * (1.0 / c.head_dim ** 0.5)
+        # the cached prefix is fully visible; the new tokens see each other only where the tree mask allows
+        scores = scores + mask.pad(((0, 0), (start_pos, 0)))
+        attn = scores.softmax(-1) @ values.unsqueeze(2)
+        return self.o_proj(attn.reshape(B, c.n_heads, T, c.head_dim).transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward:
+    def __init__(self, config: ModelConfig):
+        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        # contiguous: without it tinygrad recomputes the gated product inside the down projection's kernel
+        return self.down_proj((self.gate_proj(x).silu() * self.up_proj(x)).contiguous())
+
+
+class Block:
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.input_layernorm = nn.RMSNorm(config.dim, config.norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.mlp = FeedForward(config)
+
+    def __call__(self, x: Tensor, cache_kv: Tensor, start_pos: Pos, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        h = (x + self.self_attn(self.input_layernorm(x), cache_kv, start_pos, cos, sin, mask)).contiguous()
+        return (h + self.mlp(self.post_attention_layernorm(h))).contiguous()
+
+
+class Transformer:
+    """Layers shard.start_layer..shard.end_layer of a Llama/Qwen2 model.
+
+    The first shard takes token ids (B, T); the others take hidden states (B, T, dim). The last shard returns
+    (normed hidden, logits); the others return hidden states for the next shard.
+    """
+
+    def __init__(self, config: ModelConfig, shard: Shard, max_context: int | None = None, cache_slack: int = 64):
+        if shard.n_layers != config.n_layers:
+            raise ValueError(f"shard has n_layers={shard.n_layers} but the model config has {config.n_layers} layers")
+        self.config, self.shard = config, shard
+        self.max_context = min(max_context or config.max_context, config.max_context)
+        # slack past max_context: a padded prefill chunk or a tree at the context end may write there, never read it
+        self.cache_len = self.max_context + cache_slack
+        self.layers = {i: Block(config) for i in range(shard.start_layer, shard.end_layer + 1)}
+        if shard.is_first_layer():
+            self.embed_tokens = Tensor.zeros(config.vocab_size, config.dim)
+        if shard.is_last_layer():
+            self.norm = nn.RMSNorm(config.dim, config.norm_eps)
+            self.lm_head = Tensor.zeros(config.vocab_size, config.dim)  # tied models point this at embed_tokens
+        self.rope_cos: Tensor | None = None
+        self.rope_sin: Tensor | None = None
+
+    # -- weights ---------------------------------------------------------------------------------------------
+    def parameters(self) -> dict[str, Tensor]:
+        """Tensors by their Hugging Face name, only those this shard holds."""
+        params: dict[str, Tensor] = {}
+        if self.shard.is_first_layer():
+            params["model.embed_tokens.weight"] = self.embed_tokens
+        for i, block in self.layers.items():
+            for name, t in nn.state.get_state_dict(block).items():
+                params[f"model.layers.{i}.{name}"] = t
+        if self.shard.is_last_layer():
+            params["model.norm.weight"] = self.norm.weight
+            params["lm_head.weight"] = self.lm_head
+        return params
+
+    def set_parameters(self, weights: dict[str, Tensor]) -> None:
+        for name, t in self.parameters().items():
+            self._set(name, weights[name])
+
+    def _set(self, name: str, value: Tensor) -> None:
+        parts = name.split(".")
+        if parts[0] == "lm_head":
+            self.lm_head = value
+            return
+        if parts[1] == "embed_tokens":
+            self.embed_tokens = value
+            return
+        if parts[1] == "norm":
+            self.norm.weight = value
+            return
+        obj = self.layers[int(parts[2])]
+        for p in parts[3:-1]:
+            obj = getattr(obj, p)
+        setattr(obj, parts[-1], value)
+
+    def new_cache(self, batch_size: int = 1) -> "KVCache":
+        """Zeroed K/V buffers for this shard's layers: one per request (Exo keeps one per request id)."""
+        c, w = self.config, self.lm_head if self.shard.is_last_layer() else next(iter(self.parameters().values()))
+        layers = [Tensor.zeros(2, batch_size, c.n_kv_heads, self.cache_len, c.head_dim, dtype=w.dtype, device=w.device)
+                  .contiguous().realize() for _ in self.layers]
+        return KVCache(layers, self.max_context)
+
+    def _rope_tables(self) -> tuple[Tensor, Tensor]:
+        if self.rope_cos is None:
+            w = next(iter(self.parameters().values()))
+            angles = np.arange(self.cache_len, dtype=np.float32)[:, None] * rope_inv_freq(self.config)[None, :]
+            self.rope_cos = Tensor(np.cos(angles), device=w.device).cast(w.dtype).realize()
+            self.rope_sin = Tensor(np.sin(angles), device=w.device).cast(w.dtype).realize()
+        return self.rope_cos, self.rope_sin
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, cache: "KVCache | list[Tensor]", start_pos: Pos, depths: Tensor, mask: Tensor):
+        """x: token ids (B, T) on the first shard, else hidden (B, T, dim). depths: (T,) int32, values < T.
+        mask: (T, T) additive (0 or -inf) visibility among the new tokens.
+        Returns hidden (B, T, dim), or (normed hidden, logits) on the last shard."""
+        T = x.shape[1]
+        rope_cos, rope_sin = self._rope_tables()
+        # rope rows for positions start_pos + depths: a fixed-size window at the symbolic start, gathered by depth
+        cos = rope_cos[start_pos:start_pos + T][depths]
+        sin = rope_sin[start_pos:start_pos + T][depths]
+        h = self.embed_tokens[x] if self.shard.is_first_layer() else x
+        layers = cache.layers if isinstance(cache, KVCache) else cache
+        for block, cache_kv in zip(self.layers.values(), layers):
+            h = block(h, cache_kv, start_pos, cos, sin, mask)
+        if not self.shard.is_last_layer():
+            return h
+        hidden = self.norm(h).contiguous()
+        return hidden, self.logits(hidden)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return hidden @ self.lm_head.T
+
+
+class KVCache:
+    """Per-layer K/V buffers (2, B, n_kv_heads, cache_len, head_dim) of one shard for one request."""
+
+    def __init__(self, layers: list[Tensor], max_context: int):
+        self.layers, self.max_context = layers, max_context
+
+    def compact(self, start_pos: Pos, keep: Tensor) -> None:
+        """Keep entries start_pos + keep[i] (accepted tree nodes) and move them to slots start_pos + i.
+
+        keep has a fixed length (the tree size) so one capture serves every step; entries past the accepted path
+        are arbitrary: those slots are overwritten before they are ever read."""
+        compact_layers(self.layers, start_pos, keep)
+
+
+def compact_layers(layers: list[Tensor], start_pos: Pos, keep: Tensor) -> None:
+    n = keep.shape[0]
+    for cache in layers:
+        window = cache[:, :, :, start_pos:start_pos + n].contiguous()
+        cache[:, :, :, start_pos:start_pos + n].assign(window[:, :, :, keep]).realize()
+
+
+def causal_mask(T: int) -> np.ndarray:
+    return np.triu(np.full((T, T), -np.inf, dtype=np.float32), 1)

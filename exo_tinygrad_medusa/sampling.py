@@ -1,0 +1,112 @@
+"""Host-side sampling and Medusa acceptance for temperature > 0 (greedy acceptance runs on the device)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .medusa.tree import MedusaTree
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0            # 0: no top-k cut
+    top_p: float = 1.0
+    seed: int | None = None
+    medusa_sampling: str = "typical"   # "typical" (Medusa paper) or "exact" (distribution-preserving)
+    posterior_threshold: float = 0.09
+    posterior_alpha: float = 0.3
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.medusa_sampling not in ("typical", "exact"):
+            raise ValueError(f"medusa_sampling must be 'typical' or 'exact', got {self.medusa_sampling!r}")
+        if not 0 < self.posterior_threshold <= 1 or not self.posterior_alpha > 0:
+            raise ValueError("posterior_threshold must be in (0, 1] and posterior_alpha > 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def probabilities(logits: np.ndarray, cfg: GenerationConfig) -> np.ndarray:
+    """The sampling distribution over the last axis after temperature, top-k and top-p."""
+    x = logits.astype(np.float64) / cfg.temperature
+    if cfg.top_k and cfg.top_k < x.shape[-1]:
+        kth = np.partition(x, -cfg.top_k, axis=-1)[..., -cfg.top_k, None]
+        x = np.where(x < kth, -np.inf, x)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if cfg.top_p < 1:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, -1)
+        drop_sorted = np.cumsum(sorted_p, -1) - sorted_p >= cfg.top_p  # keep the smallest prefix reaching top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, -1)
+        p = np.where(drop, 0.0, p)
+        p /= p.sum(-1, keepdims=True)
+    return p
+
+
+def sample(p: np.ndarray, rng: np.random.Generator) -> int:
+    return int(rng.choice(p.shape[-1], p=p))
+
+
+def typical_accept(tree: MedusaTree, tree_tokens: np.ndarray, logits: np.ndarray, cfg: GenerationConfig,
+                   rng: np.random.Generator) -> tuple[list[int], int]:
+    """Medusa's typical acceptance: a candidate passes if p(token) > min(threshold, alpha * exp(-entropy(p)))
+    under its parent's distribution; the longest passing path wins, the bonus is sampled at its end."""
+    p = probabilities(logits, cfg)                                  # (T, V)
+    entropy = -(p * np.log(np.where(p > 0, p, 1.0))).sum(-1)
+    cutoff = np.minimum(cfg.posterior_threshold, cfg.posterior_alpha * np.exp(-entropy))
+    node_ok = np.ones(tree.size, dtype=bool)
+    for i in range(1, tree.size):
+        parent = tree.parents[i]
+        node_ok[i] = p[parent, tree_tokens[i]] > cutoff[parent]
+    best_nodes: list[int] = [0]
+    for path, length in zip(tree.retrieve_paths, tree.path_lengths):
+        nodes = [0]
+        for node in path[1:length]:
+            if not node_ok[node]:
+                break
+            nodes.append(int(node))
+        if len(nodes) > len(best_nodes):
+            best_nodes = nodes
+    return best_nodes, sample(p[best_nodes[-1]], rng)
+
+
+def exact_accept(tree: MedusaTree, tree_tokens: np.ndarray, logits: np.ndarray, cfg: GenerationConfig,
+                 rng: np.random.Generator) -> tuple[list[int], int]:
+    """Tree speculative sampling that leaves the model's distribution unchanged.
+
+    The drafts are the heads' top-k, i.e. deterministic proposals. At each node the children are tried in turn:
+    child c is accepted with probability r(c) under the residual r (initially p); a rejected child's mass is
+    removed and r renormalised. P(emit c) = p(c) for every token c, as in sampling directly from p. If no child is
+    accepted the bonus token is drawn from the final residual."""
+    children: dict[int, list[int]] = {}
+    for i in range(1, tree.size):
+        children.setdefault(int(tree.parents[i]), []).append(i)
+    nodes, node = [0], 0
+    while True:
+        residual = probabilities(logits[node], cfg)
+        accepted = None
+        for child in sorted(children.get(node, []), key=lambda c: tree.node_rank[c]):
+            token = int(tree_tokens[child])
+            if rng.random() < residual[token]:
+                accepted = child
+                break
+            residual[token] = 0.0
+            residual /= residual.sum()
+        if accepted is None:  # also at a leaf: then the residual is the leaf's own distribution
+            return nodes, sample(residual, rng)
+        nodes.append(accepted)
+        node = accepted

@@ -1,0 +1,108 @@
+"""The captured steps of generation on one shard: prefill chunks, tree verification, proposals, KV compaction.
+
+Every step has a fixed shape, so each TinyJit captures once and replays at any start position. Greedy
+verification keeps the whole step on the device (verify, accept, propose the next tree) and returns one
+small int vector: [accepted candidates, best path, next tree tokens...]."""
+from __future__ import annotations
+
+import numpy as np
+from tinygrad import Tensor, TinyJit, UOp, dtypes
+
+from .medusa.heads import MedusaHeads
+from .medusa.tree import PLAIN, MedusaTree
+from .model import Transformer, causal_mask, compact_layers
+
+
+def topk_ids(logits: Tensor, k: int) -> Tensor:
+    """(..., V) -> (..., k) indices, best first. k repeated argmaxes beat a full sort of a 50k vocabulary."""
+    ids, x = [], logits
+    vocab = Tensor.arange(logits.shape[-1])
+    for _ in range(k):
+        best = x.argmax(-1)
+        ids.append(best)
+        x = (vocab == best.unsqueeze(-1)).where(-float("inf"), x)
+    return Tensor.stack(*ids, dim=-1).cast(dtypes.int32)
+
+
+def _const(a: np.ndarray, device: str) -> Tensor:
+    return Tensor(np.ascontiguousarray(a), device=device).realize()
+
+
+class ShardSteps:
+    """Captured steps for one model shard and one tree (PLAIN for ordinary decoding)."""
+
+    def __init__(self, model: Transformer, tree: MedusaTree = PLAIN, heads: MedusaHeads | None = None,
+                 prefill_chunk: int = 32):
+        if tree.size > 1:
+            if heads is None:
+                raise ValueError("a Medusa tree needs Medusa heads")
+            tree.check_heads(heads.num_heads)
+        if max(tree.size, prefill_chunk) > model.cache_len - model.max_context:
+            raise ValueError(f"tree of {tree.size} nodes exceeds the cache slack of {model.cache_len - model.max_context}")
+        self.model, self.tree, self.heads, self.chunk = model, tree, heads, prefill_chunk
+        dev = next(iter(model.parameters().values())).device
+        self.start_pos = UOp.variable("start_pos", 0, model.max_context)
+        T, C = tree.size, prefill_chunk
+        self.tree_mask, self.tree_depths = _const(tree.tree_mask, dev), _const(tree.depths, dev)
+        self.chunk_mask, self.chunk_depths = _const(causal_mask(C), dev), _const(np.arange(C, dtype=np.int32), dev)
+        if tree.size > 1:
+            K = tree.top_k
+            self.paths = _const(tree.retrieve_paths, dev)                                     # (P, D+1)
+            steps = np.arange(1, tree.depth + 1, dtype=np.int32)
+            self.path_valid = _const(steps[None, :] < tree.path_lengths[:, None], dev)        # (P, D)
+            self.path_steps = _const(steps, dev)
+            self.node_pick = _const((tree.node_head * K + tree.node_rank)[1:], dev)           # (T-1,) into (H*K,)
+        self.prefill = TinyJit(self._prefill)
+        self.verify_greedy = TinyJit(self._verify_greedy)
+        self.verify_logits = TinyJit(self._verify_logits)
+        self.propose_after_prefill = TinyJit(self._propose)
+        self.propose_after_verify = TinyJit(self._propose)
+        self.compact = TinyJit(self._compact)
+
+    def bind(self, pos: int) -> UOp:
+        return self.start_pos.bind(pos)
+
+    # -- steps (each captured) -------------------------------------------------------------------------------
+    def _prefill(self, x: Tensor, layers: list[Tensor], start_pos: UOp) -> Tensor:
+        out = self.model.forward(x, layers, start_pos, self.chunk_depths, self.chunk_mask)
+        return (out[0] if isinstance(out, tuple) else out).realize()
+
+    def _verify_logits(self, x: Tensor, layers: list[Tensor], start_pos: UOp):
+        """Any shard: a forward over the tree. The last shard returns (hidden, logits) of every node."""
+        out = self.model.forward(x, layers, start_pos, self.tree_depths, self.tree_mask)
+        if isinstance(out, tuple):
+            return out[0][0].realize(), out[1][0].realize()
+        return out.realize()
+
+    def _verify_greedy(self, x: Tensor, layers: list[Tensor], start_pos: UOp, tree_tokens: Tensor | None = None) -> Tensor:
+        """Last shard: verify, accept the longest path matching the model's argmax, propose the next tree.
+        tree_tokens (T,) is needed only when x holds hidden states (a shard that is not also the first)."""
+        hidden, logits = self.model.forward(x, layers, start_pos, self.tree_depths, self.tree_mask)
+        tree_tokens = x[0] if tree_tokens is None else tree_tokens
+        pred = logits[0].argmax(-1).cast(dtypes.int32)                                       # (T,)
+        if self.tree.size == 1:
+            return Tensor.stack(Tensor.zeros_like(pred[0]), Tensor.zeros_like(pred[0]), pred[0]).realize()
+        candidate = tree_tokens[self.paths[:, 1:]]                                          # (P, D)
+        ok = (candidate == pred[self.paths[:, :-1]]) & self.path_valid
+        accepted = (ok.cast(dtypes.int32).cumsum(1) == self.path_steps).cast(dtypes.int32).sum(1)  # (P,)
+        best = accepted.argmax().cast(dtypes.int32)
+        n_accepted = accepted.max().cast(dtypes.int32)
+        last_node = self.paths.flatten()[best * (self.tree.depth + 1) + n_accepted]
+        next_tree = self._next_tree(hidden[0][last_node], pred[last_node])
+        return Tensor.stack(n_accepted, best).cat(next_tree).realize()
+
+    def _propose(self, hidden: Tensor, node: Tensor) -> tuple[Tensor, Tensor]:
+        """Last shard: from hidden row `node`, the base logits and the greedy next tree (root = argmax)."""
+        row = hidden.reshape(-1, hidden.shape[-1])[node].reshape(-1)
+        logits = self.model.logits(row)
+        return logits.realize(), self._next_tree(row, logits.argmax().cast(dtypes.int32)).realize()
+
+    def _next_tree(self, row: Tensor, root: Tensor) -> Tensor:
+        if self.tree.size == 1:
+            return root.reshape(1)
+        candidates = topk_ids(self.heads(row), self.tree.top_k)                             # (H, K)
+        return root.reshape(1).cat(candidates.flatten()[self.node_pick])
+
+    def _compact(self, layers: list[Tensor], start_pos: UOp, keep: Tensor) -> None:
+        compact_layers(layers, start_pos, keep)
+        Tensor.realize(*layers)
