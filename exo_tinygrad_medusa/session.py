@@ -1,0 +1,77 @@
+"""One loaded model ready to generate: the model, its tokenizer and, with Medusa, the heads and the tree."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tinygrad import Device
+
+from .generate import Generator
+from .loader import LoadedModel, load_model
+from .medusa.heads import MedusaHeads, load_heads
+from .medusa.tree import PLAIN, MedusaTree, load_tree
+
+log = logging.getLogger(__name__)
+DEFAULT_CPU_TREE = "cpu-8"
+DEFAULT_GPU_TREE = "mc_sim_7b_63"
+
+
+@dataclass(frozen=True)
+class MedusaOptions:
+    enabled: bool = False
+    heads: str | None = None          # path or HF repo; default: the model card's
+    num_heads: int | None = None      # use only the first N heads
+    num_layers: int | None = None
+    choices: str | None = None        # preset name or JSON file; default: a tuned tree, else per device kind
+
+
+@dataclass
+class Session:
+    loaded: LoadedModel
+    generator: Generator
+    heads: MedusaHeads | None
+    tree: MedusaTree
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def prompt_ids(self, prompt: str, chat_template: bool = True, system: str | None = None) -> list[int]:
+        if not chat_template:
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.tokenizer.encode_chat(messages)
+
+
+def default_tree_spec(device: str, heads_dir: str | None) -> str:
+    """A tree tuned for this device kind next to the heads (tune-tree writes it), else the preset for the kind."""
+    kind = device.split(":")[0].lower()
+    if heads_dir:
+        from pathlib import Path
+        tuned = Path(heads_dir) / f"tree-{kind}.json"
+        if tuned.is_file():
+            return str(tuned)
+    return DEFAULT_CPU_TREE if kind in ("cpu", "clang", "llvm") else DEFAULT_GPU_TREE
+
+
+def resolve_heads_path(loaded: LoadedModel, medusa: MedusaOptions) -> str:
+    path = medusa.heads or (loaded.resolved.card.heads_path() if loaded.resolved.card else None)
+    if path is None:
+        raise ValueError(f"--medusa-enabled: model {loaded.resolved.model_id!r} has no default Medusa heads; "
+                         f"pass --medusa-heads PATH|REPO (train some with `exo-medusa train-heads`)")
+    return path
+
+
+def open_session(model: str | None = None, *, device: str | None = None, dtype: str | None = None,
+                 max_context: int | None = 2048, medusa: MedusaOptions = MedusaOptions()) -> Session:
+    loaded = load_model(model, device=device, dtype=dtype, max_context=max_context)
+    heads, tree = None, PLAIN
+    if medusa.enabled:
+        heads_path = resolve_heads_path(loaded, medusa)
+        heads = load_heads(heads_path, loaded.config, loaded.model.lm_head).use_first(medusa.num_heads, medusa.num_layers)
+        tree = load_tree(medusa.choices or default_tree_spec(loaded.device or Device.DEFAULT, heads_path))
+        tree.check_heads(heads.num_heads)
+        log.info("Medusa: %d heads, tree %s (%d nodes)", heads.num_heads, tree.name, tree.size)
+    elif any(v is not None for v in (medusa.heads, medusa.num_heads, medusa.num_layers, medusa.choices)):
+        raise ValueError("Medusa options were given without --medusa-enabled")
+    return Session(loaded, Generator(loaded.model, loaded.tokenizer.eos_token_ids, tree, heads), heads, tree)
