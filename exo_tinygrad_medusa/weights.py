@@ -79,6 +79,12 @@ def safetensors_tensors(model_dir: Path, wanted: set[str]) -> dict[str, Tensor]:
     return out
 
 
+def widen_bfloat16(t: Tensor, device: str | None) -> Tensor:
+    """bfloat16 -> float32 by bits (a bfloat16 is the upper half of a float32): exact, and it compiles where clang
+    has no __bf16 (x86 CPUs), because the bits become uint16 before any kernel sees them."""
+    return (t.bitcast(dtypes.uint16).to(device).cast(dtypes.uint32) << 16).bitcast(dtypes.float32)
+
+
 def load_into(model: Transformer, tensors: dict[str, Tensor], dtype: str = "float32", device: str | None = None) -> None:
     """Check names and shapes against the config, convert, move to the device and realize."""
     target = DTYPES[dtype]
@@ -97,7 +103,9 @@ def load_into(model: Transformer, tensors: dict[str, Tensor], dtype: str = "floa
         if tuple(src.shape) != tuple(want.shape):
             raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} does not match the config's {tuple(want.shape)}")
         if id(src) not in by_source:  # tied lm_head shares the embedding's buffer
-            by_source[id(src)] = src.to(device).cast(target).contiguous()
+            widen = src.dtype == dtypes.bfloat16 and target != dtypes.bfloat16
+            moved = widen_bfloat16(src, device) if widen else src.to(device)
+            by_source[id(src)] = moved.cast(target).contiguous()
         loaded[name] = by_source[id(src)]
     Tensor.realize(*by_source.values())
     model.set_parameters(loaded)
