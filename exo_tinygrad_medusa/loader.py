@@ -42,6 +42,9 @@ def load_model(model: str | None = None, shard: Shard | None = None, *, dtype: s
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dtype == "bfloat16" and default_dtype(device) == "float32":
+        raise ValueError(f"--dtype bfloat16 is not supported on {device} (its compiler has no bfloat16 arithmetic): "
+                         "use float32")
     resolved = resolve(model)
     if resolved.kind == "gguf":
         from tinygrad.llm.gguf import gguf_load
