@@ -73,7 +73,8 @@ class MedusaHeads:
             x = hidden
             for w, b in zip(ws, bs):
                 x = x + (x @ w.T + b).silu()
-            out.append(x)
+            # contiguous: otherwise tinygrad fuses the ResBlocks into the vocab projection and recomputes them per token
+            out.append(x.contiguous())
         return out
 
     def __call__(self, hidden: Tensor) -> Tensor:
@@ -119,6 +120,7 @@ class MedusaHeads:
         fd, tmp = tempfile.mkstemp(dir=out, suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(asdict(self.config), f, indent=2)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is meant to be shared
         os.replace(tmp, out / "config.json")
         return out
 

@@ -1,0 +1,198 @@
+"""`exo-medusa train-heads` and `exo-medusa eval-heads`: self-distilled Medusa heads for a frozen base model."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+DEFAULT_TREES = "cpu-8,mc_sim_7b_63"
+
+
+def register(subparsers, model_args, generation_args) -> None:
+    train = subparsers.add_parser("train-heads", parents=[model_args()],
+                                  help="train Medusa heads on the model's own answers (self-distillation)")
+    train.add_argument("--out", required=True, help="directory for config.json + medusa_lm_head.safetensors")
+    train.add_argument("--num-heads", type=int, default=4)
+    train.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
+    train.add_argument("--format", dest="fmt", choices=["v1", "v2"], default="v2",
+                       help="v2: heads share the base lm_head (small); v1: each head trains its own lm_head")
+    train.add_argument("--prompts", default=None,
+                       help="JSONL with a 'turns' list or 'prompt' per line (default: prompts the model writes itself)")
+    train.add_argument("--num-samples", type=int, default=256, help="prompts to answer")
+    train.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap")
+    train.add_argument("--distill-temperature", type=float, default=0.0, help="0 = greedy answers (default)")
+    train.add_argument("--gen-batch-size", type=int, default=32, help="sequences answered together")
+    train.add_argument("--data", default=None,
+                       help="feature store directory (default: OUT-data next to OUT); a finished one is reused as it is")
+    train.add_argument("--epochs", type=float, default=3.0)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--batch-size", type=int, default=256, help="token positions per training step")
+    train.add_argument("--train-vocab", choices=["full", "seen"], default="full",
+                       help="softmax over the whole vocabulary, or only the tokens seen as targets (much faster)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue from OUT/train-state")
+    train.set_defaults(func=cmd_train)
+
+    ev = subparsers.add_parser("eval-heads", parents=[model_args()],
+                               help="per-head accuracy and accepted length against the model's greedy continuation")
+    ev.add_argument("--prompts", default=None, help="JSONL prompts (default: the held-out prompts of the training run)")
+    ev.add_argument("--num-samples", type=int, default=32)
+    ev.add_argument("--max-new-tokens", type=int, default=128)
+    ev.add_argument("--gen-batch-size", type=int, default=32)
+    ev.add_argument("--trees", default=DEFAULT_TREES, help=f"comma-separated tree presets (default {DEFAULT_TREES})")
+    ev.add_argument("--measure", type=int, default=0,
+                    help="also run the real Generator on the first N prompts per tree and report its accepted length")
+    ev.add_argument("--data", default=None,
+                    help="feature store of the greedy continuations: reused when finished, else written there "
+                         "(default: a temporary directory)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=cmd_eval)
+
+
+def _writable_dir(path: str) -> Path:
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"output directory {out} is not writable ({e.strerror or e})") from None
+    return out
+
+
+def _pick(prompts: list[str], n: int, seed: int) -> list[str]:
+    if n < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {n}")
+    prompts = list(dict.fromkeys(prompts))
+    random.Random(seed).shuffle(prompts)
+    return prompts[:n]
+
+
+def _distill_data(loaded, prompts: list[str], data_dir: Path, args, seed: int):
+    from .training.data import generate
+    from .training.features import FeatureStore
+    if (data_dir / "meta.json").is_file():
+        store = FeatureStore.open(data_dir)
+        if sorted(s.prompt for s in store.samples) != sorted(prompts):
+            log.warning("%s holds answers to other prompts than those asked for: using it as it is", data_dir)
+        log.info("reusing the self-distillation data in %s (%d samples, %d tokens)", data_dir, len(store.samples),
+                 store.tokens)
+        return store
+    generate(loaded, prompts, data_dir, batch_size=args.gen_batch_size, max_new_tokens=args.max_new_tokens,
+             temperature=getattr(args, "distill_temperature", 0.0), seed=seed)
+    return FeatureStore.open(data_dir)
+
+
+def cmd_train(args) -> int:
+    from .loader import load_model
+    from .training.data import load_prompts, self_prompts
+    from .training.trainer import HeadTrainer, TrainConfig, write_heads
+    cfg = TrainConfig(num_heads=args.num_heads, num_layers=args.num_layers, fmt=args.fmt, epochs=args.epochs,
+                      lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                      train_vocab=args.train_vocab)
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    out = _writable_dir(args.out)
+    data_dir = Path(args.data).expanduser() if args.data else out.parent / f"{out.name}-data"
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context)
+    if prompts is None:
+        prompts = self_prompts(loaded, args.num_samples, args.gen_batch_size, args.seed)
+    prompts = _pick(prompts, args.num_samples, args.seed)
+    store = _distill_data(loaded, prompts, data_dir, args, args.seed)
+    trainer = HeadTrainer(store, loaded.model.lm_head, cfg, base_model=loaded.resolved.model_id)
+    result = trainer.train(out, resume=args.resume)
+    info = {"command": "exo-medusa " + " ".join(sys.argv[1:]), "model": loaded.resolved.model_id,
+            "prompts": args.prompts or "self-written by the model", "data": store.meta,
+            "train_rows": result.train_rows, "steps": result.steps, "final_loss": result.final_loss,
+            "heldout_top1": result.heldout_top1, "history": result.history,
+            "heldout_prompts": [store.samples[i].prompt for i in result.heldout_samples],
+            "train_wall_s": round(result.wall_s, 1), "total_wall_s": round(time.perf_counter() - t0, 1),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, device {loaded.device}"}
+    write_heads(trainer, out, info)
+    print(json.dumps({"out": str(out), "steps": result.steps, "final_loss": round(result.final_loss, 4),
+                      "heldout_top1": [round(a, 4) for a in result.heldout_top1]}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .loader import load_model
+    from .medusa.heads import load_heads
+    from .medusa.tree import load_tree
+    from .training.data import load_prompts
+    from .training.trainer import INFO_FILE
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context)
+    heads_path = args.medusa_heads or (loaded.resolved.card.heads_path() if loaded.resolved.card else None)
+    if heads_path is None:
+        raise ValueError("eval-heads needs --medusa-heads DIR (the model card names no default heads)")
+    heads = load_heads(heads_path, loaded.config, loaded.model.lm_head)
+    trees = [load_tree(t.strip()) for t in args.trees.split(",") if t.strip()]
+    for tree in trees:
+        tree.check_heads(heads.num_heads)
+    if args.prompts:
+        prompts, source = load_prompts(args.prompts), args.prompts
+    else:
+        info = Path(heads_path) / INFO_FILE
+        if not info.is_file():
+            raise ValueError(f"{heads_path} has no {INFO_FILE} listing held-out prompts: pass --prompts FILE.jsonl")
+        prompts, source = json.loads(info.read_text())["heldout_prompts"], f"held-out prompts of {info}"
+    prompts = _pick(prompts, args.num_samples, args.seed)
+    with tempfile.TemporaryDirectory(prefix="exo-medusa-eval-") as scratch:
+        store = _distill_data(loaded, prompts, Path(args.data).expanduser() if args.data else Path(scratch), args,
+                              args.seed)
+        report = _evaluate(loaded, heads, trees, store, args)
+    report.update({"heads": str(heads_path), "prompts": source})
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{report['samples']} samples, {report['tokens']} tokens ({source})")
+    for k, (top1, top5) in enumerate(zip(report["top1"], report["top5"])):
+        print(f"head {k}: top-1 {top1:.3f}  top-5 {top5:.3f}")
+    for name, entry in report["trees"].items():
+        extra = f", measured {entry['measured_mean_accepted']}" if "measured_mean_accepted" in entry else ""
+        print(f"tree {name} ({entry['size']} nodes): mean accepted {entry['mean_accepted']}{extra}")
+    return 0
+
+
+def _evaluate(loaded, heads, trees, store, args) -> dict:
+    """Top-k of every head at every stored row, scored against the stored greedy answers, then replayed per tree."""
+    import numpy as np
+    from tinygrad import Tensor, TinyJit
+    from .steps import topk_ids
+    from .training.evaluate import head_accuracy, measure_acceptance, replay_acceptance
+
+    predict = TinyJit(lambda x: topk_ids(heads(x), 5).realize())
+    H, chunk = heads.num_heads, 256
+    per_sample, all_labels = [], []
+    for s in range(len(store.samples)):
+        rows = np.arange(store.offsets[s], store.offsets[s + 1])
+        preds = []
+        for i in range(0, len(rows), chunk):
+            x = np.zeros((chunk, store.meta["dim"]), dtype=np.float32)
+            part = rows[i:i + chunk]
+            x[:len(part)] = store.hidden[part]
+            preds.append(predict(Tensor(x).cast(loaded.model.lm_head.dtype)).numpy()[:, :len(part)])
+        pred = np.concatenate(preds, axis=1)
+        _, labels = store.labels(H, np.array([s]))
+        per_sample.append(pred)
+        all_labels.append(labels[:, 1:])
+    acc = head_accuracy(np.concatenate(per_sample, axis=1), np.concatenate(all_labels))
+    report = {"model": loaded.resolved.model_id, "samples": len(store.samples), "tokens": store.tokens,
+              "top1": [round(a, 4) for a in acc.top1], "top5": [round(a, 4) for a in acc.top5], "trees": {}}
+    for tree in trees:
+        lengths = [n for s, pred in zip(store.samples, per_sample) for n in replay_acceptance(tree, pred, s.answer_ids)]
+        entry = {"size": tree.size, "mean_accepted": round(float(np.mean(lengths)), 3)}
+        if args.measure:
+            measured, _ = measure_acceptance(loaded.model, loaded.tokenizer.eos_token_ids, heads, tree,
+                                             [s.prompt_ids for s in store.samples[:args.measure]], args.max_new_tokens)
+            entry["measured_mean_accepted"] = round(measured, 3)
+        report["trees"][tree.name] = entry
+    return report

@@ -1,0 +1,135 @@
+"""Self-distillation data: the frozen base model answers prompts and its own answers become the training text.
+
+The hidden states the base model computes while answering are exactly the features the heads train on, so they
+are stored as they are produced (features.FeatureWriter) and the base model never runs again during training."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from tinygrad import Tensor
+
+from ..loader import LoadedModel
+from ..model import Transformer
+from .batched import BatchedDecoder
+from .features import FeatureWriter, Sample
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+BUILTIN_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "train_prompts.jsonl"
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """First user turn of each JSONL record with a `turns` list or a `prompt` string."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts file {p} does not exist")
+    prompts = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+        text = None
+        if isinstance(record, dict):
+            turns = record.get("turns")
+            text = turns[0] if isinstance(turns, list) and turns else record.get("prompt")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{p}:{n}: expected an object with a non-empty 'turns' list or 'prompt' string")
+        prompts.append(text)
+    if not prompts:
+        raise ValueError(f"prompts file {p} holds no prompts")
+    return prompts
+
+
+def decode_batch(decoder: BatchedDecoder, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int],
+                 on_step=None) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Answer up to B prompts together. Returns each answer (cut after its first EOS) and its hidden rows."""
+    n = len(prompts)
+    token, hidden = decoder.start(prompts)
+    answers, rows = [[int(t)] for t in token[:n]], [[h] for h in hidden[:n]]
+    done = np.array([int(t) in eos_ids for t in token[:n]])
+    budget = min(max_new_tokens, decoder.room)
+    while not done.all() and len(answers[0]) < budget:
+        token, hidden = decoder.step(token)
+        active = np.flatnonzero(~done)
+        for b in active:
+            rows[b].append(hidden[b])
+            answers[b].append(int(token[b]))
+            done[b] = int(token[b]) in eos_ids
+        if on_step:
+            on_step(len(active))
+    return answers, [np.stack(r) for r in rows]
+
+
+def self_prompts(loaded: LoadedModel, count: int, batch_size: int, seed: int, max_tokens: int = 48) -> list[str]:
+    """User turns the model writes itself: sampled at temperature 1 after the template's user header, deduplicated."""
+    tok = loaded.tokenizer
+    marker = "\x00USER\x00"
+    text = tok.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=False)
+    header = tok.encode(text[:text.index(marker)])
+    Tensor.manual_seed(seed)
+    decoder = BatchedDecoder(loaded.model, batch_size, temperature=1.0)
+    found: dict[str, None] = {}
+    attempts = 0
+    bar = Progress(count, "self-prompts", "prompts")
+    while len(found) < count and attempts < 4 * count:
+        answers, _ = decode_batch(decoder, [header] * batch_size, max_tokens, set(tok.eos_token_ids))
+        attempts += batch_size
+        for ids in answers:
+            if ids[-1] not in tok.eos_token_ids:
+                continue  # cut off mid-sentence: not a usable question
+            prompt = tok.decode(ids, skip_special_tokens=True).strip()
+            if len(prompt) >= 8 and prompt not in found and len(found) < count:
+                found[prompt] = None
+                bar.update(1)
+    bar.close()
+    if not found:
+        raise ValueError("the model wrote no usable prompts; pass --prompts FILE.jsonl")
+    return list(found)
+
+
+def generate(loaded: LoadedModel, prompts: list[str], out_dir: str | Path, *, batch_size: int = 16,
+             max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> dict:
+    """Answer every prompt (chat template applied) and store answers and hidden states in out_dir."""
+    encoded = [(p, loaded.tokenizer.encode_chat([{"role": "user", "content": p}])) for p in prompts]
+    return generate_from_ids(loaded.model, loaded.tokenizer.eos_token_ids, encoded, out_dir, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+
+
+def generate_from_ids(model: Transformer, eos_ids, prompts: list[tuple[str, list[int]]], out_dir: str | Path, *,
+                      batch_size: int = 16, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> dict:
+    """prompts: (text, token ids) pairs, answered as given."""
+    eos = set(eos_ids)
+    room = model.max_context - max_new_tokens
+    kept = [(p, ids) for p, ids in prompts if len(ids) < room]
+    if len(kept) < len(prompts):
+        log.warning("skipped %d prompts longer than %d tokens", len(prompts) - len(kept), room)
+    if not kept:
+        raise ValueError(f"no prompt fits the context of {model.max_context} tokens with {max_new_tokens} new tokens")
+    kept.sort(key=lambda e: len(e[1]))  # similar lengths share a batch: less padding
+    Tensor.manual_seed(seed)
+    decoder = BatchedDecoder(model, min(batch_size, len(kept)), temperature=temperature)
+    writer = FeatureWriter(out_dir, model.config.dim, len(kept) * max_new_tokens)
+    bar = Progress(len(kept) * max_new_tokens, "generate", "tok")
+    t0, produced = time.perf_counter(), 0
+    for i in range(0, len(kept), decoder.B):
+        batch = kept[i:i + decoder.B]
+        answers, rows = decode_batch(decoder, [ids for _, ids in batch], max_new_tokens, eos,
+                                     on_step=lambda active: bar.update(0, rate_units=active))
+        for (prompt, ids), answer, hidden in zip(batch, answers, rows):
+            writer.add(Sample(prompt, list(ids), answer), hidden)
+            produced += len(answer)
+        bar.update(len(batch) * max_new_tokens, rate_units=0, samples=min(i + decoder.B, len(kept)))
+    bar.close()
+    info = {"samples": len(kept), "answer_tokens": produced, "max_new_tokens": max_new_tokens,
+            "temperature": temperature, "seed": seed, "batch_size": decoder.B,
+            "wall_s": round(time.perf_counter() - t0, 1)}
+    writer.close(**info)
+    log.info("generated %d answers, %d tokens in %.0f s", len(kept), produced, info["wall_s"])
+    return info

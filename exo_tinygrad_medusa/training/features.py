@@ -1,0 +1,92 @@
+"""On-disk self-distillation data: the answers and, per answer token, the hidden state that produced it.
+
+Row i of a sample is the final normed hidden state at the token before answer[i] (row 0: the last prompt token),
+so the base lm_head maps row i to answer[i] and Medusa head k must predict answer[i + k + 1]. Hidden states live
+in one float16 numpy memmap; everything else in samples.jsonl. Samples never mix: targets are taken only from
+the sample's own answer, and rows whose target lies past its end are masked."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+HIDDEN_FILE, SAMPLES_FILE, META_FILE = "hidden.npy", "samples.jsonl", "meta.json"
+IGNORE = -1
+
+
+@dataclass
+class Sample:
+    prompt: str
+    prompt_ids: list[int]
+    answer_ids: list[int]
+
+
+class FeatureWriter:
+    """Appends samples and their hidden rows; meta.json is written last, so a store without it is incomplete."""
+
+    def __init__(self, out_dir: str | Path, dim: int, capacity: int):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / META_FILE).unlink(missing_ok=True)
+        self.dim, self.rows = dim, 0
+        self.hidden = np.lib.format.open_memmap(self.dir / HIDDEN_FILE, mode="w+", dtype=np.float16, shape=(capacity, dim))
+        self.samples = open(self.dir / SAMPLES_FILE, "w")
+
+    def add(self, sample: Sample, hidden: np.ndarray) -> None:
+        if hidden.shape != (len(sample.answer_ids), self.dim):
+            raise ValueError(f"expected {len(sample.answer_ids)} hidden rows of {self.dim}, got {hidden.shape}")
+        self.hidden[self.rows:self.rows + len(hidden)] = hidden
+        self.rows += len(hidden)
+        self.samples.write(json.dumps({"prompt": sample.prompt, "prompt_ids": sample.prompt_ids,
+                                       "answer_ids": sample.answer_ids}) + "\n")
+
+    def close(self, **info) -> None:
+        self.hidden.flush()
+        self.samples.close()
+        (self.dir / META_FILE).write_text(json.dumps({"rows": self.rows, "dim": self.dim, **info}, indent=2))
+
+
+@dataclass
+class FeatureStore:
+    """A finished store: hidden (rows, D) float16 memmap, samples, and each sample's first row."""
+    hidden: np.ndarray
+    samples: list[Sample]
+    offsets: np.ndarray
+    meta: dict
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "FeatureStore":
+        d = Path(directory)
+        if not (d / META_FILE).is_file():
+            raise FileNotFoundError(f"{d} is not a finished feature store (no {META_FILE})")
+        meta = json.loads((d / META_FILE).read_text())
+        samples = [Sample(**json.loads(line)) for line in (d / SAMPLES_FILE).read_text().splitlines() if line]
+        lengths = np.array([len(s.answer_ids) for s in samples], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        if offsets[-1] != meta["rows"]:
+            raise ValueError(f"{d}: samples cover {offsets[-1]} rows but meta.json says {meta['rows']}")
+        hidden = np.load(d / HIDDEN_FILE, mmap_mode="r")
+        return cls(hidden[:meta["rows"]], samples, offsets, meta)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def labels(self, num_heads: int, sample_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices, labels (rows, 1 + num_heads)): column 0 is the base model's own next token, column k + 1
+        head k's target; IGNORE past the sample's end."""
+        ids = np.arange(len(self.samples)) if sample_ids is None else sample_ids
+        rows, labels = [], []
+        for s in ids:
+            answer = np.array(self.samples[s].answer_ids, dtype=np.int32)
+            n = len(answer)
+            lab = np.full((n, num_heads + 1), IGNORE, dtype=np.int32)
+            for k in range(num_heads + 1):
+                lab[:n - k, k] = answer[k:]
+            rows.append(np.arange(self.offsets[s], self.offsets[s] + n))
+            labels.append(lab)
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, num_heads + 1), dtype=np.int32)
+        return np.concatenate(rows), np.concatenate(labels)

@@ -1,0 +1,43 @@
+"""A one-line progress bar on stderr: done/total, rate, ETA and whatever numbers the caller adds."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, total: int, label: str, unit: str = "it", stream=None, min_interval: float = 0.5):
+        self.total, self.label, self.unit = total, label, unit
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+        self.done, self.last_draw, self.min_interval = 0, 0.0, min_interval
+        self.rate_units = 0  # what the rate counts (e.g. tokens) when it differs from `done`
+
+    def update(self, advance: int = 1, rate_units: int | None = None, **fields) -> None:
+        self.done += advance
+        self.rate_units += advance if rate_units is None else rate_units
+        now = time.perf_counter()
+        if now - self.last_draw < self.min_interval and self.done < self.total:
+            return
+        self.last_draw = now
+        elapsed = now - self.start
+        rate = self.rate_units / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        extra = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        width = 24
+        filled = int(width * min(self.done, self.total) / max(self.total, 1))
+        line = (f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"{rate:.1f} {self.unit}/s eta {_clock(eta)} {extra}")
+        self.stream.write(line.ljust(100)[:200])
+        self.stream.flush()
+
+    def close(self) -> float:
+        self.stream.write("\n")
+        self.stream.flush()
+        return time.perf_counter() - self.start
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

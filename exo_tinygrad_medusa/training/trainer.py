@@ -1,0 +1,281 @@
+"""Medusa-1 head training on stored hidden states (the base model stays frozen and never runs here).
+
+Head k at row t predicts token t + k + 2; the loss is the cross-entropy of each head weighted by decay**k, with
+rows past a sample's end masked. AdamW with linear warmup then cosine decay and global-norm gradient clipping.
+The whole step (forward, backward, clipping, update) is one TinyJit capture over a fixed batch of rows."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad.helpers import Context
+from tinygrad.nn.optim import AdamW
+from tinygrad.nn.state import get_state_dict, safe_load, safe_save
+
+from ..medusa.heads import MedusaConfig, MedusaHeads
+from ..steps import topk_ids
+from .features import IGNORE, FeatureStore
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+STATE_DIR = "train-state"
+INFO_FILE = "train_info.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_heads: int = 4
+    num_layers: int = 1
+    fmt: str = "v2"
+    epochs: float = 3.0
+    lr: float = 1e-3
+    batch_size: int = 256          # rows (token positions) per step
+    warmup_frac: float = 0.05
+    min_lr_frac: float = 0.05      # the cosine ends at lr * min_lr_frac
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    head_decay: float = 0.8        # loss weight of head k: head_decay ** k
+    heldout_frac: float = 0.1      # share of samples (never rows of the same sample) kept for evaluation
+    eval_rows: int = 2048          # held-out rows scored at each evaluation
+    eval_every: int = 50           # steps
+    checkpoint_every_s: float = 180.0
+    seed: int = 0
+    # "full": softmax over the whole vocabulary. "seen": only over the tokens that occur as training targets, which
+    # is ~10x cheaper for 50k-token vocabularies but leaves every other token's logit untrained (evaluation always
+    # uses the full vocabulary, so any harm shows there)
+    train_vocab: str = "full"
+
+    def __post_init__(self):
+        if self.num_heads < 1:
+            raise ValueError(f"--num-heads must be >= 1, got {self.num_heads}")
+        if self.num_layers < 1:
+            raise ValueError(f"--num-layers must be >= 1, got {self.num_layers}")
+        if self.fmt not in ("v1", "v2"):
+            raise ValueError(f"--format must be v1 or v2, got {self.fmt!r}")
+        if self.train_vocab not in ("full", "seen"):
+            raise ValueError(f"--train-vocab must be full or seen, got {self.train_vocab!r}")
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1:
+            raise ValueError("--epochs and --lr must be > 0 and --batch-size >= 1")
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    warmup = max(1, int(total * cfg.warmup_frac))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@dataclass
+class Split:
+    rows: np.ndarray      # indices into the store's hidden rows
+    labels: np.ndarray    # (rows, 1 + num_heads); column 0 is the base model's next token
+    samples: np.ndarray   # sample indices
+
+
+def split_samples(store: FeatureStore, cfg: TrainConfig) -> tuple[Split, Split]:
+    """Held-out split by whole samples; rows whose first head target is past the sample's end are dropped."""
+    n = len(store.samples)
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    n_held = min(n - 1, max(1, round(n * cfg.heldout_frac))) if n > 1 else 0
+    parts = []
+    for ids in (np.sort(order[n_held:]), np.sort(order[:n_held])):
+        rows, labels = store.labels(cfg.num_heads, ids)
+        useful = labels[:, 1] != IGNORE
+        parts.append(Split(rows[useful], labels[useful], ids))
+    if len(parts[0].rows) == 0:
+        raise ValueError("no training rows: answers are too short for the requested number of heads")
+    return parts[0], parts[1]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    heldout_top1: list[float]
+    wall_s: float
+    train_rows: int
+    heldout_samples: list[int] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+
+
+class HeadTrainer:
+    def __init__(self, store: FeatureStore, base_lm_head: Tensor, cfg: TrainConfig, base_model: str = ""):
+        self.store, self.cfg = store, cfg
+        dim, vocab = base_lm_head.shape[1], base_lm_head.shape[0]
+        if store.meta["dim"] != dim:
+            raise ValueError(f"features have hidden size {store.meta['dim']} but the model's is {dim}")
+        # a detached, float32 lm_head: never updated (v2) and only a starting point for v1's own copies
+        self.base = base_lm_head.cast(dtypes.float32).contiguous().realize().detach()
+        self.heads = MedusaHeads(MedusaConfig(cfg.num_heads, cfg.num_layers, dim, vocab, cfg.fmt, base_model), self.base)
+        self.params = self.heads.trainable()
+        for p in self.params:
+            p.replace(p.contiguous().realize())
+        self.opt = AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.train_split, self.held_split = split_samples(store, cfg)
+        # training logits cover `vocab_ids`; labels are remapped to positions in it
+        self.vocab_ids = None if cfg.train_vocab == "full" else np.unique(self.train_split.labels[:, 1:][
+            self.train_split.labels[:, 1:] != IGNORE]).astype(np.int32)
+        self.remap = np.arange(vocab, dtype=np.int32) if self.vocab_ids is None else np.full(vocab, IGNORE, np.int32)
+        if self.vocab_ids is not None:
+            self.remap[self.vocab_ids] = np.arange(len(self.vocab_ids), dtype=np.int32)
+            self.sub_ids = Tensor(self.vocab_ids)
+            self.base_sub = self.base[self.sub_ids].contiguous().realize()
+        self.steps_per_epoch = math.ceil(len(self.train_split.rows) / cfg.batch_size)
+        self.total_steps = max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
+        self.weights = Tensor([cfg.head_decay ** k for k in range(cfg.num_heads)])
+        self._train_step = TinyJit(self._step)
+        self._predict = TinyJit(self._topk)
+        self.step = 0
+
+    # -- captured kernels ------------------------------------------------------------------------------------
+    def _losses(self, x: Tensor, y: Tensor) -> Tensor:
+        """Per-head mean cross-entropy over the rows whose label is not IGNORE: (num_heads,)."""
+        logits = self._train_logits(x)                                           # (H, R, V or |vocab_ids|)
+        targets = y.T                                                            # (H, R)
+        valid = targets != IGNORE
+        picked = logits.gather(-1, valid.where(targets, 0).unsqueeze(-1)).squeeze(-1)
+        nll = (logits.logsumexp(-1) - picked) * valid
+        return nll.sum(-1) / valid.sum(-1).maximum(1)
+
+    def _train_logits(self, x: Tensor) -> Tensor:
+        # contiguous features: fused into the logits kernel, each ResBlock would be recomputed once per vocab entry
+        feats = [f.contiguous() for f in self.heads.features(x)]
+        if self.cfg.fmt == "v1":
+            heads = self.heads.lm_heads if self.vocab_ids is None else [w[self.sub_ids] for w in self.heads.lm_heads]
+            return Tensor.stack(*[f @ w.T for f, w in zip(feats, heads)]).contiguous()
+        return (Tensor.stack(*feats) @ (self.base if self.vocab_ids is None else self.base_sub).T).contiguous()
+
+    def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        self.opt.zero_grad()
+        per_head = self._losses(x, y)
+        (per_head * self.weights).sum().backward()
+        # contiguous: without these boundaries the norm (a reduction over every gradient) is fused into each
+        # element's update and recomputed per element, which made a step ~100x slower
+        grads = [p.grad.contiguous() for p in self.params]
+        norm = sum((g.float().square().sum() for g in grads), Tensor(0.0)).sqrt().contiguous()
+        scale = (self.cfg.clip_norm / (norm + 1e-6)).minimum(1.0)
+        for p, g in zip(self.params, grads):
+            p.grad = g * scale
+        self.opt.step()
+        return per_head.realize(), norm.realize()
+
+    def _topk(self, x: Tensor) -> Tensor:
+        feats = Tensor.stack(*[f.contiguous() for f in self.heads.features(x)])
+        logits = Tensor.stack(*[f @ w.T for f, w in zip(feats, self.heads.lm_heads)]) if self.cfg.fmt == "v1" \
+            else feats @ self.base.T
+        return topk_ids(logits.contiguous(), 5).realize()                       # (H, R, 5)
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def _batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """Rows of step `step`: epoch e visits the train rows in an order fixed by (seed, e), so a resumed run
+        replays exactly the batches an uninterrupted one would have seen."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_split.rows))
+        pick = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
+        labels = self.train_split.labels[pick, 1:]
+        return self._tensors(self.train_split.rows[pick], np.where(labels == IGNORE, IGNORE, self.remap[labels]))
+
+    def _tensors(self, rows: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]:
+        B, dim = self.cfg.batch_size, self.store.meta["dim"]
+        x = np.zeros((B, dim), dtype=np.float32)
+        y = np.full((B, self.cfg.num_heads), IGNORE, dtype=np.int32)
+        order = np.argsort(rows)  # memmap reads in file order
+        x[:len(rows)][order] = self.store.hidden[rows[order]].astype(np.float32)
+        y[:len(rows)] = labels
+        return Tensor(x), Tensor(y)
+
+    def predict(self, rows: np.ndarray) -> np.ndarray:
+        """Top-5 token ids of every head at the given rows: (num_heads, len(rows), 5)."""
+        out = []
+        for i in range(0, len(rows), self.cfg.batch_size):
+            chunk = rows[i:i + self.cfg.batch_size]
+            x, _ = self._tensors(chunk, np.full((len(chunk), self.cfg.num_heads), IGNORE, dtype=np.int32))
+            out.append(self._predict(x).numpy()[:, :len(chunk)])
+        return np.concatenate(out, axis=1) if out else np.zeros((self.cfg.num_heads, 0, 5), dtype=np.int32)
+
+    def heldout_accuracy(self) -> list[float]:
+        split = self.held_split
+        rows, labels = split.rows[:self.cfg.eval_rows], split.labels[:self.cfg.eval_rows, 1:]
+        if len(rows) == 0:
+            return []
+        top1 = self.predict(rows)[..., 0]                                       # (H, R)
+        return [float((top1[k] == labels[:, k])[labels[:, k] != IGNORE].mean()) for k in range(self.cfg.num_heads)]
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Tensor]:
+        return {**{f"heads.{k}": v for k, v in self.heads.state_dict().items()},
+                **{f"opt.{k}": v for k, v in get_state_dict(self.opt).items() if k != "lr"}}
+
+    def save_state(self, out: Path) -> None:
+        d = out / STATE_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "progress.json").unlink(missing_ok=True)
+        safe_save({k: v.contiguous().realize() for k, v in self._state().items()}, str(d / "state.safetensors"))
+        (d / "progress.json").write_text(json.dumps({"step": self.step, "config": asdict(self.cfg)}))
+
+    def load_state(self, out: Path) -> bool:
+        d = out / STATE_DIR
+        if not (d / "progress.json").is_file():
+            return False
+        progress = json.loads((d / "progress.json").read_text())
+        if progress["config"] != asdict(self.cfg):
+            raise ValueError(f"--resume: {d} was written with different settings: {progress['config']}")
+        saved = safe_load(str(d / "state.safetensors"))
+        for name, t in self._state().items():
+            t.assign(saved[name].to(t.device).cast(t.dtype)).realize()
+        self.step = int(progress["step"])
+        log.info("resumed at step %d of %d", self.step, self.total_steps)
+        return True
+
+    # -- loop ------------------------------------------------------------------------------------------------
+    def train(self, out: Path, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+        """Train to the end of the schedule, or only until step `stop_after` (then the state is saved to resume)."""
+        if resume:
+            self.load_state(out)
+        t0, last_ckpt, history = time.perf_counter(), time.perf_counter(), []
+        bar = Progress(self.total_steps, "train", "steps")
+        bar.done = self.step
+        acc, loss = [], float("nan")
+        end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
+        while self.step < end:
+            self.opt.lr.assign(Tensor([lr_at(self.step, self.total_steps, self.cfg)], dtype=self.opt.lr.dtype)).realize()
+            x, y = self._batch(self.step)
+            with Context(TRAINING=1):
+                per_head, norm = self._train_step(x, y)
+            per_head = per_head.numpy()
+            loss = float((per_head * self.weights.numpy()).sum())
+            self.step += 1
+            if self.step % self.cfg.eval_every == 0 or self.step == self.total_steps:
+                acc = self.heldout_accuracy()
+                history.append({"step": self.step, "loss": loss, "heldout_top1": acc,
+                                "train_tokens": self.step * self.cfg.batch_size})
+            bar.update(1, loss=loss, **{f"h{k}": a for k, a in enumerate(acc)})
+            if time.perf_counter() - last_ckpt > self.cfg.checkpoint_every_s and self.step < self.total_steps:
+                self.save_state(out)
+                last_ckpt = time.perf_counter()
+        bar.close()
+        if self.step < self.total_steps:
+            self.save_state(out)
+        return TrainResult(self.step, loss, acc, time.perf_counter() - t0, len(self.train_split.rows),
+                           self.held_split.samples.tolist(), history)
+
+
+def write_heads(trainer: HeadTrainer, out: Path, info: dict) -> Path:
+    """train_info.json, then the heads (MedusaHeads.save writes config.json last), then drop the resume state."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").unlink(missing_ok=True)
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2))
+    trainer.heads.save(out)
+    state = out / STATE_DIR
+    for f in ("progress.json", "state.safetensors"):
+        (state / f).unlink(missing_ok=True)
+    if state.is_dir():
+        state.rmdir()
+    return out

@@ -1,0 +1,274 @@
+"""Self-distilled Medusa head training: data, features, loss, checkpoints, evaluation, CLI errors, shipped heads."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from tinygrad import Tensor
+
+from exo_tinygrad_medusa.cli import main
+from exo_tinygrad_medusa.generate import Generator
+from exo_tinygrad_medusa.loader import load_model
+from exo_tinygrad_medusa.medusa.heads import load_heads
+from exo_tinygrad_medusa.medusa.tree import chain, load_tree
+from exo_tinygrad_medusa.registry import cards
+from exo_tinygrad_medusa.sampling import GenerationConfig
+from exo_tinygrad_medusa.training.batched import BatchedDecoder
+from exo_tinygrad_medusa.training.data import decode_batch, generate_from_ids, load_prompts
+from exo_tinygrad_medusa.training.evaluate import head_accuracy, measure_acceptance, replay_acceptance
+from exo_tinygrad_medusa.training.features import IGNORE, FeatureStore, FeatureWriter, Sample
+from exo_tinygrad_medusa.training.trainer import STATE_DIR, HeadTrainer, TrainConfig, lr_at, write_heads
+from helpers_models import write_tiny_checkpoint
+
+CYCLE_TOKENS = list(range(40, 48))
+
+
+def _prompts(n: int, seed: int) -> list[tuple[str, list[int]]]:
+    rng = np.random.default_rng(seed)
+    return [(f"p{i}", [int(t) for t in rng.integers(3, 320, int(rng.integers(3, 20)))]) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def random_data(tiny_model, tmp_path_factory):
+    """A random tiny llama and its own greedy answers to 16 random prompts."""
+    loaded = tiny_model("llama", max_context=128)
+    out = tmp_path_factory.mktemp("random_feats")
+    generate_from_ids(loaded.model, [2], _prompts(16, 0), out, batch_size=8, max_new_tokens=32)
+    return loaded, FeatureStore.open(out)
+
+
+@pytest.fixture(scope="module")
+def cyclic_data(tmp_path_factory):
+    """A tiny model whose lm_head can only emit 8 tokens: its greedy answers fall into short cycles, so what
+    comes next is predictable from the hidden state and trained heads must find it."""
+    d = write_tiny_checkpoint(tmp_path_factory.mktemp("cyclic"), "llama", seed=3, tie=False)
+    weights = load_file(str(d / "model.safetensors"))
+    silent = np.setdiff1d(np.arange(weights["lm_head.weight"].shape[0]), CYCLE_TOKENS)
+    weights["lm_head.weight"][silent] = 0
+    save_file(weights, str(d / "model.safetensors"))
+    loaded = load_model(str(d), dtype="float32", max_context=128)
+    out = tmp_path_factory.mktemp("cyclic_feats")
+    generate_from_ids(loaded.model, [2], _prompts(24, 1), out, batch_size=8, max_new_tokens=32)
+    return loaded, FeatureStore.open(out)
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+def test_batched_decoding_matches_plain_greedy(tiny_model):
+    loaded = tiny_model("llama", max_context=128)
+    prompts = [ids for _, ids in _prompts(3, 5)]
+    answers, rows = decode_batch(BatchedDecoder(loaded.model, 4), prompts, 12, {2})
+    gen = Generator(loaded.model, [2])
+    for ids, answer, hidden in zip(prompts, answers, rows):
+        assert answer == gen.generate(ids, GenerationConfig(max_new_tokens=12)).generated_ids
+        assert hidden.shape == (len(answer), loaded.config.dim)
+        # row 0 is the hidden state at the last prompt token: the base lm_head maps it to the first answer token
+        logits = hidden @ loaded.model.lm_head.numpy().T
+        assert logits.argmax(-1).tolist() == answer
+
+
+def test_labels_stay_inside_each_sample(tmp_path):
+    writer = FeatureWriter(tmp_path, dim=2, capacity=8)
+    writer.add(Sample("a", [1], [10, 11, 12]), np.zeros((3, 2)))
+    writer.add(Sample("b", [1], [20, 21]), np.ones((2, 2)))
+    writer.close()
+    store = FeatureStore.open(tmp_path)
+    rows, labels = store.labels(2)
+    assert rows.tolist() == [0, 1, 2, 3, 4]
+    assert labels.tolist() == [[10, 11, 12], [11, 12, IGNORE], [12, IGNORE, IGNORE], [20, 21, IGNORE], [21, IGNORE, IGNORE]]
+
+
+def test_unfinished_store_is_refused(tmp_path):
+    writer = FeatureWriter(tmp_path, dim=2, capacity=4)
+    writer.add(Sample("a", [1], [10]), np.zeros((1, 2)))
+    with pytest.raises(FileNotFoundError, match="not a finished feature store"):
+        FeatureStore.open(tmp_path)
+
+
+def test_load_prompts_reads_turns_and_prompt(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"turns": ["first", "second"]}\n\n{"prompt": "third"}\n')
+    assert load_prompts(f) == ["first", "third"]
+    f.write_text('{"prompt": "ok"}\n{"question": "no"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: expected an object"):
+        load_prompts(f)
+    f.write_text('{"prompt": "ok"\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:1: not valid JSON"):
+        load_prompts(f)
+
+
+def test_shipped_prompt_set_loads():
+    from exo_tinygrad_medusa.training.data import BUILTIN_PROMPTS
+    prompts = load_prompts(BUILTIN_PROMPTS)
+    assert len(prompts) >= 300 and len(set(prompts)) == len(prompts)
+
+
+# -- training --------------------------------------------------------------------------------------------------
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(lr=1e-3, warmup_frac=0.1, min_lr_frac=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_training_lowers_the_loss_and_checkpoints_reload(random_data, tmp_path):
+    loaded, store = random_data
+    cfg = TrainConfig(num_heads=2, epochs=12, batch_size=64, lr=1e-2, eval_every=1, heldout_frac=0.2)
+    trainer = HeadTrainer(store, loaded.model.lm_head, cfg)
+    result = trainer.train(tmp_path)
+    losses = [h["loss"] for h in result.history]
+    assert result.steps == trainer.total_steps >= 40
+    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:3])
+    write_heads(trainer, tmp_path, {"note": "test"})
+    assert not (tmp_path / STATE_DIR).exists()
+    heads = load_heads(str(tmp_path), loaded.config, loaded.model.lm_head)
+    x = Tensor(np.asarray(store.hidden[:16], dtype=np.float32))
+    np.testing.assert_allclose(heads(x).numpy(), trainer.heads(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_seen_vocabulary_training_covers_every_target(random_data, tmp_path):
+    loaded, store = random_data
+    trainer = HeadTrainer(store, loaded.model.lm_head, TrainConfig(num_heads=2, epochs=6, batch_size=64, lr=1e-2,
+                                                                   eval_every=1, train_vocab="seen"))
+    targets = trainer.train_split.labels[:, 1:]
+    assert trainer.vocab_ids.tolist() == sorted(set(targets[targets != IGNORE].tolist()))
+    losses = [h["loss"] for h in trainer.train(tmp_path).history]
+    assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])
+
+
+def test_same_seed_same_heads_and_resume_continues_exactly(random_data, tmp_path):
+    loaded, store = random_data
+    cfg = TrainConfig(num_heads=2, epochs=2, batch_size=64, lr=3e-3, seed=7)
+
+    def heads_of(trainer):
+        return {k: v.numpy() for k, v in trainer.heads.state_dict().items()}
+
+    whole = HeadTrainer(store, loaded.model.lm_head, cfg)
+    whole.train(tmp_path / "a")
+    first = HeadTrainer(store, loaded.model.lm_head, cfg)
+    first.train(tmp_path / "b", stop_after=3)
+    assert (tmp_path / "b" / STATE_DIR / "progress.json").is_file()
+    resumed = HeadTrainer(store, loaded.model.lm_head, cfg)
+    resumed.train(tmp_path / "b", resume=True)
+    assert resumed.step == whole.step
+    a, b = heads_of(whole), heads_of(resumed)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    with pytest.raises(ValueError, match="different settings"):
+        HeadTrainer(store, loaded.model.lm_head, TrainConfig(num_heads=2, epochs=3, batch_size=64, seed=7)).load_state(
+            tmp_path / "b")
+
+
+def test_heads_learn_a_predictable_continuation(cyclic_data, tmp_path):
+    loaded, store = cyclic_data
+    cfg = TrainConfig(num_heads=2, epochs=30, batch_size=128, lr=1e-2, heldout_frac=0.25, eval_every=1000)
+    trainer = HeadTrainer(store, loaded.model.lm_head, cfg)
+    untrained = trainer.heldout_accuracy()  # zero ResBlocks: each head repeats the base model's next-token guess
+    result = trainer.train(tmp_path)
+    assert result.heldout_top1[0] > untrained[0] + 0.1, (untrained, result.heldout_top1)
+    write_heads(trainer, tmp_path, {})
+    heads = load_heads(str(tmp_path), loaded.config, loaded.model.lm_head)
+    tree = chain(2)
+    held = result.heldout_samples
+    mean, outputs = measure_acceptance(loaded.model, [2], heads, tree, [store.samples[i].prompt_ids for i in held], 32)
+    assert mean > 1.5
+    # Medusa greedy never changes the text, and replaying the stored continuation predicts every step (the last
+    # one aside: there the real tree may also accept tokens past the answer's end)
+    medusa = Generator(loaded.model, [2], tree, heads)
+    for i, out in zip(held, outputs):
+        sample = store.samples[i]
+        assert out == sample.answer_ids
+        steps = medusa.generate(sample.prompt_ids, GenerationConfig(max_new_tokens=32)).accept_lengths
+        replayed = replay_acceptance(tree, trainer.predict(np.arange(store.offsets[i], store.offsets[i + 1])),
+                                     sample.answer_ids)
+        assert len(replayed) == len(steps) and replayed[:-1] == steps[:-1]
+
+
+def test_head_accuracy_counts_only_real_targets():
+    preds = np.array([[[5, 1, 2, 3, 4], [7, 6, 0, 0, 0], [9, 9, 9, 9, 9]]])  # (H=1, R=3, 5)
+    labels = np.array([[5], [6], [IGNORE]])
+    acc = head_accuracy(preds, labels)
+    assert acc.top1 == [0.5] and acc.top5 == [1.0] and acc.rows == [2]
+
+
+def test_replay_acceptance_follows_the_tree():
+    answer = [1, 2, 3, 4, 5, 6]
+    preds = np.zeros((2, 6, 2), dtype=np.int32)
+    preds[0, :, 1] = [2, 3, 4, 5, 6, 0]  # head 0 rank 1 always right: row i guesses answer[i + 1]
+    preds[1, :, 0] = [3, 0, 0, 0, 0, 0]  # head 1 rank 0 right only at row 0 (answer[2])
+    tree = load_tree("chain-2")                               # ranks (0,), (0, 0): head 0 rank 0 is always wrong
+    assert replay_acceptance(tree, preds, answer) == [1, 1, 1, 1, 1]
+    from exo_tinygrad_medusa.medusa.tree import MedusaTree
+    tree = MedusaTree(((1,), (1, 0)))
+    # root 1: accepts 2 (head 0) and 3 (head 1): 3 tokens; then root 4: accepts 5 only; then root 6 ends
+    assert replay_acceptance(tree, preds, answer) == [3, 2]
+
+
+# -- command line ----------------------------------------------------------------------------------------------
+def _no_checkpoint(out: Path) -> bool:
+    return not (out / "config.json").exists()
+
+
+def test_cli_rejects_missing_prompts_file(tmp_path, capsys):
+    assert main(["train-heads", "--out", str(tmp_path / "h"), "--prompts", str(tmp_path / "nope.jsonl")]) == 2
+    assert "prompts file" in capsys.readouterr().err and _no_checkpoint(tmp_path / "h")
+
+
+def test_cli_rejects_malformed_prompts(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    assert main(["train-heads", "--out", str(tmp_path / "h"), "--prompts", str(bad)]) == 2
+    assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err and _no_checkpoint(tmp_path / "h")
+
+
+def test_cli_rejects_zero_heads(tmp_path, capsys):
+    assert main(["train-heads", "--out", str(tmp_path / "h"), "--num-heads", "0"]) == 2
+    assert "--num-heads must be >= 1" in capsys.readouterr().err and _no_checkpoint(tmp_path / "h")
+
+
+def test_cli_rejects_unwritable_output(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train-heads", "--out", str(blocker / "heads")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_cli_trains_and_evaluates_a_tiny_model(tiny_checkpoint, tmp_path, capsys):
+    model = str(tiny_checkpoint("llama"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}"}) + "\n" for w in ["hi", "yes", "no", "maybe", "ok", "go"]))
+    out = tmp_path / "heads"
+    assert main(["train-heads", model, "--out", str(out), "--prompts", str(prompts), "--num-samples", "6",
+                 "--max-new-tokens", "12", "--gen-batch-size", "4", "--num-heads", "2", "--epochs", "2",
+                 "--batch-size", "32", "--max-context", "128"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] >= 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["medusa_num_heads"] == 2 and config["hidden_size"] == 64 and config["vocab_size"] == 320
+    assert (tmp_path / "heads-data" / "meta.json").is_file()
+    assert main(["eval-heads", model, "--medusa-heads", str(out), "--prompts", str(prompts), "--num-samples", "4",
+                 "--max-new-tokens", "12", "--gen-batch-size", "4", "--trees", "chain-2", "--measure", "1",
+                 "--max-context", "128", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(report["top1"]) == 2 and report["trees"]["chain-2"]["mean_accepted"] >= 1.0
+    assert report["trees"]["chain-2"]["measured_mean_accepted"] >= 1.0
+
+
+# -- shipped heads ---------------------------------------------------------------------------------------------
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m" / "medusa-heads"
+
+
+@pytest.mark.slow
+def test_shipped_heads_match_the_default_model_and_keep_greedy_exact(default_model):
+    card = cards()["smollm2-135m"]
+    path = card.heads_path() or str(SHIPPED_HEADS)
+    if not (Path(path) / "config.json").is_file():
+        pytest.skip("no heads shipped for smollm2-135m")
+    config = json.loads((Path(path) / "config.json").read_text())
+    assert config["hidden_size"] == default_model.config.dim and config["vocab_size"] == default_model.config.vocab_size
+    heads = load_heads(path, default_model.config, default_model.model.lm_head)
+    oracle = json.loads((Path(__file__).parent / "data" / "smollm2_oracle.json").read_text())
+    result = Generator(default_model.model, default_model.tokenizer.eos_token_ids, load_tree("cpu-8"), heads).generate(
+        oracle["prompt_ids"], GenerationConfig(max_new_tokens=len(oracle["greedy_new_ids"])))
+    assert result.generated_ids == oracle["greedy_new_ids"]
