@@ -33,16 +33,18 @@ class ShardSteps:
 
     def __init__(self, model: Transformer, tree: MedusaTree = PLAIN, heads: MedusaHeads | None = None,
                  prefill_chunk: int = 32):
-        if tree.size > 1:
+        if tree.size > 1 and model.shard.is_last_layer():  # only the last shard proposes trees
             if heads is None:
                 raise ValueError("a Medusa tree needs Medusa heads")
             tree.check_heads(heads.num_heads)
-        if max(tree.size, prefill_chunk) > model.cache_len - model.max_context:
-            raise ValueError(f"tree of {tree.size} nodes exceeds the cache slack of {model.cache_len - model.max_context}")
+        slack = model.cache_len - model.max_context  # a step near the context end writes this far past it
+        for what, size in ((f"tree of {tree.size} nodes", tree.size), (f"prefill chunk of {prefill_chunk}", prefill_chunk)):
+            if size > slack:
+                raise ValueError(f"{what} exceeds the cache slack of {slack}")
         self.model, self.tree, self.heads, self.chunk = model, tree, heads, prefill_chunk
         dev = next(iter(model.parameters().values())).device
         self.start_pos = UOp.variable("start_pos", 0, model.max_context)
-        T, C = tree.size, prefill_chunk
+        C = prefill_chunk
         self.tree_mask, self.tree_depths = _const(tree.tree_mask, dev), _const(tree.depths, dev)
         self.chunk_mask, self.chunk_depths = _const(causal_mask(C), dev), _const(np.arange(C, dtype=np.int32), dev)
         if tree.size > 1:

@@ -113,6 +113,10 @@ def presets() -> dict[str, list]:
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
+def _is_path_list(data) -> bool:
+    return isinstance(data, list) and all(isinstance(c, list) and all(type(r) is int for r in c) for c in data)
+
+
 def load_tree(spec: str) -> MedusaTree:
     """A preset name (`chain-N`, `cpu-8`, `mc_sim_7b_63`, ...) or a JSON file holding a list of paths."""
     if spec.startswith("chain-") and spec[6:].isdigit():
@@ -121,8 +125,16 @@ def load_tree(spec: str) -> MedusaTree:
     if spec in known:
         return MedusaTree(tuple(map(tuple, known[spec])), spec)
     path = Path(spec)
-    if path.suffix == ".json" and path.is_file():
-        data = json.loads(path.read_text())
-        choices = data["choices"] if isinstance(data, dict) else data
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ValueError(f"tree file {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tree file {path} is not valid JSON: {e}") from None
+        choices = data.get("choices") if isinstance(data, dict) else data
+        if not _is_path_list(choices):
+            raise ValueError(f"tree file {path} must hold a JSON list of paths (lists of integer ranks) or an object "
+                             f"whose \"choices\" is one")
         return MedusaTree(tuple(map(tuple, choices)), path.stem)
     raise ValueError(f"unknown tree {spec!r}: use chain-N, one of {', '.join(known)}, or a JSON file of paths")

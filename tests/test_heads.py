@@ -1,0 +1,274 @@
+"""Medusa heads: the forward against numpy, checkpoints (safetensors and torch .pt) and the errors bad heads raise."""
+import json
+import shutil
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from tinygrad import Tensor
+
+from exo_tinygrad_medusa.config import ModelConfig
+from exo_tinygrad_medusa.medusa.heads import WEIGHTS_FILE, MedusaConfig, MedusaHeads, load_heads, random_heads
+from exo_tinygrad_medusa.medusa.tree import load_tree
+from exo_tinygrad_medusa.model import Transformer
+from exo_tinygrad_medusa.shard import Shard
+from exo_tinygrad_medusa.steps import ShardSteps
+from helpers_models import TINY
+
+DIM, VOCAB = TINY["hidden_size"], TINY["vocab_size"]
+
+
+@pytest.fixture(scope="module")
+def model_config() -> ModelConfig:
+    return ModelConfig.from_hf({**TINY, "model_type": "llama"})
+
+
+@pytest.fixture(scope="module")
+def base_lm_head() -> Tensor:
+    rng = np.random.default_rng(7)
+    return Tensor((rng.standard_normal((VOCAB, DIM)) * DIM ** -0.5).astype(np.float32)).realize()
+
+
+@pytest.fixture(scope="module")
+def hidden() -> np.ndarray:
+    return np.random.default_rng(8).standard_normal((5, DIM)).astype(np.float32)
+
+
+def numpy_state(heads: MedusaHeads) -> dict[str, np.ndarray]:
+    return {name: t.numpy() for name, t in heads.state_dict().items()}
+
+
+def numpy_logits(state: dict[str, np.ndarray], num_heads: int, num_layers: int, base: np.ndarray, h: np.ndarray):
+    """Independent forward from the published layout: ResBlocks x + SiLU(W x + b), then the head's own lm_head
+    (`{head}.{num_layers}.weight`, v1) or the base model's (v2)."""
+    out = []
+    for k in range(num_heads):
+        x = h.astype(np.float64)
+        for layer in range(num_layers):
+            z = x @ state[f"{k}.{layer}.linear.weight"].T + state[f"{k}.{layer}.linear.bias"]
+            x = x + z / (1 + np.exp(-z))
+        out.append(x @ state.get(f"{k}.{num_layers}.weight", base).T)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("fmt,num_layers", [("v1", 1), ("v2", 1), ("v2", 2), ("v1", 0)])
+def test_forward_matches_numpy(model_config, base_lm_head, hidden, fmt, num_layers):
+    heads = random_heads(model_config, base_lm_head, num_heads=3, num_layers=num_layers, fmt=fmt, seed=1, scale=0.3)
+    logits = heads(Tensor(hidden)).numpy()
+    assert logits.shape == (3, 5, VOCAB)
+    expected = numpy_logits(numpy_state(heads), 3, num_layers, base_lm_head.numpy(), hidden)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+    # the scale makes each head disagree with the base model's own next-token guess somewhere
+    base_top = (hidden @ base_lm_head.numpy().T).argmax(-1)
+    assert (logits.argmax(-1) != base_top).any()
+    feats = heads.features(Tensor(hidden))
+    assert len(feats) == 3 and all(f.shape == (5, DIM) for f in feats)
+
+
+@pytest.mark.parametrize("fmt", ["v1", "v2"])
+def test_fresh_heads_start_as_copies_of_the_base_lm_head(model_config, base_lm_head, hidden, fmt):
+    heads = MedusaHeads(MedusaConfig(2, 1, DIM, VOCAB, fmt), base_lm_head)
+    base = hidden @ base_lm_head.numpy().T
+    np.testing.assert_allclose(heads(Tensor(hidden)).numpy(), np.stack([base, base]), atol=1e-5)
+    assert len(heads.trainable()) == 2 * 2 + (2 if fmt == "v1" else 0)
+
+
+@pytest.mark.parametrize("fmt", ["v1", "v2"])
+def test_save_load_round_trip(tmp_path, model_config, base_lm_head, hidden, fmt):
+    heads = random_heads(model_config, base_lm_head, num_heads=3, num_layers=1, fmt=fmt, seed=2, scale=0.3)
+    out = heads.save(tmp_path / "heads")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", WEIGHTS_FILE]
+    config = json.loads((out / "config.json").read_text())
+    assert config == {"medusa_num_heads": 3, "medusa_num_layers": 1, "hidden_size": DIM, "vocab_size": VOCAB,
+                      "medusa_format": fmt, "base_model_name_or_path": ""}
+    expected_keys = {f"{k}.0.linear.{p}" for k in range(3) for p in ("weight", "bias")}
+    expected_keys |= {f"{k}.1.weight" for k in range(3)} if fmt == "v1" else set()
+    assert set(heads.state_dict()) == expected_keys
+    expected = heads(Tensor(hidden)).numpy()
+    for path in (out, out / WEIGHTS_FILE):  # the directory, or its weights file next to config.json
+        loaded = load_heads(str(path), model_config, base_lm_head)
+        assert loaded.config == heads.config
+        np.testing.assert_array_equal(loaded(Tensor(hidden)).numpy(), expected)
+
+
+@pytest.mark.parametrize("fmt", ["v1", "v2"])
+def test_published_config_without_format_or_sizes(tmp_path, model_config, base_lm_head, hidden, fmt):
+    """Medusa's own config.json names only the head and layer counts: the format comes from the weights."""
+    heads = random_heads(model_config, base_lm_head, num_heads=2, num_layers=1, fmt=fmt, seed=3, scale=0.3)
+    out = heads.save(tmp_path / "heads")
+    (out / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 1,
+                                                 "base_model_name_or_path": "lmsys/vicuna-7b-v1.3"}))
+    loaded = load_heads(str(out), model_config, base_lm_head)
+    assert (loaded.config.medusa_format, loaded.config.base_model_name_or_path) == (fmt, "lmsys/vicuna-7b-v1.3")
+    np.testing.assert_array_equal(loaded(Tensor(hidden)).numpy(), heads(Tensor(hidden)).numpy())
+
+
+# -- torch checkpoints, written without torch ---------------------------------------------------------------------
+def _pickle_str(s: str) -> bytes:
+    return b"X" + struct.pack("<I", len(s.encode())) + s.encode()  # BINUNICODE
+
+
+def _pickle_int(i: int) -> bytes:
+    return b"J" + struct.pack("<i", i)  # BININT
+
+
+def _pickle_ints(values) -> bytes:
+    return b"(" + b"".join(_pickle_int(v) for v in values) + b"t"  # MARK ... TUPLE
+
+
+def write_torch_checkpoint(path, tensors: dict[str, np.ndarray]) -> None:
+    """What torch.save(state_dict) writes: a zip with archive/data.pkl (protocol 2) whose tensors are
+    torch._utils._rebuild_tensor_v2(persistent storage id, offset, size, stride, requires_grad, hooks) and whose
+    storages are raw little-endian float32 files archive/data/<key>."""
+    pkl = bytearray(b"\x80\x02" + b"}(")  # PROTO 2, EMPTY_DICT, MARK
+    storages = {}
+    for key, (name, array) in enumerate(tensors.items()):
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        storages[str(key)] = array.tobytes()
+        strides = [s // 4 for s in array.strides]
+        pkl += _pickle_str(name) + b"ctorch._utils\n_rebuild_tensor_v2\n" + b"("
+        pkl += b"(" + _pickle_str("storage") + b"ctorch\nFloatStorage\n" + _pickle_str(str(key)) + _pickle_str("cpu")
+        pkl += _pickle_int(array.size) + b"tQ"  # TUPLE, BINPERSID
+        pkl += _pickle_int(0) + _pickle_ints(array.shape) + _pickle_ints(strides) + b"\x89"  # NEWFALSE
+        pkl += b"ccollections\nOrderedDict\n)R"  # OrderedDict() for backward hooks
+        pkl += b"tR"  # TUPLE, REDUCE
+    pkl += b"u."  # SETITEMS, STOP
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", bytes(pkl))
+        for key, data in storages.items():
+            z.writestr(f"archive/data/{key}", data)
+        z.writestr("archive/version", "3\n")
+
+
+@pytest.mark.parametrize("fmt,prefix", [("v1", ""), ("v2", "medusa_head.")])
+def test_load_torch_pt_checkpoint(tmp_path, model_config, base_lm_head, hidden, fmt, prefix):
+    heads = random_heads(model_config, base_lm_head, num_heads=2, num_layers=1, fmt=fmt, seed=4, scale=0.3)
+    out = tmp_path / "pt_heads"
+    out.mkdir()
+    write_torch_checkpoint(out / "medusa_lm_head.pt", {prefix + k: v for k, v in numpy_state(heads).items()})
+    (out / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 1}))
+    loaded = load_heads(str(out), model_config, base_lm_head)
+    assert loaded.config.medusa_format == fmt
+    np.testing.assert_array_equal(loaded(Tensor(hidden)).numpy(), heads(Tensor(hidden)).numpy())
+
+
+# -- bad heads ------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def saved_v1(tmp_path, model_config, base_lm_head):
+    heads = random_heads(model_config, base_lm_head, num_heads=2, num_layers=1, fmt="v1", seed=5, scale=0.3)
+    return heads.save(tmp_path / "heads")
+
+
+def test_wrong_hidden_size(tmp_path, model_config, base_lm_head):
+    narrow = ModelConfig.from_hf({**TINY, "model_type": "llama", "hidden_size": 32})
+    heads = random_heads(narrow, Tensor.zeros(VOCAB, 32).contiguous(), num_heads=2, num_layers=1, fmt="v2")
+    out = heads.save(tmp_path / "narrow")
+    with pytest.raises(ValueError, match="hidden size 32 but the model's hidden size is 64"):
+        load_heads(str(out), model_config, base_lm_head)
+    # a published config.json without hidden_size: the size is read off the weights
+    (out / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 1}))
+    with pytest.raises(ValueError, match="hidden size 32 but the model's hidden size is 64"):
+        load_heads(str(out), model_config, base_lm_head)
+
+
+def test_wrong_vocab_size(tmp_path, model_config, base_lm_head, saved_v1):
+    small = ModelConfig.from_hf({**TINY, "model_type": "llama", "vocab_size": 300})
+    with pytest.raises(ValueError, match="vocab size 320 but the model's vocab size is 300"):
+        load_heads(str(saved_v1), small, base_lm_head[:300])
+    (saved_v1 / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 1}))
+    with pytest.raises(ValueError, match="vocab size 320 but the model's vocab size is 300"):
+        load_heads(str(saved_v1), small, base_lm_head[:300])
+
+
+def test_too_few_heads_for_the_tree(model_config, base_lm_head, saved_v1):
+    heads = load_heads(str(saved_v1), model_config, base_lm_head)
+    tree = load_tree("cpu-8")
+    with pytest.raises(ValueError, match=r"'cpu-8' is 4 levels deep but only 2 Medusa heads are loaded"):
+        tree.check_heads(heads.num_heads)
+    model = Transformer(model_config, Shard.whole("tiny", model_config.n_layers), max_context=64)
+    with pytest.raises(ValueError, match="4 levels deep but only 2 Medusa heads"):
+        ShardSteps(model, tree, heads)
+
+
+@pytest.mark.parametrize("keep", [0.5, 20])
+def test_truncated_safetensors(model_config, base_lm_head, saved_v1, keep):
+    path = saved_v1 / WEIGHTS_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep) if keep < 1 else keep])
+    with pytest.raises(ValueError, match=f"Medusa heads file {path} is corrupt or unreadable"):
+        load_heads(str(saved_v1), model_config, base_lm_head)
+
+
+def test_corrupt_torch_file(tmp_path, model_config, base_lm_head):
+    out = tmp_path / "pt"
+    out.mkdir()
+    (out / "medusa_lm_head.pt").write_bytes(b"not a torch file" * 10)
+    (out / "config.json").write_text(json.dumps({"medusa_num_heads": 1, "medusa_num_layers": 1}))
+    with pytest.raises(ValueError, match="corrupt or unreadable"):
+        load_heads(str(out), model_config, base_lm_head)
+
+
+def test_missing_files(tmp_path, model_config, base_lm_head, saved_v1):
+    no_config = tmp_path / "no_config"
+    shutil.copytree(saved_v1, no_config)
+    (no_config / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        load_heads(str(no_config), model_config, base_lm_head)
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(saved_v1, no_weights)
+    (no_weights / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=f"no {WEIGHTS_FILE}"):
+        load_heads(str(no_weights), model_config, base_lm_head)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_heads(str(tmp_path / "nowhere"), model_config, base_lm_head)
+
+
+def test_bad_config_and_tensors(model_config, base_lm_head, saved_v1):
+    config_path = saved_v1 / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text("{not json")
+    with pytest.raises(ValueError, match="config .* is invalid"):
+        load_heads(str(saved_v1), model_config, base_lm_head)
+    config_path.write_text(json.dumps({**config, "medusa_num_heads": 3}))
+    with pytest.raises(ValueError, match=r"missing tensor '2.0.linear.weight' for 3 heads x 1 layers"):
+        load_heads(str(saved_v1), model_config, base_lm_head)
+    config_path.write_text(json.dumps(config))
+    weights = load_file(str(saved_v1 / WEIGHTS_FILE))
+    save_file({**weights, "1.0.linear.bias": weights["1.0.linear.bias"][:32]}, str(saved_v1 / WEIGHTS_FILE))
+    with pytest.raises(ValueError, match=r"tensor 1.0.linear.bias: shape \(32,\), expected \(64,\)"):
+        load_heads(str(saved_v1), model_config, base_lm_head)
+
+
+def test_use_first(model_config, base_lm_head, hidden):
+    for fmt in ("v1", "v2"):
+        heads = random_heads(model_config, base_lm_head, num_heads=4, num_layers=1, fmt=fmt, seed=6, scale=0.3)
+        full = heads(Tensor(hidden)).numpy()
+        assert heads.use_first(4).num_heads == 4
+        first_two = heads.use_first(2)
+        assert first_two.num_heads == first_two.config.medusa_num_heads == 2
+        np.testing.assert_array_equal(first_two(Tensor(hidden)).numpy(), full[:2])
+        assert len(first_two.state_dict()) == 2 * (3 if fmt == "v1" else 2)
+    heads = random_heads(model_config, base_lm_head, num_heads=4, num_layers=1, fmt="v2")
+    with pytest.raises(ValueError, match="--medusa-num-heads 5: the checkpoint has 4 heads"):
+        heads.use_first(5)
+    with pytest.raises(ValueError, match="--medusa-num-heads 0: the checkpoint has 4 heads"):
+        heads.use_first(0)
+    with pytest.raises(ValueError, match="--medusa-num-layers 2: the checkpoint has 1 layers"):
+        heads.use_first(num_layers=2)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(medusa_num_heads=0), "medusa_num_heads must be >= 1"),
+    (dict(medusa_num_layers=-1), "medusa_num_layers must be >= 0"),
+    (dict(medusa_format="v3"), "medusa_format must be 'v1' or 'v2'"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MedusaConfig(**{**dict(medusa_num_heads=2, medusa_num_layers=1, hidden_size=DIM, vocab_size=VOCAB), **kwargs})
+
+
+def test_v1_needs_base_lm_head():
+    with pytest.raises(ValueError, match="pass base_lm_head"):
+        MedusaHeads(MedusaConfig(1, 1, DIM, VOCAB, "v1"))
