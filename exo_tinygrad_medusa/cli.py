@@ -112,7 +112,7 @@ def _subcommand_modules() -> list:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--inference-engine" in argv:  # Exo's own command line: start Exo with our engine
+    if any(a == "--inference-engine" or a.startswith("--inference-engine=") for a in argv):  # Exo's own command line
         from .exo_patch import run_exo
         return run_exo(argv)
     args = build_parser().parse_args(argv)

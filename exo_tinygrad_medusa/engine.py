@@ -1,0 +1,377 @@
+"""Exo's InferenceEngine for our tinygrad shards, with Medusa spread over a ring of shards in one pass per step.
+
+A request goes around the ring once per step. Every shard runs the step's tokens (the prompt, or the current
+Medusa tree) against its own KV cache; the last shard verifies the tree, accepts a path, proposes the next tree
+with its heads and returns the accepted tokens. What the other shards need for the next pass travels in
+`inference_state` as plain JSON (see `StepState`): the nodes to keep, the next tree's tokens and a step counter.
+Each shard first compacts its cache to the accepted path, then runs the new tree. Every shard checks the step
+counter and cache position against its own record, so a shard that missed a pass fails instead of decoding
+garbage.
+
+Wire contract (what Exo's node loop, or any driver, does between passes):
+- first pass: `infer_prompt` / `infer_tensor` on the first shard with token ids (1, T) and no state;
+- each shard's output goes to the next shard with the returned state; non-last shards return hidden (1, T, dim);
+- the last shard returns the tokens it emitted, int64 (1, k), and the state for the next pass; feed exactly those
+  tokens and that state to the first shard again (it runs the tree from the state and checks the tokens match);
+- stop when the state's `finish_reason` is set ("stop" at EOS, "length" at the token budget or context end) or at
+  the driver's own limit.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import sqlite3
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import tinygrad.helpers
+from tinygrad import Tensor, dtypes
+from tinygrad.nn.state import safe_load, safe_save
+
+from .loader import LoadedModel, load_model
+from .medusa.heads import load_heads
+from .medusa.tree import PLAIN, MedusaTree, load_tree
+from .model import KVCache
+from .sampling import GenerationConfig, exact_accept, probabilities, sample, typical_accept
+from .session import MedusaOptions, default_tree_spec, resolve_heads_path
+from .shard import Shard
+from .steps import ShardSteps
+
+try:  # inside classic Exo the engine is a real InferenceEngine; without Exo it stands alone
+    from exo.inference.inference_engine import InferenceEngine as _EngineBase
+except ImportError:
+    _EngineBase = object
+
+log = logging.getLogger(__name__)
+STATE_KEY = "medusa"
+# tinygrad is not thread-safe: every engine in the process runs its tinygrad work on this one thread
+TINYGRAD_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinygrad")
+
+
+def share_kernel_cache() -> None:
+    """tinygrad opens its on-disk kernel cache (sqlite) on first use, usable from that thread only; the engine
+    compiles on its own thread while hosts touch tinygrad on theirs (Exo's device_capabilities opens the device on
+    the main thread). Reopen the cache shareable between threads; sqlite serialises the accesses."""
+    if getattr(tinygrad.helpers, "_exo_medusa_shared_db", False):
+        return
+    connect = sqlite3.connect
+    sqlite3.connect = functools.partial(connect, check_same_thread=False)
+    try:
+        tinygrad.helpers._db_connection = None
+        tinygrad.helpers.db_connection()
+    finally:
+        sqlite3.connect = connect
+    tinygrad.helpers._exo_medusa_shared_db = True
+
+
+share_kernel_cache()
+
+
+class RingStateError(RuntimeError):
+    """The ring state does not match this shard's own record of the request: refuse rather than decode garbage."""
+
+
+@dataclass
+class StepState:
+    """What travels with a request from shard to shard (JSON-able: Exo serialises it between nodes)."""
+    step: int                  # ring passes finished for this request; 0 while the prompt goes around
+    start_pos: int             # cache slot of the first token this pass writes
+    tree_id: str               # every shard must run the same tree
+    next_layer: int = 0        # the first layer of the shard this state goes to: catches a skipped shard
+    keep: list[int] = field(default_factory=list)    # tree nodes the previous pass accepted: compact to them first
+    tree: list[int] = field(default_factory=list)    # this pass's tree tokens (node 0 = the last token emitted)
+    tokens: list[int] = field(default_factory=list)  # tokens the previous pass emitted
+    finish_reason: str | None = None                 # "stop" (EOS) or "length" (token budget or context end)
+
+    def to_state(self) -> dict:
+        return {STATE_KEY: asdict(self)}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "StepState | None":
+        if not state or STATE_KEY not in state:
+            return None
+        try:
+            return cls(**state[STATE_KEY])
+        except TypeError as e:
+            raise RingStateError(f"malformed Medusa ring state {state[STATE_KEY]!r}: {e}") from None
+
+
+@dataclass
+class _Request:
+    """One shard's record of one request."""
+    cache: KVCache
+    prompt_len: int
+    step: int = 0              # passes this shard has run
+    pos: int = 0               # committed cache length
+    pending: bool = False      # the last tree sits at pos.. and waits for the next pass to say which nodes to keep
+    generated: int = 0         # last shard: tokens emitted so far
+    rng: np.random.Generator | None = None
+
+
+def tree_fingerprint(tree: MedusaTree) -> str:
+    return hashlib.sha1(repr(tree.choices).encode()).hexdigest()[:12]
+
+
+class MedusaInferenceEngine(_EngineBase):
+    """Exo's InferenceEngine interface (all async) over our tinygrad shards, with Medusa on the last shard.
+
+    Models are resolved by our registry from the shard's model_id (card id, HF directory, .gguf, HF repo id);
+    Exo's shard_downloader is kept for Exo's API but not used. Per-request KV caches live here, keyed by
+    request_id, at most `max_requests` of them (least recently used evicted)."""
+
+    def __init__(self, medusa: MedusaOptions = MedusaOptions(), generation: GenerationConfig = GenerationConfig(),
+                 *, device: str | None = None, dtype: str | None = None, max_context: int = 2048,
+                 max_requests: int = 4, shard_downloader=None):
+        if not medusa.enabled and any(v is not None for v in (medusa.heads, medusa.num_heads, medusa.num_layers,
+                                                                medusa.choices)):
+            raise ValueError("Medusa options were given without --medusa-enabled")
+        if max_requests < 1:
+            raise ValueError(f"max_requests must be >= 1, got {max_requests}")
+        self.medusa, self.generation = medusa, generation
+        self.device, self.dtype, self.max_context, self.max_requests = device, dtype, max_context, max_requests
+        self.shard_downloader = shard_downloader
+        self.shard: Shard | None = None
+        self.loaded: LoadedModel | None = None
+        self.tokenizer = None
+        self.steps: ShardSteps | None = None
+        self.tree: MedusaTree = PLAIN
+        self.tree_id = tree_fingerprint(PLAIN)
+        self.requests: OrderedDict[str, _Request] = OrderedDict()
+
+    # -- Exo's interface ---------------------------------------------------------------------------------------
+    async def ensure_shard(self, shard) -> None:
+        await self._on_engine_thread(self._load, Shard.of(shard))
+
+    async def encode(self, shard, prompt: str) -> np.ndarray:
+        await self.ensure_shard(shard)
+        return np.array(await self._on_engine_thread(self.tokenizer.encode, prompt), dtype=np.int64)
+
+    async def decode(self, shard, tokens) -> str:
+        await self.ensure_shard(shard)
+        return await self._on_engine_thread(self.tokenizer.decode, np.asarray(tokens).reshape(-1).tolist())
+
+    async def sample(self, x: np.ndarray, temp: float = 0.0, top_p: float = 1.0) -> np.ndarray:
+        """The last shard already chose its tokens (an int array): they pass through. Float logits (..., V)
+        are sampled at their last row, for drivers that hand us plain logits."""
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.integer):
+            return x.reshape(-1).astype(np.int64)
+        logits = x.reshape(-1, x.shape[-1])[-1]
+        if temp <= 0:
+            return np.array([int(logits.argmax())], dtype=np.int64)
+        p = probabilities(logits, GenerationConfig(temperature=temp, top_p=top_p))
+        return np.array([sample(p, np.random.default_rng())], dtype=np.int64)
+
+    async def infer_prompt(self, request_id: str, shard, prompt: str,
+                           inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
+        tokens = await self.encode(shard, prompt)
+        return await self.infer_tensor(request_id, shard, tokens.reshape(1, -1), inference_state)
+
+    async def infer_tensor(self, request_id: str, shard, input_data: np.ndarray,
+                           inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
+        return await self._on_engine_thread(self._infer, request_id, Shard.of(shard), np.asarray(input_data),
+                                            inference_state)
+
+    async def load_checkpoint(self, shard, path: str) -> None:
+        await self.ensure_shard(shard)
+        await self._on_engine_thread(self._load_weights, path)
+
+    async def save_checkpoint(self, shard, path: str) -> None:
+        await self.ensure_shard(shard)
+        await self._on_engine_thread(lambda: safe_save(self.loaded.model.parameters(), str(path)))
+
+    # -- ours --------------------------------------------------------------------------------------------------
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.tokenizer.eos_token_ids if self.tokenizer else ()
+
+    async def _on_engine_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(TINYGRAD_EXECUTOR, fn, *args)
+
+    def _load(self, shard: Shard) -> None:
+        if self.shard == shard:
+            return
+        loaded = load_model(shard.model_id, shard, dtype=self.dtype, device=self.device, max_context=self.max_context)
+        tree, heads = PLAIN, None
+        if self.medusa.enabled:
+            heads_path = resolve_heads_path(loaded, self.medusa)
+            tree = load_tree(self.medusa.choices or default_tree_spec(loaded.device, heads_path))
+            if shard.is_last_layer():
+                heads = load_heads(heads_path, loaded.config, loaded.model.lm_head).use_first(
+                    self.medusa.num_heads, self.medusa.num_layers)
+        self.steps = ShardSteps(loaded.model, tree, heads)
+        self.loaded, self.tokenizer, self.tree, self.tree_id = loaded, loaded.tokenizer, tree, tree_fingerprint(tree)
+        self.requests.clear()  # caches of another shard are meaningless here
+        self.shard = shard
+        log.info("engine: %s layers %d..%d of %d, tree %s (%d nodes)%s", shard.model_id, shard.start_layer,
+                 shard.end_layer, shard.n_layers, tree.name, tree.size, ", Medusa heads" if heads else "")
+
+    def _load_weights(self, path: str) -> None:
+        weights = safe_load(str(path))
+        params = self.loaded.model.parameters()
+        missing = sorted(set(params) - set(weights))
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors of this shard, e.g. {missing[:3]}")
+        for name, t in params.items():
+            # in place: the captured steps keep pointing at the same buffers
+            t.assign(weights[name].to(t.device).cast(t.dtype)).realize()
+
+    # -- one pass of one request through this shard (engine thread) ------------------------------------------
+    def _infer(self, request_id: str, shard: Shard, x: np.ndarray, state: dict | None) -> tuple[np.ndarray, dict]:
+        self._load(shard)
+        incoming = StepState.from_state(state)
+        if incoming is None:
+            if not shard.is_first_layer():
+                raise RingStateError(f"request {request_id}: layers {self._layers()} got input without Medusa ring "
+                                     "state; only the first shard starts a request")
+            incoming = StepState(step=0, start_pos=0, tree_id=self.tree_id)
+        if incoming.next_layer != shard.start_layer:
+            raise RingStateError(f"request {request_id}: the ring state is for layer {incoming.next_layer} but this "
+                                 f"shard starts at layer {shard.start_layer} (a shard was skipped or a state replayed)")
+        incoming.next_layer = shard.end_layer + 1
+        if incoming.tree_id != self.tree_id:
+            raise RingStateError(f"request {request_id}: the ring runs tree {incoming.tree_id} but layers "
+                                 f"{self._layers()} run tree {self.tree_id} ({self.tree.name}): start every node with "
+                                 "the same Medusa options")
+        if incoming.step == 0:
+            return self._prompt_pass(request_id, x, incoming)
+        return self._tree_pass(request_id, self._lookup(request_id), x, incoming)
+
+    def _layers(self) -> str:
+        return f"{self.shard.start_layer}..{self.shard.end_layer}"
+
+    def _lookup(self, request_id: str) -> _Request:
+        req = self.requests.get(request_id)
+        if req is None:
+            raise RingStateError(f"request {request_id} is unknown to layers {self._layers()}: its prompt never ran "
+                                 f"here or it was evicted (at most {self.max_requests} live requests)")
+        self.requests.move_to_end(request_id)
+        return req
+
+    def _prompt_pass(self, request_id: str, x: np.ndarray, st: StepState) -> tuple[np.ndarray, dict]:
+        model, steps = self.loaded.model, self.steps
+        prompt_len = self._check_input(x, None)
+        if prompt_len >= model.max_context:
+            raise ValueError(f"the prompt has {prompt_len} tokens but the context holds {model.max_context} "
+                             "(at least one must be left to generate)")
+        req = _Request(model.new_cache(), prompt_len, rng=np.random.default_rng(self.generation.seed))
+        self.requests.pop(request_id, None)
+        self.requests[request_id] = req
+        while len(self.requests) > self.max_requests:
+            evicted, _ = self.requests.popitem(last=False)
+            log.info("evicted request %s (more than %d live requests)", evicted, self.max_requests)
+        C, outputs, hidden, row = steps.chunk, [], None, 0
+        for start in range(0, prompt_len, C):
+            chunk = x[:, start:start + C]
+            row = chunk.shape[1] - 1
+            padded = np.concatenate([chunk, np.zeros((1, C - chunk.shape[1], *chunk.shape[2:]), chunk.dtype)], 1)
+            hidden = steps.prefill(self._tensor(padded), req.cache.layers, steps.bind(start))
+            if not self.shard.is_last_layer():
+                outputs.append(hidden.numpy()[:, :row + 1])
+        req.pos, req.step = prompt_len, 1
+        if not self.shard.is_last_layer():
+            return np.concatenate(outputs, 1), st.to_state()
+        logits, tree_tokens = steps.propose_after_prefill(hidden, Tensor([row], dtype=dtypes.int32))
+        tree_tokens = tree_tokens.numpy().astype(np.int64)
+        if not self.generation.greedy:
+            tree_tokens[0] = sample(probabilities(logits.numpy(), self.generation), req.rng)
+        emitted, finish = self._emit(req, [int(tree_tokens[0])])
+        nxt = StepState(1, prompt_len, self.tree_id, 0, [], tree_tokens.tolist(), emitted, finish)
+        return np.array([emitted], dtype=np.int64), nxt.to_state()
+
+    def _tree_pass(self, request_id: str, req: _Request, x: np.ndarray, st: StepState) -> tuple[np.ndarray, dict]:
+        steps, T = self.steps, self.tree.size
+        where = f"request {request_id}, layers {self._layers()}"
+        if st.step != req.step:
+            raise RingStateError(f"{where}: the ring state is for pass {st.step} but this shard has run {req.step} "
+                                 "passes (a pass was missed or replayed)")
+        if st.finish_reason:
+            raise RingStateError(f"{where}: the request already finished ({st.finish_reason})")
+        if len(st.tree) != T:
+            raise RingStateError(f"{where}: the state carries {len(st.tree)} tree tokens, the tree has {T} nodes")
+        if req.pending:
+            keep = [int(n) for n in st.keep]
+            if not (1 <= len(keep) <= T and keep[0] == 0 and all(0 <= n < T for n in keep)):
+                raise RingStateError(f"{where}: invalid accepted nodes {keep} for a tree of {T} nodes")
+            if keep != list(range(len(keep))):  # accepted nodes must sit in consecutive cache slots
+                padded = np.arange(T, dtype=np.int32)
+                padded[:len(keep)] = keep
+                steps.compact(req.cache.layers, steps.bind(req.pos), Tensor(padded))
+            req.pos, req.pending = req.pos + len(keep), False
+        if st.start_pos != req.pos:
+            raise RingStateError(f"{where}: the ring state writes at position {st.start_pos} but this shard's cache "
+                                 f"holds {req.pos} tokens")
+        if self.shard.is_first_layer():
+            fed = x.reshape(-1).tolist()
+            if fed != st.tokens:
+                raise RingStateError(f"{where}: fed tokens {fed} but the last shard emitted {st.tokens}")
+            x = np.array([st.tree], dtype=np.int32)
+        else:
+            self._check_input(x, T)
+        xt, pos = self._tensor(x), steps.bind(req.pos)
+        req.step, req.pending = req.step + 1, True
+        if not self.shard.is_last_layer():
+            return steps.verify_logits(xt, req.cache.layers, pos).numpy(), st.to_state()
+        nodes, next_tree = self._verify(xt, req, st, pos)
+        emitted, finish = self._emit(req, [st.tree[n] for n in nodes[1:]] + [int(next_tree[0])])
+        nxt = StepState(st.step + 1, req.pos + len(nodes), self.tree_id, 0, nodes, [int(t) for t in next_tree],
+                        emitted, finish)
+        return np.array([emitted], dtype=np.int64), nxt.to_state()
+
+    def _verify(self, xt: Tensor, req: _Request, st: StepState, pos) -> tuple[list[int], np.ndarray]:
+        """Last shard: the accepted tree nodes (root first) and the next tree (its root is the bonus token)."""
+        steps, tree = self.steps, self.tree
+        tree_tokens = None if self.shard.is_first_layer() else Tensor(np.array(st.tree, dtype=np.int32))
+        if self.generation.greedy:
+            args = (xt, req.cache.layers, pos) + ((tree_tokens,) if tree_tokens is not None else ())
+            summary = steps.verify_greedy(*args).numpy()
+            n_accepted, best = int(summary[0]), int(summary[1])
+            return tree.retrieve_paths[best][:n_accepted + 1].tolist(), summary[2:]
+        hidden, logits = steps.verify_logits(xt, req.cache.layers, pos)
+        cfg = self.generation
+        accept = exact_accept if cfg.medusa_sampling == "exact" or tree.size == 1 else typical_accept
+        nodes, bonus = accept(tree, np.array(st.tree), logits.numpy(), cfg, req.rng)
+        _, next_tree = steps.propose_after_verify(hidden, Tensor([nodes[-1]], dtype=dtypes.int32))
+        next_tree = next_tree.numpy()
+        next_tree[0] = bonus
+        return [int(n) for n in nodes], next_tree
+
+    def _emit(self, req: _Request, tokens: list[int]) -> tuple[list[int], str | None]:
+        """Cut the emitted tokens at the first EOS and at the budget (max_new_tokens or the context end)."""
+        budget = min(self.generation.max_new_tokens, self.loaded.model.max_context - req.prompt_len)
+        kept, finish = [], None
+        for t in tokens:
+            kept.append(int(t))
+            if t in self.tokenizer.eos_token_ids:
+                finish = "stop"
+                break
+            if req.generated + len(kept) >= budget:
+                finish = "length"
+                break
+        req.generated += len(kept)
+        return kept, finish
+
+    def _check_input(self, x: np.ndarray, tokens: int | None) -> int:
+        """Token ids (1, T) on the first shard, hidden states (1, T, dim) elsewhere; returns T."""
+        cfg = self.loaded.config
+        if self.shard.is_first_layer():
+            if x.ndim != 2 or x.shape[0] != 1 or x.shape[1] == 0 or not np.issubdtype(x.dtype, np.integer):
+                raise ValueError(f"the first shard takes token ids of shape (1, T), got {x.dtype} {x.shape}")
+            if x.min() < 0 or x.max() >= cfg.vocab_size:
+                raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
+        elif x.ndim != 3 or x.shape[0] != 1 or x.shape[2] != cfg.dim or x.shape[1] == 0:
+            raise ValueError(f"layers {self._layers()} take hidden states of shape (1, T, {cfg.dim}), got {x.shape}")
+        if tokens is not None and x.shape[1] != tokens:
+            raise RingStateError(f"layers {self._layers()} expected {tokens} positions, got {x.shape[1]}")
+        return x.shape[1]
+
+    def _tensor(self, x: np.ndarray) -> Tensor:
+        device = self.loaded.device
+        if np.issubdtype(x.dtype, np.integer):
+            return Tensor(x.astype(np.int32), device=device)
+        weight_dtype = next(iter(self.loaded.model.parameters().values())).dtype
+        return Tensor(np.ascontiguousarray(x), device=device, dtype=weight_dtype).realize()
