@@ -24,6 +24,13 @@ def topk_ids(logits: Tensor, k: int) -> Tensor:
     return Tensor.stack(*ids, dim=-1).cast(dtypes.int32)
 
 
+def take(values: Tensor, index: Tensor) -> Tensor:
+    """values[index] for a small 1-D `values`, as an explicit one-hot select: tinygrad 0.14's own gather
+    lowering fails its UOp verification for some size-1 index shapes (e.g. the chain-1 tree)."""
+    n = values.shape[0]
+    return (index.unsqueeze(-1) == Tensor.arange(n).to(values.device)).where(values, 0).sum(-1).cast(values.dtype)
+
+
 def _const(a: np.ndarray, device: str) -> Tensor:
     return Tensor(np.ascontiguousarray(a), device=device).realize()
 
@@ -84,13 +91,14 @@ class ShardSteps:
         pred = logits[0].argmax(-1).cast(dtypes.int32)                                       # (T,)
         if self.tree.size == 1:
             return Tensor.stack(Tensor.zeros_like(pred[0]), Tensor.zeros_like(pred[0]), pred[0]).realize()
-        candidate = tree_tokens[self.paths[:, 1:]]                                          # (P, D)
-        ok = (candidate == pred[self.paths[:, :-1]]) & self.path_valid
+        candidate = take(tree_tokens, self.paths[:, 1:])                                    # (P, D)
+        ok = (candidate == take(pred, self.paths[:, :-1])) & self.path_valid
         accepted = (ok.cast(dtypes.int32).cumsum(1) == self.path_steps).cast(dtypes.int32).sum(1)  # (P,)
         best = accepted.argmax().cast(dtypes.int32)
         n_accepted = accepted.max().cast(dtypes.int32)
-        last_node = self.paths.flatten()[best * (self.tree.depth + 1) + n_accepted]
-        next_tree = self._next_tree(hidden[0][last_node], pred[last_node])
+        last_node = take(self.paths.flatten(), best * (self.tree.depth + 1) + n_accepted)
+        row = (Tensor.arange(self.tree.size).unsqueeze(-1) == last_node).where(hidden[0], 0).sum(0)
+        next_tree = self._next_tree(row, take(pred, last_node))
         return Tensor.stack(n_accepted, best).cat(next_tree).realize()
 
     def _propose(self, hidden: Tensor, node: Tensor) -> tuple[Tensor, Tensor]:
@@ -102,8 +110,9 @@ class ShardSteps:
     def _next_tree(self, row: Tensor, root: Tensor) -> Tensor:
         if self.tree.size == 1:
             return root.reshape(1)
-        candidates = topk_ids(self.heads(row), self.tree.top_k)                             # (H, K)
-        return root.reshape(1).cat(candidates.flatten()[self.node_pick])
+        # each head costs a full vocabulary projection: run only as many as the tree is deep
+        candidates = topk_ids(self.heads(row, self.tree.depth), self.tree.top_k)             # (depth, K)
+        return root.reshape(1).cat(take(candidates.flatten(), self.node_pick))
 
     def _compact(self, layers: list[Tensor], start_pos: UOp, keep: Tensor) -> None:
         compact_layers(layers, start_pos, keep)

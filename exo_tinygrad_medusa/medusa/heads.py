@@ -66,10 +66,10 @@ class MedusaHeads:
         params = [t for head in self.linear_w for t in head] + [t for head in self.linear_b for t in head]
         return params + self.lm_heads
 
-    def features(self, hidden: Tensor) -> list[Tensor]:
-        """Per head, the hidden state after its ResBlocks: hidden (..., D) -> list of (..., D)."""
+    def features(self, hidden: Tensor, num_heads: int | None = None) -> list[Tensor]:
+        """Per head (the first `num_heads`), the hidden state after its ResBlocks: (..., D) -> list of (..., D)."""
         out = []
-        for ws, bs in zip(self.linear_w, self.linear_b):
+        for ws, bs in list(zip(self.linear_w, self.linear_b))[:num_heads]:
             x = hidden
             for w, b in zip(ws, bs):
                 x = x + (x @ w.T + b).silu()
@@ -77,9 +77,9 @@ class MedusaHeads:
             out.append(x.contiguous())
         return out
 
-    def __call__(self, hidden: Tensor) -> Tensor:
-        """hidden (..., D) -> logits (num_heads, ..., V)."""
-        feats = self.features(hidden)
+    def __call__(self, hidden: Tensor, num_heads: int | None = None) -> Tensor:
+        """hidden (..., D) -> logits (num_heads, ..., V); a shallow tree needs only its first heads."""
+        feats = self.features(hidden, num_heads)
         if self.config.medusa_format == "v2":
             return Tensor.stack(*feats) @ self.base_lm_head.T
         return Tensor.stack(*[f @ w.T for f, w in zip(feats, self.lm_heads)])
