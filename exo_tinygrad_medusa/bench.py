@@ -1,0 +1,427 @@
+"""`exo-medusa bench`: plain greedy against Medusa greedy on one loaded model, and this device's verify-cost curve.
+
+Both generators share the loaded weights; they alternate prompt by prompt in one process so that drifting clocks
+and background load hit both alike. Speed is decode throughput (tokens after the first over the verify loop's
+time): the prefill is the same work for both and Medusa only changes the decode loop."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from tinygrad import Tensor, TinyJit, UOp
+
+from .cli import session_from_args
+from .generate import GenerationResult, Generator
+from .medusa.heads import MedusaHeads, random_heads
+from .medusa.tree import PLAIN, MedusaTree, load_tree
+from .model import Transformer, causal_mask
+from .registry import resolve
+from .sampling import GenerationConfig
+from .session import Session, default_tree_spec, open_session
+from .steps import topk_ids
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COST_SIZES = (1, 2, 4, 8, 16, 32, 64)
+COST_START_POS = 128      # a typical position mid-answer; attention over the prefix is part of the verify cost
+RANDOM_HEADS_NOTE = "random (speed-only run: acceptance and speedup do not reflect trained heads)"
+
+
+# -- prompts -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchPrompt:
+    id: str
+    category: str
+    text: str     # the first turn
+
+
+def default_prompts_path(repo_root: Path = REPO_ROOT) -> Path:
+    """MT-bench from the shared data folder next to the repository when present, else the package's own set."""
+    shared = repo_root.parent / "shared" / "data" / "mt_bench.jsonl"
+    return shared if shared.is_file() else package_prompts_path()
+
+
+def package_prompts_path() -> Path:
+    """The package's own prompts: a few categories of everyday requests, also the calibration set of tune-tree."""
+    return Path(str(resources.files("exo_tinygrad_medusa").joinpath("data/bench_prompts.jsonl")))
+
+
+def load_prompts(path: str | Path, limit: int | None = None) -> list[BenchPrompt]:
+    """JSON lines with `turns` (a list; the first is used) or `prompt`, plus optional `category` and id."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text = row["turns"][0] if "turns" in row else row["prompt"]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'turns' or 'prompt' "
+                             f"({type(e).__name__}: {e})") from None
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}:{n}: the prompt is empty")
+        prompt_id = str(row.get("question_id", row.get("id", n)))
+        prompts.append(BenchPrompt(prompt_id, str(row.get("category", "general")), text))
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts[:limit] if limit else prompts
+
+
+# -- verify cost -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CostCurve:
+    """Median seconds of one forward over T new tokens (logits and argmax included, as in a verify step)."""
+    seconds: dict[int, float]
+    start_pos: int
+
+    @property
+    def relative(self) -> dict[int, float]:
+        base = self.seconds[min(self.seconds)]
+        return {T: s / base for T, s in sorted(self.seconds.items())}
+
+    def to_json(self) -> dict[str, float]:
+        return {str(T): round(r, 4) for T, r in self.relative.items()}
+
+
+def measure_cost_curve(model: Transformer, sizes=COST_SIZES, reps: int = 5, start_pos: int | None = None) -> CostCurve:
+    """Time the captured forward over T tokens under a causal mask at a fixed start position, for each T.
+
+    Each size gets its own TinyJit (captured on the second call) and a scratch KV cache: generators' caches
+    are untouched. A chain mask costs what a tree mask of the same size does: the kernels only see a (T, T) mask."""
+    sizes = sorted(set(int(T) for T in sizes))
+    if not sizes or sizes[0] < 1:
+        raise ValueError("cost-curve sizes must be positive integers")
+    slack = model.cache_len - model.max_context
+    if sizes[-1] > slack:
+        raise ValueError(f"cost-curve size {sizes[-1]} exceeds the model's cache slack of {slack} tokens")
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    start = min(COST_START_POS, model.max_context - sizes[-1]) if start_pos is None else start_pos
+    device = model.lm_head.device
+    cache = model.new_cache()
+    pos = UOp.variable("start_pos", 0, model.max_context).bind(start)
+    seconds = {}
+    for T in sizes:
+        step = _forward_step(model, T, device)
+        x = Tensor.zeros(1, T, dtype="int32", device=device).contiguous().realize()
+        times = []
+        for rep in range(reps + 2):  # the first two calls compile and capture
+            t0 = time.perf_counter()
+            step(x, cache.layers, pos).numpy()
+            if rep >= 2:
+                times.append(time.perf_counter() - t0)
+        seconds[T] = statistics.median(times)
+        log.info("verify cost T=%d: %.2f ms", T, seconds[T] * 1e3)
+    return CostCurve(seconds, start)
+
+
+def measure_head_cost(model: Transformer, heads: MedusaHeads, top_k: int, reps: int = 5) -> float:
+    """Median seconds to propose a tree's candidates from one hidden row: every head's logits and their top-k.
+    Every Medusa step pays it on top of the verify forward; with v2 heads each head is a full lm_head matmul."""
+    device = model.lm_head.device
+    row = Tensor(np.random.default_rng(0).standard_normal(model.config.dim).astype(np.float32), device=device)
+    row = row.cast(model.lm_head.dtype).contiguous().realize()
+    step = TinyJit(lambda hidden: topk_ids(heads(hidden), top_k).realize())
+    times = []
+    for rep in range(reps + 2):  # the first two calls compile and capture
+        t0 = time.perf_counter()
+        step(row).numpy()
+        if rep >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _forward_step(model: Transformer, T: int, device: str) -> TinyJit:
+    depths = Tensor(np.arange(T, dtype=np.int32), device=device).realize()
+    mask = Tensor(causal_mask(T), device=device).realize()
+
+    def step(x: Tensor, layers: list[Tensor], start_pos: UOp) -> Tensor:
+        _, logits = model.forward(x, layers, start_pos, depths, mask)
+        return logits[0].argmax(-1).realize()
+    return TinyJit(step)
+
+
+# -- plain against Medusa ------------------------------------------------------------------------------------
+@dataclass
+class PromptRun:
+    id: str
+    category: str
+    prompt_tokens: int
+    generated_tokens: int
+    plain_tokens_per_s: float
+    medusa_tokens_per_s: float
+    speedup: float | None          # None when a run decoded nothing past the first token
+    mean_accepted: float
+    steps: int
+    identical: bool
+    plain_decode_s: float
+    medusa_decode_s: float
+    accepted_total: int
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        for key in ("plain_tokens_per_s", "medusa_tokens_per_s", "plain_decode_s", "medusa_decode_s"):
+            out[key] = round(out[key], 4)
+        out["speedup"] = None if self.speedup is None else round(self.speedup, 4)
+        out["mean_accepted"] = round(self.mean_accepted, 4)
+        return out
+
+
+def compare(plain: Generator, medusa: Generator, prompt: BenchPrompt, prompt_ids: list[int], cfg: GenerationConfig,
+            plain_first: bool = True) -> PromptRun:
+    runs: dict[str, GenerationResult] = {}
+    for name in (("plain", "medusa") if plain_first else ("medusa", "plain")):
+        runs[name] = (plain if name == "plain" else medusa).generate(prompt_ids, cfg)
+    p, m = runs["plain"], runs["medusa"]
+    plain_speed, medusa_speed = p.decode_tokens_per_s, m.decode_tokens_per_s
+    speedup = medusa_speed / plain_speed if plain_speed > 0 and medusa_speed > 0 else None
+    return PromptRun(prompt.id, prompt.category, len(prompt_ids), len(p.generated_ids), plain_speed, medusa_speed,
+                     speedup, m.mean_accepted, m.steps, p.generated_ids == m.generated_ids, p.decode_s, m.decode_s,
+                     sum(m.accept_lengths))
+
+
+def warm_up(plain: Generator, medusa: Generator, prompt_ids: list[int], tokens: int = 8) -> None:
+    """Compile and capture every step before timing: TinyJit captures on a step's second call and the
+    post-prefill proposal runs once per generation, hence two short generations each."""
+    cfg = GenerationConfig(max_new_tokens=tokens)
+    for gen in (plain, medusa):
+        for _ in range(2):
+            gen.generate(prompt_ids, cfg)
+    if not medusa.tree.is_chain:
+        # KV compaction runs only when a side branch wins; an identity compaction at position 0 (rewritten by the
+        # next prefill) captures it now instead of inside a timed run
+        keep = Tensor(np.arange(medusa.tree.size, dtype=np.int32))
+        for _ in range(2):
+            medusa.steps.compact(medusa.cache.layers, medusa.steps.bind(0), keep)
+
+
+def geomean(values) -> float | None:
+    values = [v for v in values if v is not None and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def _aggregate(runs: list[PromptRun]) -> dict:
+    plain_s, medusa_s = sum(r.plain_decode_s for r in runs), sum(r.medusa_decode_s for r in runs)
+    decoded = sum(max(r.generated_tokens - 1, 0) for r in runs)
+    steps = sum(r.steps for r in runs)
+    speedup = geomean(r.speedup for r in runs)
+    return {
+        "prompts": len(runs),
+        "plain_tokens_per_s": round(decoded / plain_s, 4) if plain_s else 0.0,
+        "medusa_tokens_per_s": round(decoded / medusa_s, 4) if medusa_s else 0.0,
+        "speedup_geomean": None if speedup is None else round(speedup, 4),
+        "mean_accepted": round(sum(r.accepted_total for r in runs) / steps, 4) if steps else 1.0,
+        "identical": all(r.identical for r in runs),
+    }
+
+
+def summarize(runs: list[PromptRun]) -> tuple[dict, dict[str, dict]]:
+    categories = {}
+    for category in dict.fromkeys(r.category for r in runs):
+        categories[category] = _aggregate([r for r in runs if r.category == category])
+    return _aggregate(runs), categories
+
+
+# -- report ----------------------------------------------------------------------------------------------------
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_report(report: dict) -> str:
+    s = report["summary"]
+    lines = [f"## exo-medusa bench: {s['model']} on {s['device']} ({s['dtype']}), tree {s['tree']} ({s['tree_size']} "
+             f"nodes), heads: {s['heads']}", "",
+             f"{s['prompts']} prompts from {s['prompts_file']}, up to {s['max_generate_tokens']} new tokens each, greedy.",
+             "", "| prompt | category | prompt tok | new tok | plain tok/s | Medusa tok/s | speedup | accepted/step "
+                 "| identical |",
+             "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
+    for r in report["prompts"]:
+        lines.append(f"| {r['id']} | {r['category']} | {r['prompt_tokens']} | {r['generated_tokens']} | "
+                     f"{_fmt(r['plain_tokens_per_s'])} | {_fmt(r['medusa_tokens_per_s'])} | {_fmt(r['speedup'])}x | "
+                     f"{_fmt(r['mean_accepted'])} | {'yes' if r['identical'] else '**NO**'} |")
+    lines += ["", "| category | prompts | plain tok/s | Medusa tok/s | speedup (geomean) | accepted/step | identical |",
+              "|---|---:|---:|---:|---:|---:|:---:|"]
+    for name, c in [*report["categories"].items(), ("**all**", s)]:
+        lines.append(f"| {name} | {c['prompts']} | {_fmt(c['plain_tokens_per_s'])} | {_fmt(c['medusa_tokens_per_s'])} "
+                     f"| {_fmt(c['speedup_geomean'])}x | {_fmt(c['mean_accepted'])} "
+                     f"| {'yes' if c['identical'] else '**NO**'} |")
+    curve, seconds = report["cost_curve"], report["cost_seconds"]
+    if curve:
+        lines += ["", f"Verify cost over T tree tokens at start position {report['cost_start_pos']}:", "",
+                  "| T | " + " | ".join(curve) + " |", "|---|" + "---:|" * len(curve),
+                  "| t(T)/t(1) | " + " | ".join(f"{v:.2f}" for v in curve.values()) + " |",
+                  "| ms | " + " | ".join(f"{seconds[T] * 1e3:.1f}" for T in curve) + " |"]
+    relative = report["head_cost_relative"]
+    if report["head_cost_seconds"] is not None:
+        lines += ["", f"Proposing the next tree (heads + top-{s['tree_top_k']} on one row): "
+                  f"{report['head_cost_seconds'] * 1e3:.1f} ms"
+                  + (f" = {relative:.2f} x t(1), paid by every Medusa step on top of the verify." if relative else ".")]
+    return "\n".join(lines)
+
+
+def require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'exo-tinygrad-medusa[plot]' "
+                         "(or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_speedup(ax, report: dict) -> None:
+    names = list(report["categories"]) + ["all"]
+    values = [c["speedup_geomean"] or 0.0 for c in [*report["categories"].values(), report["summary"]]]
+    ax.bar(names, values, color=["tab:blue"] * (len(names) - 1) + ["tab:orange"])
+    ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
+    ax.set_ylabel("Medusa / plain decode tokens/s (geomean)")
+    ax.set_title(f"Speedup per category (tree {report['summary']['tree']})")
+    ax.tick_params(axis="x", labelrotation=30)
+
+
+def plot_cost_curve(ax, curve: dict[str, float], label: str = "") -> None:
+    sizes = [int(T) for T in curve]
+    ax.plot(sizes, list(curve.values()), marker="o", label=label or None)
+    ax.plot(sizes, sizes, color="grey", linewidth=1, linestyle=":", label="linear in T")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)  # log-log: cost linear in T is the diagonal
+    ax.set_xticks(sizes, [str(T) for T in sizes])
+    top = max(max(curve.values()), sizes[-1])
+    ticks = [2 ** i for i in range(0, int(np.ceil(np.log2(top))) + 1)]
+    ax.set_yticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("tokens verified per step (T)")
+    ax.set_ylabel("t(T) / t(1)")
+    ax.set_title("Verify cost")
+    ax.legend()
+
+
+def plot_report(report: dict, out: str | Path) -> Path:
+    plt = require_matplotlib()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    plot_speedup(left, report)
+    if report["cost_curve"]:
+        plot_cost_curve(right, report["cost_curve"], report["summary"]["device"])
+    else:
+        right.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
+# -- command -----------------------------------------------------------------------------------------------------
+def parse_sizes(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()] if text.strip() else []
+    except ValueError:
+        raise ValueError(f"--cost-sizes expects comma-separated integers, got {text!r}") from None
+
+
+def open_bench(args) -> tuple[Session, Generator, Generator, str]:
+    """The loaded session plus plain and Medusa generators sharing its model, and a description of the heads."""
+    if args.random_heads:
+        if args.medusa_heads:
+            raise ValueError("--random-heads and --medusa-heads exclude each other")
+        session = open_session(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context)
+        model = session.loaded.model
+        heads: MedusaHeads = random_heads(session.loaded.config, model.lm_head, num_heads=args.medusa_num_heads or 4,
+                                          num_layers=args.medusa_num_layers or 1, seed=args.seed or 0)
+        tree: MedusaTree = load_tree(args.medusa_choices or default_tree_spec(session.loaded.device, None))
+        tree.check_heads(heads.num_heads)
+        medusa = Generator(model, session.tokenizer.eos_token_ids, tree, heads)
+        return session, session.generator, medusa, RANDOM_HEADS_NOTE
+    heads_source = args.medusa_heads
+    if heads_source is None:
+        card = resolve(args.model).card
+        heads_source = card.heads_path() if card else None
+        if heads_source is None:
+            raise ValueError(f"model {args.model!r} has no default Medusa heads: pass --medusa-heads PATH|REPO, or "
+                             f"--random-heads for a speed-only benchmark")
+    args.medusa_enabled = True
+    session = session_from_args(args)
+    plain = Generator(session.loaded.model, session.tokenizer.eos_token_ids, PLAIN)
+    return session, plain, session.generator, heads_source
+
+
+def run_bench(args) -> dict:
+    prompts = load_prompts(args.prompts or default_prompts_path(), args.limit)
+    sizes = parse_sizes(args.cost_sizes)
+    if args.plot:
+        require_matplotlib()  # fail before minutes of benchmarking, not after
+    session, plain, medusa, heads_note = open_bench(args)
+    print(f"Medusa heads: {heads_note}; tree {medusa.tree.name} ({medusa.tree.size} nodes)", file=sys.stderr)
+    cfg = GenerationConfig(max_new_tokens=args.max_generate_tokens)
+    prompt_ids = [session.prompt_ids(p.text) for p in prompts]
+    t0 = time.perf_counter()
+    warm_up(plain, medusa, prompt_ids[0], args.warmup_tokens)
+    log.info("warm-up took %.1f s", time.perf_counter() - t0)
+    runs = []
+    for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
+        run = compare(plain, medusa, prompt, ids, cfg, plain_first=i % 2 == 0)
+        runs.append(run)
+        print(f"[{i + 1}/{len(prompts)}] {prompt.id} ({prompt.category}): plain {run.plain_tokens_per_s:.2f} tok/s, "
+              f"Medusa {run.medusa_tokens_per_s:.2f} tok/s, accepted {run.mean_accepted:.2f}/step"
+              f"{'' if run.identical else ', TOKENS DIFFER'}", file=sys.stderr)
+    curve = measure_cost_curve(session.loaded.model, sizes, args.cost_reps) if sizes else None
+    head_s = (measure_head_cost(session.loaded.model, medusa.steps.heads, medusa.tree.top_k, args.cost_reps)
+              if medusa.tree.size > 1 else None)  # a root-only tree proposes nothing
+    summary, categories = summarize(runs)
+    loaded = session.loaded
+    summary.update(model=loaded.resolved.model_id, device=loaded.device, dtype=loaded.dtype, tree=medusa.tree.name,
+                   tree_size=medusa.tree.size, tree_top_k=medusa.tree.top_k, heads=heads_note,
+                   max_generate_tokens=args.max_generate_tokens, random_heads=bool(args.random_heads),
+                   prompts_file=str(args.prompts or default_prompts_path()))
+    return {"summary": summary, "categories": categories, "prompts": [r.to_json() for r in runs],
+            "cost_curve": curve.to_json() if curve else {},
+            "cost_seconds": {str(T): round(s, 6) for T, s in curve.seconds.items()} if curve else {},
+            "cost_start_pos": curve.start_pos if curve else None,
+            "head_cost_seconds": None if head_s is None else round(head_s, 6),
+            "head_cost_relative": round(head_s / curve.seconds[1], 4) if head_s and curve and 1 in curve.seconds else None}
+
+
+def cmd_bench(args) -> int:
+    report = run_bench(args)
+    print(markdown_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot_report(report, args.plot)
+    if not report["summary"]["identical"]:
+        differ = [r["id"] for r in report["prompts"] if not r["identical"]]
+        print(f"exo-medusa bench: Medusa greedy output differs from plain greedy for prompts {differ}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(subparsers, model_args, generation_args) -> None:
+    p = subparsers.add_parser("bench", parents=[model_args()],
+                              help="plain vs Medusa greedy speed, and the verify-cost curve")
+    p.add_argument("--prompts", default=None,
+                   help="JSON lines with 'turns' or 'prompt' and 'category' (default: ../shared/data/mt_bench.jsonl "
+                        "next to the repository when present, else the package's bench_prompts.jsonl)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--max-generate-tokens", type=int, default=128)
+    p.add_argument("--random-heads", action="store_true",
+                   help="random Medusa heads (speed-only runs when the model has no trained heads)")
+    p.add_argument("--seed", type=int, default=None, help="seed of --random-heads")
+    p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of each untimed warm-up generation")
+    p.add_argument("--cost-sizes", default=",".join(map(str, COST_SIZES)),
+                   help="tree sizes T for the verify-cost curve, comma-separated ('' to skip it)")
+    p.add_argument("--cost-reps", type=int, default=5, help="timed repetitions per size (the median is kept)")
+    p.add_argument("--json", default=None, metavar="OUT.json", help="write the full report as JSON")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="plot speedup per category and the cost curve")
+    p.set_defaults(func=cmd_bench)
+    from . import tune  # tune-tree shares the cost curve; registered here so cli.py needs no new module
+    tune.register(subparsers, model_args, generation_args)
