@@ -31,7 +31,8 @@ class Attention:
         self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
 
-    def __call__(self, x: Tensor, cache_kv: Tensor, start_pos: Pos, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, cache_kv: Tensor, start_pos: Pos, cos: Tensor, sin: Tensor, mask: Tensor,
+                 key_mask: Tensor | None = None) -> Tensor:
         c, (B, T, _) = self.config, x.shape
         q = self.q_proj(x).reshape(B, T, c.n_heads, c.head_dim).transpose(1, 2)
         k = self.k_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
@@ -48,6 +49,8 @@ class Attention:
         scores = q @ keys.unsqueeze(2).transpose(-1, -2) * (1.0 / c.head_dim ** 0.5)
         # the cached prefix is fully visible; the new tokens see each other only where the tree mask allows
         scores = scores + mask.pad(((0, 0), (start_pos, 0)))
+        if key_mask is not None:  # per-sequence hidden slots, e.g. the left padding of a batch of prompts
+            scores = scores + key_mask[:, 0:start_pos + T].reshape(B, 1, 1, 1, -1)
         attn = scores.softmax(-1) @ values.unsqueeze(2)
         return self.o_proj(attn.reshape(B, c.n_heads, T, c.head_dim).transpose(1, 2).reshape(B, T, -1))
 
@@ -71,8 +74,9 @@ class Block:
         self.self_attn = Attention(config)
         self.mlp = FeedForward(config)
 
-    def __call__(self, x: Tensor, cache_kv: Tensor, start_pos: Pos, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        h = (x + self.self_attn(self.input_layernorm(x), cache_kv, start_pos, cos, sin, mask)).contiguous()
+    def __call__(self, x: Tensor, cache_kv: Tensor, start_pos: Pos, cos: Tensor, sin: Tensor, mask: Tensor,
+                 key_mask: Tensor | None = None) -> Tensor:
+        h = (x + self.self_attn(self.input_layernorm(x), cache_kv, start_pos, cos, sin, mask, key_mask)).contiguous()
         return (h + self.mlp(self.post_attention_layernorm(h))).contiguous()
 
 
@@ -149,9 +153,11 @@ class Transformer:
         return self.rope_cos, self.rope_sin
 
     # -- forward ---------------------------------------------------------------------------------------------
-    def forward(self, x: Tensor, cache: "KVCache | list[Tensor]", start_pos: Pos, depths: Tensor, mask: Tensor):
+    def forward(self, x: Tensor, cache: "KVCache | list[Tensor]", start_pos: Pos, depths: Tensor, mask: Tensor,
+                key_mask: Tensor | None = None):
         """x: token ids (B, T) on the first shard, else hidden (B, T, dim). depths: (T,) int32, values < T.
-        mask: (T, T) additive (0 or -inf) visibility among the new tokens.
+        mask: (T, T) additive (0 or -inf) visibility among the new tokens. key_mask: optional (B, cache_len)
+        additive mask over cache slots per sequence (finite values, so no query row is left seeing nothing).
         Returns hidden (B, T, dim), or (normed hidden, logits) on the last shard."""
         T = x.shape[1]
         rope_cos, rope_sin = self._rope_tables()
@@ -161,7 +167,7 @@ class Transformer:
         h = self.embed_tokens[x] if self.shard.is_first_layer() else x
         layers = cache.layers if isinstance(cache, KVCache) else cache
         for block, cache_kv in zip(self.layers.values(), layers):
-            h = block(h, cache_kv, start_pos, cos, sin, mask)
+            h = block(h, cache_kv, start_pos, cos, sin, mask, key_mask)
         if not self.shard.is_last_layer():
             return h
         hidden = self.norm(h).contiguous()

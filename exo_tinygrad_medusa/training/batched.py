@@ -1,7 +1,6 @@
 """Batched decoding of left-padded prompts on a whole model, for self-distillation data.
 
-Transformer.forward takes one (T, T) mask for the whole batch, which cannot hide each sequence's own left
-padding; this module runs the model's blocks with a (B, 1, 1, T, S) mask instead. Padding slots get a large
+Each sequence's left padding is hidden through the model's per-sequence key mask. Padding slots get a large
 finite penalty rather than -inf: an all-padding query row then stays finite instead of turning into NaN that
 would leak through zero attention weights."""
 from __future__ import annotations
@@ -9,40 +8,17 @@ from __future__ import annotations
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp, dtypes
 
-from ..model import Transformer, apply_rope, causal_mask
+from ..model import Transformer, causal_mask
 
 HIDDEN = -1e9  # additive score for keys a query must not see
-
-
-def _attention(attn, x: Tensor, cache_kv: Tensor, start_pos, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-    c, (B, T, _) = attn.config, x.shape
-    q = attn.q_proj(x).reshape(B, T, c.n_heads, c.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    cache_kv[:, :, :, start_pos:start_pos + T].assign(Tensor.stack(k, v).cast(cache_kv.dtype)).realize()
-    keys, values = cache_kv[0, :, :, 0:start_pos + T], cache_kv[1, :, :, 0:start_pos + T]
-    group = c.n_heads // c.n_kv_heads
-    q = q.reshape(B, c.n_kv_heads, group, T, c.head_dim)
-    scores = q @ keys.unsqueeze(2).transpose(-1, -2) * (1.0 / c.head_dim ** 0.5) + mask
-    out = scores.softmax(-1) @ values.unsqueeze(2)
-    return attn.o_proj(out.reshape(B, c.n_heads, T, c.head_dim).transpose(1, 2).reshape(B, T, -1))
 
 
 def batched_forward(model: Transformer, x: Tensor, layers: list[Tensor], start_pos, key_mask: Tensor) -> tuple[Tensor, Tensor]:
     """x (B, T) token ids at cache slots start_pos..start_pos+T-1, causal among themselves; key_mask (B, cache_len)
     additive, HIDDEN on each sequence's padding slots. Returns (normed hidden (B, T, D), logits (B, T, V))."""
-    B, T = x.shape
-    rope_cos, rope_sin = model._rope_tables()
-    cos, sin = rope_cos[start_pos:start_pos + T], rope_sin[start_pos:start_pos + T]
-    causal = Tensor(np.maximum(causal_mask(T), HIDDEN), device=key_mask.device).pad(((0, 0), (start_pos, 0)))
-    mask = key_mask[:, 0:start_pos + T].reshape(B, 1, 1, 1, -1) + causal.reshape(1, 1, 1, T, -1)
-    h = model.embed_tokens[x]
-    for block, cache_kv in zip(model.layers.values(), layers):
-        h = (h + _attention(block.self_attn, block.input_layernorm(h), cache_kv, start_pos, cos, sin, mask)).contiguous()
-        h = (h + block.mlp(block.post_attention_layernorm(h))).contiguous()
-    hidden = model.norm(h).contiguous()
-    return hidden, model.logits(hidden)
+    T, dev = x.shape[1], key_mask.device
+    depths = Tensor(np.arange(T, dtype=np.int32), device=dev)
+    return model.forward(x, layers, start_pos, depths, Tensor(causal_mask(T), device=dev), key_mask)
 
 
 class BatchedDecoder:
