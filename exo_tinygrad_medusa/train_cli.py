@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-DEFAULT_TREES = "cpu-8,mc_sim_7b_63"
+DEFAULT_TREES = "cpu-4,cpu-8,mc_sim_7b_63"
 
 
 def register(subparsers, model_args, generation_args) -> None:
