@@ -22,6 +22,7 @@ from .cli import session_from_args
 from .generate import GenerationResult, Generator
 from .medusa.heads import MedusaHeads, random_heads
 from .medusa.tree import PLAIN, MedusaTree, load_tree
+from .prompts import Prompt, load_prompts
 from .model import Transformer, causal_mask
 from .registry import resolve
 from .sampling import GenerationConfig
@@ -36,13 +37,6 @@ RANDOM_HEADS_NOTE = "random (speed-only run: acceptance and speedup do not refle
 
 
 # -- prompts -------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BenchPrompt:
-    id: str
-    category: str
-    text: str     # the first turn
-
-
 def default_prompts_path(repo_root: Path = REPO_ROOT) -> Path:
     """MT-bench from the shared data folder next to the repository when present, else the package's own set."""
     shared = repo_root.parent / "shared" / "data" / "mt_bench.jsonl"
@@ -52,30 +46,6 @@ def default_prompts_path(repo_root: Path = REPO_ROOT) -> Path:
 def package_prompts_path() -> Path:
     """The package's own prompts: a few categories of everyday requests, also the calibration set of tune-tree."""
     return Path(str(resources.files("exo_tinygrad_medusa").joinpath("data/bench_prompts.jsonl")))
-
-
-def load_prompts(path: str | Path, limit: int | None = None) -> list[BenchPrompt]:
-    """JSON lines with `turns` (a list; the first is used) or `prompt`, plus optional `category` and id."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            text = row["turns"][0] if "turns" in row else row["prompt"]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: expected a JSON object with 'turns' or 'prompt' "
-                             f"({type(e).__name__}: {e})") from None
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{path}:{n}: the prompt is empty")
-        prompt_id = str(row.get("question_id", row.get("id", n)))
-        prompts.append(BenchPrompt(prompt_id, str(row.get("category", "general")), text))
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
-    return prompts[:limit] if limit else prompts
 
 
 # -- verify cost -----------------------------------------------------------------------------------------------
@@ -178,7 +148,7 @@ class PromptRun:
         return out
 
 
-def compare(plain: Generator, medusa: Generator, prompt: BenchPrompt, prompt_ids: list[int], cfg: GenerationConfig,
+def compare(plain: Generator, medusa: Generator, prompt: Prompt, prompt_ids: list[int], cfg: GenerationConfig,
             plain_first: bool = True) -> PromptRun:
     runs: dict[str, GenerationResult] = {}
     for name in (("plain", "medusa") if plain_first else ("medusa", "plain")):

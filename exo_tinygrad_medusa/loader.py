@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinygrad import Device, Tensor
+from tinygrad import Device
 
 from .config import ModelConfig
 from .model import Transformer

@@ -8,7 +8,7 @@ the depths are fixed per step kind, one TinyJit capture replays at every start p
 from __future__ import annotations
 
 import numpy as np
-from tinygrad import Tensor, UOp, dtypes, nn
+from tinygrad import Tensor, UOp, nn
 
 from .config import ModelConfig, rope_inv_freq
 from .shard import Shard

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from exo_tinygrad_medusa.prompts import Prompt
+
 from exo_tinygrad_medusa import bench
 from exo_tinygrad_medusa.cli import main
 
@@ -21,8 +23,8 @@ def write_prompts(path, rows=PROMPTS):
 
 def test_load_prompts_reads_first_turn_category_and_ids(tmp_path):
     prompts = bench.load_prompts(write_prompts(tmp_path / "p.jsonl"))
-    assert prompts == [bench.BenchPrompt("7", "greeting", "hi there"), bench.BenchPrompt("cat", "greeting", "the cat sat"),
-                       bench.BenchPrompt("3", "story", "go on and on")]
+    assert prompts == [Prompt("7", "greeting", "hi there"), Prompt("cat", "greeting", "the cat sat"),
+                       Prompt("3", "story", "go on and on")]
     assert [p.id for p in bench.load_prompts(tmp_path / "p.jsonl", limit=2)] == ["7", "cat"]
 
 

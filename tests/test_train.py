@@ -92,7 +92,7 @@ def test_load_prompts_reads_turns_and_prompt(tmp_path):
     f.write_text('{"turns": ["first", "second"]}\n\n{"prompt": "third"}\n')
     assert load_prompts(f) == ["first", "third"]
     f.write_text('{"prompt": "ok"}\n{"question": "no"}\n')
-    with pytest.raises(ValueError, match=r"p.jsonl:2: expected an object"):
+    with pytest.raises(ValueError, match=r"p.jsonl:2: expected a JSON object"):
         load_prompts(f)
     f.write_text('{"prompt": "ok"\n')
     with pytest.raises(ValueError, match=r"p.jsonl:1: not valid JSON"):
@@ -213,7 +213,7 @@ def _no_checkpoint(out: Path) -> bool:
 
 def test_cli_rejects_missing_prompts_file(tmp_path, capsys):
     assert main(["train-heads", "--out", str(tmp_path / "h"), "--prompts", str(tmp_path / "nope.jsonl")]) == 2
-    assert "prompts file" in capsys.readouterr().err and _no_checkpoint(tmp_path / "h")
+    assert "nope.jsonl does not exist" in capsys.readouterr().err and _no_checkpoint(tmp_path / "h")
 
 
 def test_cli_rejects_malformed_prompts(tmp_path, capsys):

@@ -4,7 +4,6 @@ The hidden states the base model computes while answering are exactly the featur
 are stored as they are produced (features.FeatureWriter) and the base model never runs again during training."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from tinygrad import Tensor
 
 from ..loader import LoadedModel
 from ..model import Transformer
+from ..prompts import load_prompts as read_prompt_file
 from .batched import BatchedDecoder
 from .features import FeatureWriter, Sample
 from .progress import Progress
@@ -23,28 +23,8 @@ BUILTIN_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "train_promp
 
 
 def load_prompts(path: str | Path) -> list[str]:
-    """First user turn of each JSONL record with a `turns` list or a `prompt` string."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompts file {p} does not exist")
-    prompts = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-        text = None
-        if isinstance(record, dict):
-            turns = record.get("turns")
-            text = turns[0] if isinstance(turns, list) and turns else record.get("prompt")
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{p}:{n}: expected an object with a non-empty 'turns' list or 'prompt' string")
-        prompts.append(text)
-    if not prompts:
-        raise ValueError(f"prompts file {p} holds no prompts")
-    return prompts
+    """The first user turn of each record of a prompt file."""
+    return [p.text for p in read_prompt_file(path)]
 
 
 def decode_batch(decoder: BatchedDecoder, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int],
