@@ -36,7 +36,7 @@ from .loader import LoadedModel, load_model
 from .medusa.heads import load_heads
 from .medusa.tree import PLAIN, MedusaTree, load_tree
 from .model import KVCache
-from .sampling import GenerationConfig, exact_accept, probabilities, sample, typical_accept
+from .sampling import GenerationConfig, probabilities, sample
 from .session import MedusaOptions, default_tree_spec, resolve_heads_path
 from .shard import Shard
 from .steps import ShardSteps
@@ -312,33 +312,15 @@ class MedusaInferenceEngine(_EngineBase):
             x = np.array([st.tree], dtype=np.int32)
         else:
             self._check_input(x, T)
-        xt, pos = self._tensor(x), steps.bind(req.pos)
+        xt = self._tensor(x)
         req.step, req.pending = req.step + 1, True
         if not self.shard.is_last_layer():
-            return steps.verify_logits(xt, req.cache.layers, pos).numpy(), st.to_state()
-        nodes, next_tree = self._verify(xt, req, st, pos)
+            return steps.verify_logits(xt, req.cache.layers, steps.bind(req.pos)).numpy(), st.to_state()
+        nodes, next_tree = steps.verify(xt, req.cache.layers, req.pos, np.array(st.tree), self.generation, req.rng)
         emitted, finish = self._emit(req, [st.tree[n] for n in nodes[1:]] + [int(next_tree[0])])
         nxt = StepState(st.step + 1, req.pos + len(nodes), self.tree_id, 0, nodes, [int(t) for t in next_tree],
                         emitted, finish)
         return np.array([emitted], dtype=np.int64), nxt.to_state()
-
-    def _verify(self, xt: Tensor, req: _Request, st: StepState, pos) -> tuple[list[int], np.ndarray]:
-        """Last shard: the accepted tree nodes (root first) and the next tree (its root is the bonus token)."""
-        steps, tree = self.steps, self.tree
-        tree_tokens = None if self.shard.is_first_layer() else Tensor(np.array(st.tree, dtype=np.int32))
-        if self.generation.greedy:
-            args = (xt, req.cache.layers, pos) + ((tree_tokens,) if tree_tokens is not None else ())
-            summary = steps.verify_greedy(*args).numpy()
-            n_accepted, best = int(summary[0]), int(summary[1])
-            return tree.retrieve_paths[best][:n_accepted + 1].tolist(), summary[2:]
-        hidden, logits = steps.verify_logits(xt, req.cache.layers, pos)
-        cfg = self.generation
-        accept = exact_accept if cfg.medusa_sampling == "exact" or tree.size == 1 else typical_accept
-        nodes, bonus = accept(tree, np.array(st.tree), logits.numpy(), cfg, req.rng)
-        _, next_tree = steps.propose_after_verify(hidden, Tensor([nodes[-1]], dtype=dtypes.int32))
-        next_tree = next_tree.numpy()
-        next_tree[0] = bonus
-        return [int(n) for n in nodes], next_tree
 
     def _emit(self, req: _Request, tokens: list[int]) -> tuple[list[int], str | None]:
         """Cut the emitted tokens at the first EOS and at the budget (max_new_tokens or the context end)."""

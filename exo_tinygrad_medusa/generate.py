@@ -13,7 +13,7 @@ from tinygrad import Tensor
 from .medusa.heads import MedusaHeads
 from .medusa.tree import PLAIN, MedusaTree
 from .model import KVCache, Transformer
-from .sampling import GenerationConfig, exact_accept, probabilities, sample, typical_accept
+from .sampling import GenerationConfig, probabilities, sample
 from .steps import ShardSteps
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,8 @@ class Generator:
         emit.push([int(tree_tokens[0])])
         start_pos = len(prompt_ids)
         while not emit.done:
-            nodes, next_tree = self._verify(tree_tokens, start_pos, cfg, rng)
+            x = Tensor(tree_tokens.reshape(1, -1).astype(np.int32))
+            nodes, next_tree = self.steps.verify(x, self.cache.layers, start_pos, tree_tokens, cfg, rng)
             result.accept_lengths.append(len(nodes))
             emit.push([int(tree_tokens[n]) for n in nodes[1:]] + [int(next_tree[0])])
             if nodes != list(range(len(nodes))):  # accepted nodes must sit in consecutive cache slots
@@ -131,18 +132,3 @@ class Generator:
             tree_tokens = next_tree
         result.decode_s = time.perf_counter() - t1
         return result
-
-    def _verify(self, tree_tokens: np.ndarray, start_pos: int, cfg: GenerationConfig, rng) -> tuple[list[int], np.ndarray]:
-        """One verify step: the accepted tree nodes (root first) and the next tree (its root is the bonus token)."""
-        x, pos = Tensor(tree_tokens.reshape(1, -1).astype(np.int32)), self.steps.bind(start_pos)
-        if cfg.greedy:
-            summary = self.steps.verify_greedy(x, self.cache.layers, pos).numpy()
-            n_accepted, best = int(summary[0]), int(summary[1])
-            return self.tree.retrieve_paths[best][:n_accepted + 1].tolist(), summary[2:]
-        hidden, logits = self.steps.verify_logits(x, self.cache.layers, pos)
-        accept = exact_accept if cfg.medusa_sampling == "exact" or self.tree.size == 1 else typical_accept
-        nodes, bonus = accept(self.tree, tree_tokens, logits.numpy(), cfg, rng)
-        _, next_tree = self.steps.propose_after_verify(hidden, Tensor([nodes[-1]], dtype="int32"))
-        next_tree = next_tree.numpy()
-        next_tree[0] = bonus
-        return nodes, next_tree

@@ -11,6 +11,7 @@ from tinygrad import Tensor, TinyJit, UOp, dtypes
 from .medusa.heads import MedusaHeads
 from .medusa.tree import PLAIN, MedusaTree
 from .model import Transformer, causal_mask, compact_layers
+from .sampling import GenerationConfig, exact_accept, typical_accept
 
 
 def topk_ids(logits: Tensor, k: int) -> Tensor:
@@ -70,6 +71,24 @@ class ShardSteps:
 
     def bind(self, pos: int) -> UOp:
         return self.start_pos.bind(pos)
+
+    def verify(self, x: Tensor, layers: list[Tensor], start_pos: int, tree_tokens: np.ndarray, cfg: GenerationConfig,
+               rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
+        """Last shard, one Medusa step: the accepted tree nodes (root first) and the next tree (its root is the
+        bonus token). Greedy stays on the device; sampling accepts on the host, then proposes from the last node."""
+        pos = self.bind(start_pos)
+        if cfg.greedy:
+            hidden_input = () if self.model.shard.is_first_layer() else (Tensor(tree_tokens.astype(np.int32)),)
+            summary = self.verify_greedy(x, layers, pos, *hidden_input).numpy()
+            n_accepted, best = int(summary[0]), int(summary[1])
+            return self.tree.retrieve_paths[best][:n_accepted + 1].tolist(), summary[2:]
+        hidden, logits = self.verify_logits(x, layers, pos)
+        accept = exact_accept if cfg.medusa_sampling == "exact" or self.tree.size == 1 else typical_accept
+        nodes, bonus = accept(self.tree, tree_tokens, logits.numpy(), cfg, rng)
+        _, next_tree = self.propose_after_verify(hidden, Tensor([nodes[-1]], dtype=dtypes.int32))
+        next_tree = next_tree.numpy()
+        next_tree[0] = bonus
+        return [int(n) for n in nodes], next_tree
 
     # -- steps (each captured) -------------------------------------------------------------------------------
     def _prefill(self, x: Tensor, layers: list[Tensor], start_pos: UOp) -> Tensor:

@@ -117,14 +117,14 @@ def greedy(max_new_tokens: int = NEW_TOKENS) -> GenerationConfig:
 
 def spy_accepted_nodes(monkeypatch, generator: Generator) -> list[list[int]]:
     """Record the tree nodes each verify step accepts."""
-    seen, verify = [], generator._verify
+    seen, verify = [], generator.steps.verify
 
     def recording(*args, **kwargs):
         nodes, next_tree = verify(*args, **kwargs)
         seen.append(list(nodes))
         return nodes, next_tree
 
-    monkeypatch.setattr(generator, "_verify", recording)
+    monkeypatch.setattr(generator.steps, "verify", recording)
     return seen
 
 

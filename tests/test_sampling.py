@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from tinygrad import Tensor
 
-import exo_tinygrad_medusa.generate as generate_module
+import exo_tinygrad_medusa.steps as steps_module
 from exo_tinygrad_medusa.generate import Generator
 from exo_tinygrad_medusa.loader import load_model
 from exo_tinygrad_medusa.medusa.heads import MedusaConfig, MedusaHeads
@@ -269,6 +269,6 @@ def test_exact_medusa_sampling_matches_the_model(exact_generator, two_token_join
 
 
 def test_end_to_end_check_rejects_greedy_acceptance(exact_generator, two_token_joint, monkeypatch):
-    monkeypatch.setattr(generate_module, "exact_accept", greedy_accept)
+    monkeypatch.setattr(steps_module, "exact_accept", greedy_accept)
     samples, _ = _first_two_tokens(exact_generator, RUNS // 3, seed0=1000)
     assert goodness_of_fit(samples, two_token_joint) < SIGNIFICANCE
