@@ -27,7 +27,6 @@ from .model import Transformer, causal_mask
 from .registry import resolve
 from .sampling import GenerationConfig
 from .session import Session, default_tree_spec, open_session
-from .steps import topk_ids
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +101,7 @@ def measure_head_cost(model: Transformer, heads: MedusaHeads, top_k: int, reps: 
     device = model.lm_head.device
     row = Tensor(np.random.default_rng(0).standard_normal(model.config.dim).astype(np.float32), device=device)
     row = row.cast(model.lm_head.dtype).contiguous().realize()
-    step = TinyJit(lambda hidden: topk_ids(heads(hidden), top_k).realize())
+    step = TinyJit(lambda hidden: heads.propose(hidden, top_k).realize())
     times = []
     for rep in range(reps + 2):  # the first two calls compile and capture
         t0 = time.perf_counter()

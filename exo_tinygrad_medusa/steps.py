@@ -11,25 +11,8 @@ from tinygrad import Tensor, TinyJit, UOp, dtypes
 from .medusa.heads import MedusaHeads
 from .medusa.tree import PLAIN, MedusaTree
 from .model import Transformer, causal_mask, compact_layers
+from .ops import take
 from .sampling import GenerationConfig, exact_accept, typical_accept
-
-
-def topk_ids(logits: Tensor, k: int) -> Tensor:
-    """(..., V) -> (..., k) indices, best first. k repeated argmaxes beat a full sort of a 50k vocabulary."""
-    ids, x = [], logits
-    vocab = Tensor.arange(logits.shape[-1])
-    for _ in range(k):
-        best = x.argmax(-1)
-        ids.append(best)
-        x = (vocab == best.unsqueeze(-1)).where(-float("inf"), x)
-    return Tensor.stack(*ids, dim=-1).cast(dtypes.int32)
-
-
-def take(values: Tensor, index: Tensor) -> Tensor:
-    """values[index] for a small 1-D `values`, as an explicit one-hot select: tinygrad 0.14's own gather
-    lowering fails its UOp verification for some size-1 index shapes (e.g. the chain-1 tree)."""
-    n = values.shape[0]
-    return (index.unsqueeze(-1) == Tensor.arange(n).to(values.device)).where(values, 0).sum(-1).cast(values.dtype)
 
 
 def _const(a: np.ndarray, device: str) -> Tensor:
@@ -130,7 +113,7 @@ class ShardSteps:
         if self.tree.size == 1:
             return root.reshape(1)
         # each head costs a full vocabulary projection: run only as many as the tree is deep
-        candidates = topk_ids(self.heads(row, self.tree.depth), self.tree.top_k)             # (depth, K)
+        candidates = self.heads.propose(row, self.tree.top_k, self.tree.depth)             # (depth, K)
         return root.reshape(1).cat(take(candidates.flatten(), self.node_pick))
 
     def _compact(self, layers: list[Tensor], start_pos: UOp, keep: Tensor) -> None:

@@ -29,13 +29,16 @@ def register(subparsers, model_args, generation_args) -> None:
     train.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap")
     train.add_argument("--distill-temperature", type=float, default=0.0, help="0 = greedy answers (default)")
     train.add_argument("--gen-batch-size", type=int, default=32, help="sequences answered together")
+    train.add_argument("--gen-workers", type=int, default=None,
+                       help="processes answering prompts in parallel (default: one per core on a CPU, else 1)")
     train.add_argument("--data", default=None,
                        help="feature store directory (default: OUT-data next to OUT); a finished one is reused as it is")
     train.add_argument("--epochs", type=float, default=3.0)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--batch-size", type=int, default=256, help="token positions per training step")
-    train.add_argument("--train-vocab", choices=["full", "seen"], default="full",
-                       help="softmax over the whole vocabulary, or only the tokens seen as targets (much faster)")
+    train.add_argument("--train-vocab", default="full", metavar="full|seen|N",
+                       help="softmax over the whole vocabulary, only the tokens seen as targets, or the N most frequent "
+                            "of them (much faster; the heads then propose only from that list)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from OUT/train-state")
     train.set_defaults(func=cmd_train)
@@ -78,7 +81,7 @@ def _pick(prompts: list[str], n: int, seed: int) -> list[str]:
 
 
 def _distill_data(loaded, prompts: list[str], data_dir: Path, args, seed: int):
-    from .training.data import generate
+    from .training.data import ModelSpec, generate, generate_in_workers
     from .training.features import FeatureStore
     if (data_dir / "meta.json").is_file():
         store = FeatureStore.open(data_dir)
@@ -87,9 +90,20 @@ def _distill_data(loaded, prompts: list[str], data_dir: Path, args, seed: int):
         log.info("reusing the self-distillation data in %s (%d samples, %d tokens)", data_dir, len(store.samples),
                  store.tokens)
         return store
-    generate(loaded, prompts, data_dir, batch_size=args.gen_batch_size, max_new_tokens=args.max_new_tokens,
-             temperature=getattr(args, "distill_temperature", 0.0), seed=seed)
+    kwargs = dict(batch_size=args.gen_batch_size, max_new_tokens=args.max_new_tokens,
+                  temperature=getattr(args, "distill_temperature", 0.0), seed=seed)
+    workers = getattr(args, "gen_workers", None) or _default_workers(loaded.device)
+    if workers > 1 and len(prompts) > 1:
+        spec = ModelSpec(args.model, args.device, args.dtype, args.max_context)
+        generate_in_workers(spec, prompts, data_dir, workers, **kwargs)
+    else:
+        generate(loaded, prompts, data_dir, **kwargs)
     return FeatureStore.open(data_dir)
+
+
+def _default_workers(device: str) -> int:
+    """tinygrad's CPU device uses one core per process: answer prompts in one process per core there."""
+    return max(1, min(os.cpu_count() or 1, 8)) if device.split(":")[0].upper() == "CPU" else 1
 
 
 def cmd_train(args) -> int:
@@ -166,10 +180,9 @@ def _evaluate(loaded, heads, trees, store, args) -> dict:
     """Top-k of every head at every stored row, scored against the stored greedy answers, then replayed per tree."""
     import numpy as np
     from tinygrad import Tensor, TinyJit
-    from .steps import topk_ids
     from .training.evaluate import head_accuracy, measure_acceptance, replay_acceptance
 
-    predict = TinyJit(lambda x: topk_ids(heads(x), 5).realize())
+    predict = TinyJit(lambda x: heads.propose(x, 5).realize())
     H, chunk = heads.num_heads, 256
     per_sample, all_labels = [], []
     for s in range(len(store.samples)):

@@ -24,7 +24,6 @@ from .generate import Generator
 from .medusa.heads import MedusaHeads, load_heads
 from .sampling import GenerationConfig
 from .session import MedusaOptions, open_session, resolve_heads_path
-from .steps import topk_ids
 
 log = logging.getLogger(__name__)
 TOP_K = 10
@@ -111,7 +110,7 @@ class HeadScorer:
 
     def __init__(self, plain: Generator, heads: MedusaHeads, top_k: int = TOP_K):
         self.plain, self.heads, self.top_k = plain, heads, top_k
-        self.rank = TinyJit(lambda hidden: topk_ids(heads(hidden), top_k).realize())
+        self.rank = TinyJit(lambda hidden: heads.propose(hidden, top_k).realize())
 
     def candidates(self, ids: list[int]) -> np.ndarray:
         steps, C = self.plain.steps, self.plain.steps.chunk

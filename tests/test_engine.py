@@ -259,12 +259,14 @@ def test_two_processes_over_loopback(tiny):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("medusa", [False, True], ids=["plain", "medusa"])
-def test_default_model_two_shards_reproduce_the_oracle(default_model, tmp_path_factory, medusa):
-    heads = save_random_heads(default_model, tmp_path_factory.mktemp("smollm2_heads")) if medusa else None
-    cfg = GenerationConfig(max_new_tokens=200)
+def test_default_model_two_shards_reproduce_the_oracle(default_model, medusa):
+    # Medusa as --medusa-enabled runs it (shipped heads, default tree) up to the oracle's EOS; plain decoding is
+    # one token per ring pass, so a prefix of the oracle keeps it affordable
+    expected = ORACLE["greedy_new_ids"] if medusa else ORACLE["greedy_new_ids"][:40]
+    cfg = GenerationConfig(max_new_tokens=200 if medusa else len(expected))
     n = default_model.config.n_layers
-    engines = [(MedusaInferenceEngine(medusa_options(heads), cfg, dtype="float32"), Shard("smollm2-135m", a, b, n))
+    engines = [(MedusaInferenceEngine(MedusaOptions(medusa), cfg, dtype="float32"), Shard("smollm2-135m", a, b, n))
                for a, b in ((0, n // 2 - 1), (n // 2, n - 1))]
     tokens, states = ring(engines, ORACLE["prompt_ids"])
-    assert tokens == ORACLE["greedy_new_ids"]
-    assert states[-1].finish_reason == "stop"
+    assert tokens == expected
+    assert states[-1].finish_reason == ("stop" if medusa else "length")

@@ -259,6 +259,51 @@ def test_use_first(model_config, base_lm_head, hidden):
         heads.use_first(num_layers=2)
 
 
+# -- proposal vocabulary ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["v1", "v2"])
+def test_restricted_heads_propose_only_their_vocabulary(tmp_path, model_config, base_lm_head, hidden, fmt):
+    heads = random_heads(model_config, base_lm_head, num_heads=3, num_layers=1, fmt=fmt, seed=4, scale=0.3)
+    full = heads(Tensor(hidden)).numpy()                                              # (3, 5, VOCAB)
+    vocab_ids = np.random.default_rng(5).choice(VOCAB, size=VOCAB // 3, replace=False)
+    heads.restrict_vocab(vocab_ids)
+    allowed = np.sort(vocab_ids)
+    # reference: the full logits with every other token masked out, ranked best first
+    masked = np.full_like(full, -np.inf)
+    masked[..., allowed] = full[..., allowed]
+    expected = np.argsort(-masked, axis=-1, kind="stable")[..., :4]
+    proposed = heads.propose(Tensor(hidden), 4).numpy()
+    assert proposed.shape == (3, 5, 4)
+    np.testing.assert_array_equal(proposed, expected)
+    np.testing.assert_allclose(heads(Tensor(hidden)).numpy(), full[..., allowed], rtol=1e-5, atol=1e-5)
+    heads.save(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["medusa_proposal_vocab_size"] == len(allowed)
+    loaded = load_heads(str(tmp_path), model_config, base_lm_head)
+    np.testing.assert_array_equal(loaded.vocab_ids.numpy(), allowed)
+    np.testing.assert_array_equal(loaded.propose(Tensor(hidden), 4).numpy(), expected)
+
+
+def test_unrestricted_proposals_are_the_top_k_of_the_full_vocabulary(model_config, base_lm_head, hidden):
+    heads = random_heads(model_config, base_lm_head, num_heads=2, num_layers=1, fmt="v2", seed=9, scale=0.3)
+    full = heads(Tensor(hidden)).numpy()
+    np.testing.assert_array_equal(heads.propose(Tensor(hidden), 3).numpy(), np.argsort(-full, axis=-1)[..., :3])
+
+
+@pytest.mark.parametrize("ids,message", [
+    (np.array([0, 1, VOCAB]), "distinct token ids below"),
+    (np.array([3, 3, 4]), "distinct token ids below"),
+    (np.zeros((0,), dtype=np.int32), "1.."),
+])
+def test_bad_proposal_vocabulary(tmp_path, model_config, base_lm_head, ids, message):
+    heads = random_heads(model_config, base_lm_head, num_heads=1, num_layers=1, fmt="v2")
+    with pytest.raises(ValueError, match=message):
+        heads.restrict_vocab(ids)
+    heads.save(tmp_path)
+    weights = load_file(str(tmp_path / WEIGHTS_FILE))
+    save_file({**weights, "vocab_ids": ids.astype(np.int32)}, str(tmp_path / WEIGHTS_FILE))
+    with pytest.raises(ValueError, match=message):
+        load_heads(str(tmp_path), model_config, base_lm_head)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(medusa_num_heads=0), "medusa_num_heads must be >= 1"),
     (dict(medusa_num_layers=-1), "medusa_num_layers must be >= 0"),

@@ -12,9 +12,10 @@ from tinygrad.codegen import to_program_cache
 
 from exo_tinygrad_medusa.generate import Generator
 from exo_tinygrad_medusa.loader import load_model
-from exo_tinygrad_medusa.medusa.heads import MedusaHeads, random_heads
+from exo_tinygrad_medusa.medusa.heads import MedusaHeads, load_heads, random_heads
 from exo_tinygrad_medusa.medusa.tree import PLAIN, load_tree
 from exo_tinygrad_medusa.sampling import GenerationConfig
+from exo_tinygrad_medusa.session import MedusaOptions, default_tree_spec, resolve_heads_path
 from helpers_models import write_tiny_checkpoint
 
 MAX_CONTEXT, PROMPT_LEN, NEW_TOKENS = 160, 40, 80
@@ -309,11 +310,13 @@ def test_second_generation_compiles_nothing(kit):
 
 # -- the default model -------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_default_model_reproduces_the_oracle(default_model):
+def test_default_model_with_shipped_heads_reproduces_the_oracle(default_model):
     oracle = json.loads((Path(__file__).parent / "data" / "smollm2_oracle.json").read_text())
     model = default_model.model
-    heads = random_heads(model.config, model.lm_head, NUM_HEADS, 1, "v2", seed=3, scale=0.02)
-    generator = Generator(model, default_model.tokenizer.eos_token_ids, load_tree("cpu-8"), heads)
+    heads_path = resolve_heads_path(default_model, MedusaOptions(True))
+    heads = load_heads(heads_path, model.config, model.lm_head)
+    tree = load_tree(default_tree_spec(default_model.device, heads_path))
+    generator = Generator(model, default_model.tokenizer.eos_token_ids, tree, heads)
     result = generator.generate(oracle["prompt_ids"], GenerationConfig(max_new_tokens=200))
     assert result.generated_ids == oracle["greedy_new_ids"]
     assert result.finish_reason == "stop"

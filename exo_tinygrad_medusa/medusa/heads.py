@@ -4,7 +4,11 @@ Head k reads h_t and predicts token t + k + 2 (the base lm_head predicts t + 1).
 ResBlocks x + SiLU(W x + b), then its own lm_head ("v1", the published Medusa-1 layout) or the base model's
 ("v2": heads stay a few MB even for 150k-token vocabularies). Checkpoints use the published layout:
 config.json + medusa_lm_head.safetensors with `{head}.{layer}.linear.weight|bias` and, for v1,
-`{head}.{num_layers}.weight`."""
+`{head}.{num_layers}.weight`.
+
+Heads may also carry a proposal vocabulary (`vocab_ids`, our extension): the token ids they were trained to
+predict. They then propose only from it, which keeps never-trained logits out of the candidates and makes each
+head's vocabulary projection as small as that list. Verification is unchanged, so greedy output stays exact."""
 from __future__ import annotations
 
 import json
@@ -19,9 +23,11 @@ from tinygrad import Tensor, dtypes
 from tinygrad.nn.state import safe_load, safe_save, torch_load
 
 from ..config import ModelConfig
+from ..ops import take, topk_ids
 
 log = logging.getLogger(__name__)
 WEIGHTS_FILE = "medusa_lm_head.safetensors"
+VOCAB_KEY = "vocab_ids"
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,24 @@ class MedusaHeads:
             if base_lm_head is None:
                 raise ValueError("v1 heads are initialised from the base lm_head: pass base_lm_head")
             self.lm_heads = [base_lm_head.contiguous() for _ in range(c.medusa_num_heads)]
+        self.vocab_ids: Tensor | None = None     # proposal vocabulary, None = the whole vocabulary
+        self._base_rows: Tensor | None = None    # base_lm_head[vocab_ids], gathered once for v2
+
+    def restrict_vocab(self, vocab_ids: np.ndarray | None) -> "MedusaHeads":
+        """Propose only tokens from `vocab_ids` (sorted unique ids), or from the whole vocabulary when None."""
+        if vocab_ids is None:
+            self.vocab_ids = self._base_rows = None
+            return self
+        ids = np.asarray(vocab_ids)
+        V = self.config.vocab_size
+        if ids.ndim != 1 or len(ids) == 0 or ids.min() < 0 or ids.max() >= V or len(np.unique(ids)) != len(ids):
+            raise ValueError(f"Medusa proposal vocabulary must be 1..{V} distinct token ids below {V}, "
+                             f"got shape {ids.shape}")
+        dev = self.base_lm_head.device if self.base_lm_head is not None else None
+        self.vocab_ids = Tensor(np.sort(ids).astype(np.int32), device=dev).realize()
+        if self.config.medusa_format == "v2":
+            self._base_rows = self.base_lm_head[self.vocab_ids].contiguous().realize()
+        return self
 
     @property
     def num_heads(self) -> int:
@@ -78,11 +102,20 @@ class MedusaHeads:
         return out
 
     def __call__(self, hidden: Tensor, num_heads: int | None = None) -> Tensor:
-        """hidden (..., D) -> logits (num_heads, ..., V); a shallow tree needs only its first heads."""
+        """hidden (..., D) -> logits (num_heads, ..., V) over the proposal vocabulary (V = its size; the whole
+        vocabulary unless restricted); a shallow tree needs only its first heads."""
         feats = self.features(hidden, num_heads)
         if self.config.medusa_format == "v2":
-            return Tensor.stack(*feats) @ self.base_lm_head.T
-        return Tensor.stack(*[f @ w.T for f, w in zip(feats, self.lm_heads)])
+            return Tensor.stack(*feats) @ (self.base_lm_head if self.vocab_ids is None else self._base_rows).T
+        lm_heads = self.lm_heads if self.vocab_ids is None else [w[self.vocab_ids] for w in self.lm_heads]
+        return Tensor.stack(*[f @ w.T for f, w in zip(feats, lm_heads)])
+
+    def propose(self, hidden: Tensor, k: int, num_heads: int | None = None) -> Tensor:
+        """hidden (..., D) -> (num_heads, ..., k) token ids, each head's k best first."""
+        ranked = topk_ids(self(hidden, num_heads), k)
+        if self.vocab_ids is None:
+            return ranked
+        return take(self.vocab_ids, ranked.flatten()).reshape(ranked.shape)
 
     def use_first(self, num_heads: int | None = None, num_layers: int | None = None) -> "MedusaHeads":
         """Keep the first heads/layers only (--medusa-num-heads/--medusa-num-layers)."""
@@ -109,17 +142,24 @@ class MedusaHeads:
             sd[f"{h}.{self.config.medusa_num_layers}.weight"] = w
         return sd
 
+    def checkpoint(self) -> dict[str, Tensor]:
+        """What a saved checkpoint holds: the weights, plus the proposal vocabulary when there is one."""
+        sd = {k: v.cast(dtypes.float32) for k, v in self.state_dict().items()}
+        if self.vocab_ids is not None:
+            sd[VOCAB_KEY] = self.vocab_ids
+        return sd
+
     def save(self, out_dir: str | Path) -> Path:
         """Write config.json last (via a rename) so a directory never looks complete before its weights are."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if not os.access(out, os.W_OK):
             raise PermissionError(f"output directory {out} is not writable")
-        safe_save({k: v.cast(dtypes.float32).contiguous().realize() for k, v in self.state_dict().items()},
-                   str(out / WEIGHTS_FILE))
+        safe_save({k: v.contiguous().realize() for k, v in self.checkpoint().items()}, str(out / WEIGHTS_FILE))
         fd, tmp = tempfile.mkstemp(dir=out, suffix=".json")
         with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self.config), f, indent=2)
+            extra = {} if self.vocab_ids is None else {"medusa_proposal_vocab_size": int(self.vocab_ids.shape[0])}
+            json.dump({**asdict(self.config), **extra}, f, indent=2)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is meant to be shared
         os.replace(tmp, out / "config.json")
         return out
@@ -180,7 +220,10 @@ def load_heads(path_or_repo: str, model_config: ModelConfig, base_lm_head: Tenso
             heads.linear_w[h][l], heads.linear_b[h][l] = loaded[f"{h}.{l}.linear.weight"], loaded[f"{h}.{l}.linear.bias"]
         if fmt == "v1":
             heads.lm_heads[h] = loaded[f"{h}.{num_layers}.weight"]
-    log.info("loaded %d Medusa heads (%s, %d layer(s)) from %s", num_heads, fmt, num_layers, root)
+    if VOCAB_KEY in weights:
+        heads.restrict_vocab(weights[VOCAB_KEY].numpy())
+    log.info("loaded %d Medusa heads (%s, %d layer(s)%s) from %s", num_heads, fmt, num_layers,
+             "" if heads.vocab_ids is None else f", proposing from {heads.vocab_ids.shape[0]} tokens", root)
     return heads
 
 

@@ -5,7 +5,11 @@ are stored as they are produced (features.FeatureWriter) and the base model neve
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ from ..loader import LoadedModel
 from ..model import Transformer
 from ..prompts import load_prompts as read_prompt_file
 from .batched import BatchedDecoder
-from .features import FeatureWriter, Sample
+from .features import FeatureWriter, Sample, merge_stores
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -75,15 +79,60 @@ def self_prompts(loaded: LoadedModel, count: int, batch_size: int, seed: int, ma
 
 
 def generate(loaded: LoadedModel, prompts: list[str], out_dir: str | Path, *, batch_size: int = 16,
-             max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> dict:
+             max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, show_progress: bool = True) -> dict:
     """Answer every prompt (chat template applied) and store answers and hidden states in out_dir."""
     encoded = [(p, loaded.tokenizer.encode_chat([{"role": "user", "content": p}])) for p in prompts]
     return generate_from_ids(loaded.model, loaded.tokenizer.eos_token_ids, encoded, out_dir, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                             show_progress=show_progress)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a worker process loads the model for itself (loader.load_model's arguments)."""
+    model: str | None
+    device: str | None = None
+    dtype: str | None = None
+    max_context: int | None = None
+
+
+def _worker(spec: ModelSpec, prompts: list[str], out_dir: str, kwargs: dict) -> None:
+    from ..loader import load_model
+    logging.basicConfig(level=logging.WARNING)
+    loaded = load_model(spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context)
+    generate(loaded, prompts, out_dir, **kwargs)
+
+
+def generate_in_workers(spec: ModelSpec, prompts: list[str], out_dir: str | Path, workers: int, **kwargs) -> dict:
+    """generate() split over `workers` processes, then merged into one store in prompt-slice order.
+
+    tinygrad's CPU device runs every kernel on one core, so on a CPU one process per core is what uses them all.
+    Only the first worker draws a progress bar (its ETA stands for all of them)."""
+    if workers < 1:
+        raise ValueError(f"--gen-workers must be >= 1, got {workers}")
+    workers = min(workers, len(prompts))
+    out = Path(out_dir)
+    parts = [out / f"part-{i}" for i in range(workers)]
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: tinygrad's device threads do not survive fork
+    t0 = time.perf_counter()
+    procs = [ctx.Process(target=_worker, args=(spec, prompts[i::workers], str(part), {**kwargs, "show_progress": i == 0}))
+             for i, part in enumerate(parts)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    failed = [i for i, proc in enumerate(procs) if proc.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"self-distillation worker(s) {failed} failed; see their errors above")
+    store = merge_stores(parts, out, workers=workers, wall_s=round(time.perf_counter() - t0, 1))
+    for part in parts:
+        shutil.rmtree(part)
+    return store.meta
 
 
 def generate_from_ids(model: Transformer, eos_ids, prompts: list[tuple[str, list[int]]], out_dir: str | Path, *,
-                      batch_size: int = 16, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> dict:
+                      batch_size: int = 16, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
+                      show_progress: bool = True) -> dict:
     """prompts: (text, token ids) pairs, answered as given."""
     eos = set(eos_ids)
     room = model.max_context - max_new_tokens
@@ -96,16 +145,19 @@ def generate_from_ids(model: Transformer, eos_ids, prompts: list[tuple[str, list
     Tensor.manual_seed(seed)
     decoder = BatchedDecoder(model, min(batch_size, len(kept)), temperature=temperature)
     writer = FeatureWriter(out_dir, model.config.dim, len(kept) * max_new_tokens)
-    bar = Progress(len(kept) * max_new_tokens, "generate", "tok")
+    # the bar counts answer slots (prompt x step): every step fills one per prompt of the batch, and the slots of
+    # answers that ended early are settled when the batch ends, so the ETA is an upper bound
+    bar = Progress(len(kept) * max_new_tokens, "generate", "tok",
+                   stream=None if show_progress else open(os.devnull, "w"))
     t0, produced = time.perf_counter(), 0
     for i in range(0, len(kept), decoder.B):
-        batch = kept[i:i + decoder.B]
+        batch, slots = kept[i:i + decoder.B], bar.done
         answers, rows = decode_batch(decoder, [ids for _, ids in batch], max_new_tokens, eos,
-                                     on_step=lambda active: bar.update(0, rate_units=active))
+                                     on_step=lambda active, n=len(batch): bar.update(n, rate_units=active))
         for (prompt, ids), answer, hidden in zip(batch, answers, rows):
             writer.add(Sample(prompt, list(ids), answer), hidden)
             produced += len(answer)
-        bar.update(len(batch) * max_new_tokens, rate_units=0, samples=min(i + decoder.B, len(kept)))
+        bar.update(slots + len(batch) * max_new_tokens - bar.done, rate_units=0, samples=min(i + decoder.B, len(kept)))
     bar.close()
     info = {"samples": len(kept), "answer_tokens": produced, "max_new_tokens": max_new_tokens,
             "temperature": temperature, "seed": seed, "batch_size": decoder.B,

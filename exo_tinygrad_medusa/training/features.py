@@ -90,3 +90,17 @@ class FeatureStore:
         if not rows:
             return np.zeros(0, dtype=np.int64), np.zeros((0, num_heads + 1), dtype=np.int32)
         return np.concatenate(rows), np.concatenate(labels)
+
+
+def merge_stores(parts: list[str | Path], out_dir: str | Path, **info) -> FeatureStore:
+    """One store from finished stores written in parallel (one generating process per core), samples in order."""
+    stores = [FeatureStore.open(p) for p in parts]
+    dims = {s.meta["dim"] for s in stores}
+    if len(dims) != 1:
+        raise ValueError(f"feature stores of different hidden sizes cannot be merged: {sorted(dims)}")
+    writer = FeatureWriter(out_dir, dims.pop(), sum(s.tokens for s in stores))
+    for store in stores:
+        for i, sample in enumerate(store.samples):
+            writer.add(sample, np.asarray(store.hidden[store.offsets[i]:store.offsets[i + 1]]))
+    writer.close(parts=[s.meta for s in stores], **info)
+    return FeatureStore.open(out_dir)

@@ -19,7 +19,6 @@ from tinygrad.nn.optim import AdamW
 from tinygrad.nn.state import get_state_dict, safe_load, safe_save
 
 from ..medusa.heads import MedusaConfig, MedusaHeads
-from ..steps import topk_ids
 from .features import IGNORE, FeatureStore
 from .progress import Progress
 
@@ -46,9 +45,9 @@ class TrainConfig:
     eval_every: int = 50           # steps
     checkpoint_every_s: float = 180.0
     seed: int = 0
-    # "full": softmax over the whole vocabulary. "seen": only over the tokens that occur as training targets, which
-    # is ~10x cheaper for 50k-token vocabularies but leaves every other token's logit untrained (evaluation always
-    # uses the full vocabulary, so any harm shows there)
+    # "full": softmax over the whole vocabulary. "seen": only over the tokens that occur as training targets; "N":
+    # over the N most frequent of them. A restricted vocabulary is ~10x cheaper for 50k-token vocabularies and is
+    # saved with the heads, which then propose only from it: logits they never trained cannot win a proposal
     train_vocab: str = "full"
 
     def __post_init__(self):
@@ -58,10 +57,22 @@ class TrainConfig:
             raise ValueError(f"--num-layers must be >= 1, got {self.num_layers}")
         if self.fmt not in ("v1", "v2"):
             raise ValueError(f"--format must be v1 or v2, got {self.fmt!r}")
-        if self.train_vocab not in ("full", "seen"):
-            raise ValueError(f"--train-vocab must be full or seen, got {self.train_vocab!r}")
+        if self.train_vocab not in ("full", "seen") and not (self.train_vocab.isdigit() and int(self.train_vocab) > 0):
+            raise ValueError(f"--train-vocab must be full, seen or a positive number of tokens, got {self.train_vocab!r}")
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1:
             raise ValueError("--epochs and --lr must be > 0 and --batch-size >= 1")
+
+
+def proposal_vocab(labels: np.ndarray, vocab_size: int, mode: str) -> np.ndarray | None:
+    """Sorted token ids the heads train on and propose from: None for the full vocabulary, every target token
+    for "seen", else the int(mode) most frequent targets."""
+    if mode == "full":
+        return None
+    counts = np.bincount(labels[labels != IGNORE].ravel(), minlength=vocab_size)
+    seen = np.flatnonzero(counts)
+    if mode != "seen" and int(mode) < len(seen):
+        seen = np.sort(seen[np.argsort(-counts[seen], kind="stable")[:int(mode)]])
+    return seen.astype(np.int32)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -119,14 +130,12 @@ class HeadTrainer:
             p.replace(p.contiguous().realize())
         self.opt = AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.train_split, self.held_split = split_samples(store, cfg)
-        # training logits cover `vocab_ids`; labels are remapped to positions in it
-        self.vocab_ids = None if cfg.train_vocab == "full" else np.unique(self.train_split.labels[:, 1:][
-            self.train_split.labels[:, 1:] != IGNORE]).astype(np.int32)
+        # training logits cover `vocab_ids`; labels are remapped to positions in it (IGNORE outside it)
+        self.vocab_ids = proposal_vocab(self.train_split.labels[:, 1:], vocab, cfg.train_vocab)
+        self.heads.restrict_vocab(self.vocab_ids)
         self.remap = np.arange(vocab, dtype=np.int32) if self.vocab_ids is None else np.full(vocab, IGNORE, np.int32)
         if self.vocab_ids is not None:
             self.remap[self.vocab_ids] = np.arange(len(self.vocab_ids), dtype=np.int32)
-            self.sub_ids = Tensor(self.vocab_ids)
-            self.base_sub = self.base[self.sub_ids].contiguous().realize()
         self.steps_per_epoch = math.ceil(len(self.train_split.rows) / cfg.batch_size)
         self.total_steps = max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
         self.weights = Tensor([cfg.head_decay ** k for k in range(cfg.num_heads)])
@@ -137,20 +146,12 @@ class HeadTrainer:
     # -- captured kernels ------------------------------------------------------------------------------------
     def _losses(self, x: Tensor, y: Tensor) -> Tensor:
         """Per-head mean cross-entropy over the rows whose label is not IGNORE: (num_heads,)."""
-        logits = self._train_logits(x)                                           # (H, R, V or |vocab_ids|)
+        logits = self.heads(x).contiguous()                                      # (H, R, V or |vocab_ids|)
         targets = y.T                                                            # (H, R)
         valid = targets != IGNORE
         picked = logits.gather(-1, valid.where(targets, 0).unsqueeze(-1)).squeeze(-1)
         nll = (logits.logsumexp(-1) - picked) * valid
         return nll.sum(-1) / valid.sum(-1).maximum(1)
-
-    def _train_logits(self, x: Tensor) -> Tensor:
-        # contiguous features: fused into the logits kernel, each ResBlock would be recomputed once per vocab entry
-        feats = [f.contiguous() for f in self.heads.features(x)]
-        if self.cfg.fmt == "v1":
-            heads = self.heads.lm_heads if self.vocab_ids is None else [w[self.sub_ids] for w in self.heads.lm_heads]
-            return Tensor.stack(*[f @ w.T for f, w in zip(feats, heads)]).contiguous()
-        return (Tensor.stack(*feats) @ (self.base if self.vocab_ids is None else self.base_sub).T).contiguous()
 
     def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.opt.zero_grad()
@@ -167,10 +168,7 @@ class HeadTrainer:
         return per_head.realize(), norm.realize()
 
     def _topk(self, x: Tensor) -> Tensor:
-        feats = Tensor.stack(*[f.contiguous() for f in self.heads.features(x)])
-        logits = Tensor.stack(*[f @ w.T for f, w in zip(feats, self.heads.lm_heads)]) if self.cfg.fmt == "v1" \
-            else feats @ self.base.T
-        return topk_ids(logits.contiguous(), 5).realize()                       # (H, R, 5)
+        return self.heads.propose(x, 5).realize()                               # (H, R, 5)
 
     # -- data ------------------------------------------------------------------------------------------------
     def _batch(self, step: int) -> tuple[Tensor, Tensor]:
