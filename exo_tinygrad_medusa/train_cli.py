@@ -49,6 +49,8 @@ def register(subparsers, model_args, generation_args) -> None:
     ev.add_argument("--num-samples", type=int, default=32)
     ev.add_argument("--max-new-tokens", type=int, default=128)
     ev.add_argument("--gen-batch-size", type=int, default=32)
+    ev.add_argument("--gen-workers", type=int, default=None,
+                    help="processes answering prompts in parallel (default: one per core on a CPU, else 1)")
     ev.add_argument("--trees", default=DEFAULT_TREES, help=f"comma-separated tree presets (default {DEFAULT_TREES})")
     ev.add_argument("--measure", type=int, default=0,
                     help="also run the real Generator on the first N prompts per tree and report its accepted length")
