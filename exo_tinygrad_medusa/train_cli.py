@@ -184,7 +184,9 @@ def _evaluate(loaded, heads, trees, store, args) -> dict:
     from tinygrad import Tensor, TinyJit
     from .training.evaluate import head_accuracy, measure_acceptance, replay_acceptance
 
-    predict = TinyJit(lambda x: heads.propose(x, 5).realize())
+    # the scores need top-5; replaying a tree needs as many ranks as its widest head
+    K = max([5] + [tree.top_k for tree in trees])
+    predict = TinyJit(lambda x: heads.propose(x, K).realize())
     H, chunk = heads.num_heads, 256
     per_sample, all_labels = [], []
     for s in range(len(store.samples)):
@@ -199,7 +201,7 @@ def _evaluate(loaded, heads, trees, store, args) -> dict:
         _, labels = store.labels(H, np.array([s]))
         per_sample.append(pred)
         all_labels.append(labels[:, 1:])
-    acc = head_accuracy(np.concatenate(per_sample, axis=1), np.concatenate(all_labels))
+    acc = head_accuracy(np.concatenate(per_sample, axis=1)[..., :5], np.concatenate(all_labels))
     report = {"model": loaded.resolved.model_id, "samples": len(store.samples), "tokens": store.tokens,
               "top1": [round(a, 4) for a in acc.top1], "top5": [round(a, 4) for a in acc.top5], "trees": {}}
     for tree in trees:
