@@ -97,7 +97,8 @@ def measure_cost_curve(model: Transformer, sizes=COST_SIZES, reps: int = 5, star
 
 def measure_head_cost(model: Transformer, heads: MedusaHeads, top_k: int, reps: int = 5) -> float:
     """Median seconds to propose a tree's candidates from one hidden row: every head's logits and their top-k.
-    Every Medusa step pays it on top of the verify forward; with v2 heads each head is a full lm_head matmul."""
+    Every Medusa step pays it on top of the verify forward; with v2 heads each head is an lm_head matmul over
+    its proposal vocabulary (the whole vocabulary unless the heads carry a smaller one)."""
     device = model.lm_head.device
     row = Tensor(np.random.default_rng(0).standard_normal(model.config.dim).astype(np.float32), device=device)
     row = row.cast(model.lm_head.dtype).contiguous().realize()

@@ -44,6 +44,11 @@ class Session:
         return self.tokenizer.encode_chat(messages)
 
 
+def is_cpu_device(device: str) -> bool:
+    """tinygrad device names of the host CPU ("CPU", "CPU:LLVM", older "CLANG"/"LLVM")."""
+    return device.split(":")[0].lower() in ("cpu", "clang", "llvm")
+
+
 def default_tree_spec(device: str, heads_dir: str | None) -> str:
     """A tree tuned for this device kind next to the heads (tune-tree writes it), else the preset for the kind."""
     kind = device.split(":")[0].lower()
@@ -52,7 +57,7 @@ def default_tree_spec(device: str, heads_dir: str | None) -> str:
         tuned = Path(heads_dir) / f"tree-{kind}.json"
         if tuned.is_file():
             return str(tuned)
-    return DEFAULT_CPU_TREE if kind in ("cpu", "clang", "llvm") else DEFAULT_GPU_TREE
+    return DEFAULT_CPU_TREE if is_cpu_device(device) else DEFAULT_GPU_TREE
 
 
 def resolve_heads_path(loaded: LoadedModel, medusa: MedusaOptions) -> str:

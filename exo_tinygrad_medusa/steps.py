@@ -112,7 +112,7 @@ class ShardSteps:
     def _next_tree(self, row: Tensor, root: Tensor) -> Tensor:
         if self.tree.size == 1:
             return root.reshape(1)
-        # each head costs a full vocabulary projection: run only as many as the tree is deep
+        # each head costs a projection onto its proposal vocabulary: run only as many as the tree is deep
         candidates = self.heads.propose(row, self.tree.top_k, self.tree.depth)             # (depth, K)
         return root.reshape(1).cat(take(candidates.flatten(), self.node_pick))
 

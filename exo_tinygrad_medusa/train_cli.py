@@ -105,7 +105,8 @@ def _distill_data(loaded, prompts: list[str], data_dir: Path, args, seed: int):
 
 def _default_workers(device: str) -> int:
     """tinygrad's CPU device uses one core per process: answer prompts in one process per core there."""
-    return max(1, min(os.cpu_count() or 1, 8)) if device.split(":")[0].upper() == "CPU" else 1
+    from .session import is_cpu_device
+    return max(1, min(os.cpu_count() or 1, 8)) if is_cpu_device(device) else 1
 
 
 def cmd_train(args) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -147,8 +146,7 @@ def generate_from_ids(model: Transformer, eos_ids, prompts: list[tuple[str, list
     writer = FeatureWriter(out_dir, model.config.dim, len(kept) * max_new_tokens)
     # the bar counts answer slots (prompt x step): every step fills one per prompt of the batch, and the slots of
     # answers that ended early are settled when the batch ends, so the ETA is an upper bound
-    bar = Progress(len(kept) * max_new_tokens, "generate", "tok",
-                   stream=None if show_progress else open(os.devnull, "w"))
+    bar = Progress(len(kept) * max_new_tokens, "generate", "tok", enabled=show_progress)
     t0, produced = time.perf_counter(), 0
     for i in range(0, len(kept), decoder.B):
         batch, slots = kept[i:i + decoder.B], bar.done

@@ -6,8 +6,9 @@ import time
 
 
 class Progress:
-    def __init__(self, total: int, label: str, unit: str = "it", stream=None, min_interval: float = 0.5):
-        self.total, self.label, self.unit = total, label, unit
+    def __init__(self, total: int, label: str, unit: str = "it", stream=None, min_interval: float = 0.5,
+                 enabled: bool = True):
+        self.total, self.label, self.unit, self.enabled = total, label, unit, enabled
         self.stream = stream or sys.stderr
         self.start = time.perf_counter()
         self.done, self.last_draw, self.min_interval = 0, 0.0, min_interval
@@ -17,7 +18,7 @@ class Progress:
         self.done += advance
         self.rate_units += advance if rate_units is None else rate_units
         now = time.perf_counter()
-        if now - self.last_draw < self.min_interval and self.done < self.total:
+        if not self.enabled or (now - self.last_draw < self.min_interval and self.done < self.total):
             return
         self.last_draw = now
         elapsed = now - self.start
@@ -32,8 +33,9 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> float:
-        self.stream.write("\n")
-        self.stream.flush()
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
         return time.perf_counter() - self.start
 
 
