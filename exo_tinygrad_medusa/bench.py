@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp
 
-from .cli import session_from_args
+from .options import session_from_args
 from .generate import GenerationResult, Generator
 from .medusa.heads import MedusaHeads, random_heads
 from .medusa.tree import PLAIN, MedusaTree, load_tree

@@ -1,4 +1,7 @@
-"""`exo-medusa`: run, serve, train-heads, eval-heads, bench, tune-tree; Exo's own flags start Exo with our engine."""
+"""`exo-medusa`: run, serve, train-heads, eval-heads, bench, tune-tree; Exo's own flags start Exo with our engine.
+
+Only dispatch and `run` live here; shared options and session opening are in options.py, which every command imports.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,62 +9,8 @@ import json
 import logging
 import sys
 
-from .registry import DEFAULT_MODEL, ModelNotFound
-from .sampling import GenerationConfig
-from .session import MedusaOptions, Session, open_session
+from .options import USER_ERRORS, first_run_notice, generation_args, generation_config, model_args, session_from_args
 from .tokenizer import StreamDecoder
-
-USER_ERRORS = (ValueError, FileNotFoundError, ModelNotFound, PermissionError, NotADirectoryError)
-
-
-def model_args() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"model card id, HF directory, .gguf file or HF repo id (default {DEFAULT_MODEL})")
-    p.add_argument("--device", default=None, help="tinygrad device, e.g. CPU, CUDA, METAL (default: tinygrad's default)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="weights and activations (default float32 on CPU, float16 elsewhere)")
-    p.add_argument("--max-context", type=int, default=2048, help="KV cache length in tokens (default 2048)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    m = p.add_argument_group("Medusa")
-    m.add_argument("--medusa-enabled", "--medusa", dest="medusa_enabled", action="store_true",
-                   help="speculative decoding with Medusa heads")
-    m.add_argument("--medusa-heads", default=None, help="heads directory or HF repo id (default: the model card's)")
-    m.add_argument("--medusa-num-heads", type=int, default=None, help="use only the first N heads")
-    m.add_argument("--medusa-num-layers", type=int, default=None, help="ResBlocks per head (must match the checkpoint)")
-    m.add_argument("--medusa-choices", default=None,
-                   help="tree: chain-N, cpu-4/8/12/16, mc_sim_7b_63, or a JSON file (default: tuned tree or per device)")
-    return p
-
-
-def generation_args() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--max-generate-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--medusa-sampling", choices=["typical", "exact"], default="typical",
-                   help="acceptance when temperature > 0: typical (Medusa paper, fast, approximate) or exact (lossless)")
-    p.add_argument("--posterior-threshold", type=float, default=0.09)
-    p.add_argument("--posterior-alpha", type=float, default=0.3)
-    return p
-
-
-def medusa_options(args) -> MedusaOptions:
-    return MedusaOptions(args.medusa_enabled, args.medusa_heads, args.medusa_num_heads, args.medusa_num_layers,
-                         args.medusa_choices)
-
-
-def generation_config(args) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=args.max_generate_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, medusa_sampling=args.medusa_sampling,
-                            posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha)
-
-
-def session_from_args(args) -> Session:
-    return open_session(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
-                        medusa=medusa_options(args))
 
 
 def cmd_run(args) -> int:
@@ -70,6 +19,9 @@ def cmd_run(args) -> int:
     prompt_ids = session.prompt_ids(args.prompt, chat_template=not args.no_chat_template)
     stream = StreamDecoder(session.tokenizer, skip_special_tokens=True)
     on_tokens = None if args.json else (lambda ids: print(stream.feed(ids), end="", flush=True))
+    if not args.json:
+        session.generator.check_prompt(prompt_ids)  # a bad prompt is one error line, not the notice and then an error
+        first_run_notice()
     result = session.generator.generate(prompt_ids, cfg, on_tokens)
     text_ids = [t for t in result.generated_ids if t not in session.tokenizer.eos_token_ids]
     report = {

@@ -299,7 +299,7 @@ def start(open_session: Callable[[], Session], defaults: GenerationConfig, host:
 
 
 def cmd_serve(args) -> int:
-    from .cli import generation_config, session_from_args
+    from .options import generation_config, session_from_args
     server = start(lambda: session_from_args(args), generation_config(args), args.host, args.port)
     host, port = server.server_address[:2]
     print(f"exo-medusa: serving {server.app.model_id} at http://{host}:{port}/v1/chat/completions", flush=True)
