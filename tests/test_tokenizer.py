@@ -1,11 +1,10 @@
 import importlib.util
 import json
-import struct
 from pathlib import Path
 
 import pytest
+from tinygrad.llm.gguf import gguf_load
 
-from exo_tinygrad_medusa.gguf_meta import read_gguf_metadata
 from exo_tinygrad_medusa.tokenizer import StreamDecoder, Tokenizer
 from helpers_tokenizer import BYTE_OFFSET, CHATML_TEMPLATE, bytes_to_unicode, write_tiny_tokenizer
 
@@ -24,7 +23,8 @@ def _smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2() -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(read_gguf_metadata(_smollm2_gguf()))
+    # the loader's reader (tinygrad's): one GGUF reader for the package and its tests
+    return Tokenizer.from_gguf_metadata(gguf_load(str(_smollm2_gguf()))[0])
 
 
 def test_gguf_oracle_prompt(smollm2):
@@ -112,20 +112,3 @@ def test_no_chat_template(tmp_path):
     assert tok.chat_template is None
     with pytest.raises(ValueError, match="--no-chat-template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
-
-
-def test_read_gguf_metadata(tmp_path):
-    def s(x: str) -> bytes:
-        return struct.pack("<Q", len(x.encode())) + x.encode()
-    body = s("general.name") + struct.pack("<I", 8) + s("tiny")
-    body += s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + s("a") + s("b")
-    body += s("llama.block_count") + struct.pack("<II", 4, 3)
-    (tmp_path / "ok.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 3) + body)
-    kv = read_gguf_metadata(tmp_path / "ok.gguf")
-    assert kv == {"general.name": "tiny", "tokenizer.ggml.tokens": ["a", "b"], "llama.block_count": 3}
-    (tmp_path / "bad.gguf").write_bytes(b"GGML" + bytes(20))
-    with pytest.raises(ValueError, match="bad.gguf"):
-        read_gguf_metadata(tmp_path / "bad.gguf")
-    (tmp_path / "v1.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 1, 0, 0))
-    with pytest.raises(ValueError, match="version 1"):
-        read_gguf_metadata(tmp_path / "v1.gguf")
