@@ -16,7 +16,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, ModelNotFound, PermissionError, No
 # below this, sampling is the argmax in all but float ties, and logits / temperature overflows float64 near 1e-306
 # (NaN probabilities): such temperatures decode greedily
 MIN_TEMPERATURE = 1e-6
-FIRST_RUN_NOTICE = "compiling kernels and capturing steps (the first run takes ~20 s; later runs reuse the cache)"
+FIRST_RUN_NOTICE = "compiling kernels and capturing steps (~20 s on a first run)"
 
 
 def model_args() -> argparse.ArgumentParser:

@@ -7,7 +7,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-MODELS_DIR = Path(os.environ.get("EXO_MEDUSA_MODELS_DIR", Path(__file__).resolve().parent.parent / "models"))
+
+def _models_dir() -> Path:
+    """Model cards, shipped heads and tuned trees. The repo's top-level models/ is the source; setup.cfg maps it into
+    the wheel as the package's models/ folder, so an installed wheel finds its copy and a checkout or editable
+    install finds the repo's. EXO_MEDUSA_MODELS_DIR overrides both."""
+    if override := os.environ.get("EXO_MEDUSA_MODELS_DIR"):
+        return Path(override)
+    package = Path(__file__).resolve().parent
+    return package / "models" if (package / "models").is_dir() else package.parent / "models"
+
+
+MODELS_DIR = _models_dir()
 DEFAULT_MODEL = "smollm2-135m"
 HF_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json"]
