@@ -14,7 +14,10 @@ Wire contract (what Exo's node loop, or any driver, does between passes):
 - the last shard returns the tokens it emitted, int64 (1, k), and the state for the next pass; feed exactly those
   tokens and that state to the first shard again (it runs the tree from the state and checks the tokens match);
 - stop when the state's `finish_reason` is set ("stop" at EOS, "length" at the token budget or context end) or at
-  the driver's own limit.
+  the driver's own limit;
+- when a request ends, finished or failed (a shard lost, a pass refused), call `release(request_id)` on every
+  shard: the last shard frees its cache when it emits the finish by itself, but only the driver knows when the
+  other shards' caches are dead. Without it they wait for least-recently-used eviction (`max_requests`).
 """
 from __future__ import annotations
 
@@ -141,6 +144,8 @@ class MedusaInferenceEngine(_EngineBase):
         self.tree: MedusaTree = PLAIN
         self.tree_id = tree_fingerprint(PLAIN)
         self.requests: OrderedDict[str, _Request] = OrderedDict()
+        # ids of requests this shard saw finish or released, so a late pass gets a precise error, not "unknown"
+        self.ended: OrderedDict[str, str] = OrderedDict()
 
     # -- Exo's interface ---------------------------------------------------------------------------------------
     async def ensure_shard(self, shard) -> None:
@@ -185,6 +190,17 @@ class MedusaInferenceEngine(_EngineBase):
         await self._on_engine_thread(lambda: safe_save(self.loaded.model.parameters(), str(path)))
 
     # -- ours --------------------------------------------------------------------------------------------------
+    async def release(self, request_id: str) -> bool:
+        """Free this shard's KV cache of a request (finished, failed or abandoned); True if it held one. A later
+        pass of that request is refused. Safe to call for unknown ids and more than once."""
+        return await self._on_engine_thread(self._release, request_id, "released")
+
+    async def warm_up(self, shard) -> None:
+        """Compile and capture the KV compaction, which otherwise compiles inside the first request whose accepted
+        path leaves the tree's first branch (seconds on a CPU, in the middle of a timed run)."""
+        await self.ensure_shard(shard)
+        await self._on_engine_thread(self._warm_up)
+
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.tokenizer.eos_token_ids if self.tokenizer else ()
@@ -206,9 +222,25 @@ class MedusaInferenceEngine(_EngineBase):
         self.steps = ShardSteps(loaded.model, tree, heads)
         self.loaded, self.tokenizer, self.tree, self.tree_id = loaded, loaded.tokenizer, tree, tree_fingerprint(tree)
         self.requests.clear()  # caches of another shard are meaningless here
+        self.ended.clear()
         self.shard = shard
         log.info("engine: %s layers %d..%d of %d, tree %s (%d nodes)%s", shard.model_id, shard.start_layer,
                  shard.end_layer, shard.n_layers, tree.name, tree.size, ", Medusa heads" if heads else "")
+
+    def _release(self, request_id: str, why: str) -> bool:
+        held = self.requests.pop(request_id, None) is not None
+        self.ended[request_id] = why
+        self.ended.move_to_end(request_id)
+        while len(self.ended) > 64 * self.max_requests:  # only for error messages: keep the recent ones
+            self.ended.popitem(last=False)
+        return held
+
+    def _warm_up(self) -> None:
+        if self.tree.is_chain:
+            return  # a chain's accepted nodes are always consecutive: it never compacts
+        cache, keep = self.loaded.model.new_cache(), Tensor(np.arange(self.tree.size, dtype=np.int32))
+        for _ in range(2):  # TinyJit captures on the second call; an identity move at slot 0 of a scratch cache
+            self.steps.compact(cache.layers, self.steps.bind(0), keep)
 
     def _load_weights(self, path: str) -> None:
         weights = safe_load(str(path))
@@ -246,6 +278,9 @@ class MedusaInferenceEngine(_EngineBase):
 
     def _lookup(self, request_id: str) -> _Request:
         req = self.requests.get(request_id)
+        if req is None and request_id in self.ended:
+            raise RingStateError(f"request {request_id} already ended on layers {self._layers()} "
+                                 f"({self.ended[request_id]}): a pass came after its end")
         if req is None:
             raise RingStateError(f"request {request_id} is unknown to layers {self._layers()}: its prompt never ran "
                                  f"here or it was evicted (at most {self.max_requests} live requests)")
@@ -260,6 +295,7 @@ class MedusaInferenceEngine(_EngineBase):
                              "(at least one must be left to generate)")
         req = _Request(model.new_cache(), prompt_len, rng=np.random.default_rng(self.generation.seed))
         self.requests.pop(request_id, None)
+        self.ended.pop(request_id, None)  # a request id may start again after it ended
         self.requests[request_id] = req
         while len(self.requests) > self.max_requests:
             evicted, _ = self.requests.popitem(last=False)
@@ -280,6 +316,8 @@ class MedusaInferenceEngine(_EngineBase):
         if not self.generation.greedy:
             tree_tokens[0] = sample(probabilities(logits.numpy(), self.generation), req.rng)
         emitted, finish = self._emit(req, [int(tree_tokens[0])])
+        if finish:
+            self._release(request_id, f"finished: {finish}")
         nxt = StepState(1, prompt_len, self.tree_id, 0, [], tree_tokens.tolist(), emitted, finish)
         return np.array([emitted], dtype=np.int64), nxt.to_state()
 
@@ -318,6 +356,8 @@ class MedusaInferenceEngine(_EngineBase):
             return steps.verify_logits(xt, req.cache.layers, steps.bind(req.pos)).numpy(), st.to_state()
         nodes, next_tree = steps.verify(xt, req.cache.layers, req.pos, np.array(st.tree), self.generation, req.rng)
         emitted, finish = self._emit(req, [st.tree[n] for n in nodes[1:]] + [int(next_tree[0])])
+        if finish:  # nothing can follow a finished request: its cache is garbage from now on
+            self._release(request_id, f"finished: {finish}")
         nxt = StepState(st.step + 1, req.pos + len(nodes), self.tree_id, 0, nodes, [int(t) for t in next_tree],
                         emitted, finish)
         return np.array([emitted], dtype=np.int64), nxt.to_state()

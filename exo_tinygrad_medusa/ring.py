@@ -1,0 +1,582 @@
+"""Engine shards as processes on loopback and a driver that runs requests around them: the transport of
+`exo-medusa bench-ring` and of the ring fault tests.
+
+Topology. On Exo's ring each node forwards a pass to the next one; here a driver relays it (driver -> shard 0 ->
+driver -> shard 1 -> ...). Every shard sees the same sequence of `MedusaInferenceEngine.infer_tensor` calls with
+the same JSON step state as on Exo's ring (the wire contract in engine.py). The injected one-way link delay is paid
+once per ring link, when a hop's input is delivered: shard i-1 -> shard i, and the last shard's tokens going back
+to shard 0. An N-shard pass therefore pays N delays, as on a ring of N machines; the relay itself adds ~0.1 ms of
+loopback per hop.
+
+Wire. A message is one frame: 4-byte big-endian header length, JSON header, 8-byte payload length, the raw bytes
+of one numpy array (its dtype and shape in the header). A request names an op (`infer`, `encode`, `release`,
+`warm_up`, `status`), the shard (as Exo sends it with every tensor) and a message id that the reply repeats.
+
+Faults. A dead shard (connection refused or closed), a silent one (no reply within `hop_timeout_s`) and a stale
+reply (another message's id, or a step state that is not the pass just sent) all raise a `RingError` subclass that
+names the request, the pass and the shard. After any error the connection is dropped and reopened on the next
+call, so a late reply can never be read as the answer to a later message. The driver releases the request on
+every shard it can reach when the request ends, finished or failed, so no KV cache outlives its request.
+
+    python -m exo_tinygrad_medusa.ring MODEL START END N_LAYERS [--medusa-heads DIR] [--medusa-choices TREE] ...
+
+serves one shard on 127.0.0.1, prints `PORT <n>` once it listens, and exits when its stdin closes (the parent
+ended, whatever the way it ended), so a shard never outlives the process that started it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .engine import RingStateError, StepState
+from .shard import Shard
+
+log = logging.getLogger(__name__)
+HOST = "127.0.0.1"
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+class RingError(RuntimeError):
+    """A request failed on the ring; the message says which request, which pass, which shard and why."""
+
+
+class ShardUnavailable(RingError):
+    """A shard is unreachable, closed the connection (its process died or restarted) or did not answer in time."""
+
+
+class ShardRefused(RingError):
+    """A shard answered with an error (e.g. the engine's RingStateError after a restart lost the request's cache)."""
+
+
+class StaleReply(RingError):
+    """A reply that does not answer the message or the pass just sent (a replayed or late answer)."""
+
+
+# -- framing ---------------------------------------------------------------------------------------------------
+async def send_frame(writer: asyncio.StreamWriter, header: dict, array: np.ndarray | None = None) -> None:
+    payload = b""
+    if array is not None:
+        array = np.ascontiguousarray(array)
+        header = {**header, "dtype": str(array.dtype), "shape": list(array.shape)}
+        payload = array.tobytes()
+    head = json.dumps(header).encode()
+    writer.write(struct.pack(">I", len(head)) + head + struct.pack(">Q", len(payload)) + payload)
+    await writer.drain()
+
+
+async def recv_frame(reader: asyncio.StreamReader) -> tuple[dict, np.ndarray | None]:
+    (n,) = struct.unpack(">I", await reader.readexactly(4))
+    header = json.loads(await reader.readexactly(n))
+    (m,) = struct.unpack(">Q", await reader.readexactly(8))
+    payload = await reader.readexactly(m)
+    if "dtype" not in header:
+        return header, None
+    return header, np.frombuffer(payload, dtype=header["dtype"]).reshape(header["shape"])
+
+
+# -- shard server ------------------------------------------------------------------------------------------------
+async def serve_shard(engine, shard: Shard, host: str = HOST, port: int = 0,
+                      until: Callable[[], None] | None = None) -> None:
+    """Serve `engine` for `shard` (the default when a request names none) until `until()` returns (blocking call,
+    run on a worker thread), then stop. Prints `PORT <n>` once listening."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                header, x = await recv_frame(reader)
+                reply: dict = {"id": header.get("id")}
+                out = None
+                try:
+                    target = Shard(**header["shard"]) if header.get("shard") else shard
+                    op = header.get("op", "infer")
+                    if op == "infer":
+                        out, reply["state"] = await engine.infer_tensor(header["request_id"], target, x,
+                                                                        header.get("state"))
+                    elif op == "encode":
+                        await engine.ensure_shard(target)
+                        out = np.array(engine.tokenizer.encode_chat(header["messages"]), dtype=np.int64)
+                    elif op == "release":
+                        await engine.ensure_shard(target)
+                        reply["held"] = await engine.release(header["request_id"])
+                    elif op == "warm_up":
+                        await engine.warm_up(target)
+                    elif op == "status":
+                        reply["requests"] = list(engine.requests)
+                    else:
+                        raise ValueError(f"unknown op {op!r}")
+                except Exception as e:  # the driver raises it with the request, pass and shard named
+                    log.info("shard %s: %s: %s", shard_label(shard), type(e).__name__, e)
+                    reply, out = {"id": header.get("id"), "error": f"{type(e).__name__}: {e}"}, None
+                await send_frame(writer, reply, out)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the driver went away or dropped the connection after an error: wait for the next one
+        finally:
+            writer.close()
+
+    await engine.ensure_shard(shard)
+    server = await asyncio.start_server(handle, host, port)
+    print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, until or sys.stdin.read)
+    server.close()
+
+
+def shard_label(shard: Shard) -> str:
+    return f"layers {shard.start_layer}..{shard.end_layer}"
+
+
+# -- client side -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinkConfig:
+    delay_s: float = 0.0             # injected one-way delay of every ring link
+    hop_timeout_s: float = 300.0     # one shard's answer to one pass; the first passes compile kernels (slow on CPU)
+    connect_timeout_s: float = 10.0
+    release_timeout_s: float = 5.0   # releasing is best effort: a silent shard must not hold up the error report
+
+    def __post_init__(self):
+        if self.delay_s < 0:
+            raise ValueError(f"link delay must be >= 0, got {self.delay_s}")
+        for name in ("hop_timeout_s", "connect_timeout_s", "release_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+class RemoteShard:
+    """One ring hop served by a shard process: `await hop(request_id, x, state)` is its `infer_tensor`."""
+
+    def __init__(self, port: int, shard: Shard | None, link: LinkConfig = LinkConfig(), host: str = HOST):
+        """`shard` travels with every message, as Exo sends it with every tensor (None: the server's own)."""
+        self.host, self.port, self.shard, self.link = host, port, shard, link
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.next_id = 0
+        self.link_s = 0.0            # delay actually slept (asyncio wakes a little late): the benchmark reports it
+
+    def __repr__(self) -> str:
+        return f"shard {shard_label(self.shard) if self.shard else ''} at {self.host}:{self.port}".replace("  ", " ")
+
+    async def __call__(self, request_id: str, x: np.ndarray, state: dict | None):
+        if self.link.delay_s:
+            t0 = time.perf_counter()
+            await asyncio.sleep(self.link.delay_s)
+            self.link_s += time.perf_counter() - t0
+        header, out = await self.call({"op": "infer", "request_id": request_id, "state": state}, x)
+        return out, header.get("state")
+
+    async def encode_chat(self, messages: list[dict]) -> list[int]:
+        _, ids = await self.call({"op": "encode", "messages": messages})
+        return ids.reshape(-1).tolist()
+
+    async def release(self, request_id: str) -> bool:
+        header, _ = await self.call({"op": "release", "request_id": request_id}, timeout=self.link.release_timeout_s)
+        return bool(header.get("held"))
+
+    async def warm_up(self) -> None:
+        await self.call({"op": "warm_up"})
+
+    async def live_requests(self) -> list[str]:
+        """Request ids whose KV cache this shard holds."""
+        header, _ = await self.call({"op": "status"}, timeout=self.link.release_timeout_s)
+        return header["requests"]
+
+    async def call(self, header: dict, array: np.ndarray | None = None, timeout: float | None = None):
+        timeout = timeout or self.link.hop_timeout_s
+        try:
+            return await asyncio.wait_for(self._roundtrip(header, array), timeout)
+        except asyncio.TimeoutError:
+            self.drop()  # its answer may still come: never read it as the answer to the next message
+            raise ShardUnavailable(f"{self} did not answer within {timeout:g} s (hung, overloaded or cut off)") from None
+        except ConnectionRefusedError:
+            self.drop()
+            raise ShardUnavailable(f"{self} refused the connection (the shard process is not running)") from None
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            self.drop()
+            raise ShardUnavailable(f"{self} closed the connection (the shard process died or restarted): "
+                                   f"{type(e).__name__}") from None
+
+    async def _roundtrip(self, header: dict, array: np.ndarray | None):
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
+                                                              self.link.connect_timeout_s)
+        self.next_id += 1
+        message_id = self.next_id
+        shard = {"shard": self.shard.to_dict()} if self.shard else {}
+        await send_frame(self.writer, {**header, "id": message_id, **shard}, array)
+        reply, out = await recv_frame(self.reader)
+        if reply.get("id") != message_id:
+            self.drop()
+            raise StaleReply(f"{self} answered message {reply.get('id')} when message {message_id} was sent")
+        if "error" in reply:
+            raise ShardRefused(f"{self}: {reply['error']}")
+        return reply, out
+
+    def drop(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await asyncio.wait_for(self.writer.wait_closed(), self.link.release_timeout_s)
+            except (asyncio.TimeoutError, ConnectionError, OSError):
+                pass
+        self.reader = self.writer = None
+
+
+@dataclass
+class RingResult:
+    request_id: str
+    tokens: list[int]
+    finish_reason: str | None
+    prompt_s: float                   # the prompt pass (prefill on every shard), first token included
+    decode_s: float                   # every later pass: what Medusa changes
+    accepted: list[int] = field(default_factory=list)   # tokens emitted by each decode pass (len of its keep)
+    link_s: float = 0.0               # injected delay slept during the decode passes
+
+    @property
+    def decode_passes(self) -> int:
+        return len(self.accepted)
+
+    @property
+    def decode_tokens(self) -> int:
+        return max(len(self.tokens) - 1, 0)  # the first token comes from the prompt pass
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class Ring:
+    """Runs requests around remote shards in order (the first holds layer 0, the last the final layer)."""
+
+    def __init__(self, hops: list[RemoteShard]):
+        if not hops:
+            raise ValueError("a ring needs at least one shard")
+        self.hops = hops
+        # releases that failed (a silent or dead shard): retried before every request, because a shard that comes
+        # back (thawed, reconnected) still holds those caches
+        self.unreleased: list[set[str]] = [set() for _ in hops]
+
+    async def generate(self, request_id: str, prompt_ids: list[int], max_passes: int = 100_000,
+                       on_pass: Callable[[int, list[int]], object] | None = None) -> RingResult:
+        """Prompt pass, then one pass per step until the last shard sets finish_reason. `on_pass(pass, tokens)`
+        runs after each pass (tests use it to strike mid-request). Always releases the request on every shard."""
+        if any(self.unreleased):
+            await self._release_pending()
+        x, state, tokens, accepted = np.array([prompt_ids], dtype=np.int64), None, [], []
+        link0 = sum(h.link_s for h in self.hops)
+        t0 = time.perf_counter()
+        prompt_s, t_decode, finish = 0.0, t0, None
+        try:
+            for n in range(max_passes):
+                x, state, step = await self._pass(request_id, n, x, state)
+                emitted = x.reshape(-1).tolist()
+                tokens += emitted
+                if n == 0:
+                    t_decode = time.perf_counter()
+                    prompt_s = t_decode - t0
+                    link0 = sum(h.link_s for h in self.hops)
+                else:
+                    accepted.append(len(step.keep))
+                if on_pass is not None:
+                    on_pass(n, emitted)
+                if step.finish_reason:
+                    finish = step.finish_reason
+                    break
+            decode_s = time.perf_counter() - t_decode
+        finally:
+            await self.release(request_id)
+        return RingResult(request_id, tokens, finish, prompt_s, decode_s, accepted,
+                          sum(h.link_s for h in self.hops) - link0)
+
+    async def _pass(self, request_id: str, n: int, x: np.ndarray, state: dict | None):
+        sent = StepState.from_state(state)
+        for i, hop in enumerate(self.hops):
+            where = f"request {request_id}, pass {n}, {hop}"
+            try:
+                x, state = await hop(request_id, x, state)
+                step = StepState.from_state(state)
+            except RingError as e:
+                raise type(e)(f"{where}: {e}") from None
+            except RingStateError as e:  # a malformed state in the reply
+                raise StaleReply(f"{where}: {e}") from None
+            expected = n + 1 if hop is self.hops[-1] else (sent.step if sent else 0)
+            if step is None or step.step != expected or x is None:
+                raise StaleReply(f"{where}: its reply carries step {None if step is None else step.step}, expected "
+                                 f"{expected} (a stale or replayed reply)")
+        return x, state, step
+
+    async def release(self, request_id: str) -> None:
+        """Free the request's KV cache on every shard; one that cannot be reached now is retried later."""
+        for pending in self.unreleased:
+            pending.add(request_id)
+        await self._release_pending()
+
+    async def _release_pending(self) -> None:
+        async def flush(hop: RemoteShard, pending: set[str]) -> None:
+            for request_id in sorted(pending):
+                try:
+                    await hop.release(request_id)
+                    pending.discard(request_id)
+                except RingError as e:
+                    log.info("request %s: not released on %s yet: %s", request_id, hop, e)
+                    return  # one failure per shard is enough to know it is away
+        await asyncio.gather(*(flush(h, p) for h, p in zip(self.hops, self.unreleased)))
+
+    async def encode_chat(self, text: str) -> list[int]:
+        return await self.hops[0].encode_chat([{"role": "user", "content": text}])
+
+    async def warm_up(self) -> None:
+        await asyncio.gather(*(h.warm_up() for h in self.hops))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(h.close() for h in self.hops))
+
+
+# -- shard processes -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardSpec:
+    """What a shard process loads and how its engine decodes (every shard of a ring gets the same options)."""
+    model: str
+    start: int
+    end: int
+    n_layers: int
+    medusa_heads: str | None = None   # None: plain decoding
+    medusa_choices: str | None = None
+    medusa_enabled: bool = False      # Medusa with the card's heads when no heads are given
+    max_new_tokens: int = 128
+    dtype: str | None = None
+    device: str | None = None
+    max_context: int = 2048
+    max_requests: int = 4
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.model, self.start, self.end, self.n_layers)
+
+    def argv(self) -> list[str]:
+        out = [self.model, str(self.start), str(self.end), str(self.n_layers), "--max-new-tokens",
+               str(self.max_new_tokens), "--max-context", str(self.max_context), "--max-requests",
+               str(self.max_requests)]
+        if self.medusa_enabled or self.medusa_heads:
+            out.append("--medusa-enabled")
+        for flag, value in (("--medusa-heads", self.medusa_heads), ("--medusa-choices", self.medusa_choices),
+                            ("--dtype", self.dtype), ("--device", self.device)):
+            if value is not None:
+                out += [flag, value]
+        return out
+
+
+def split_layers(n_layers: int, n_shards: int) -> list[tuple[int, int]]:
+    """Contiguous layer ranges as even as possible (Exo splits by memory; equal machines get equal shares)."""
+    if not 1 <= n_shards <= n_layers:
+        raise ValueError(f"cannot split {n_layers} layers into {n_shards} shards")
+    edges = [round(i * n_layers / n_shards) for i in range(n_shards + 1)]
+    return [(edges[i], edges[i + 1] - 1) for i in range(n_shards)]
+
+
+class ShardProcess:
+    """A shard server in its own process. Its stderr goes to a log file whose tail is quoted if it fails to start."""
+
+    def __init__(self, spec: ShardSpec, log_dir: str | Path | None = None):
+        self.spec = spec
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.log_path: Path | None = None
+        self._log = None
+
+    def __repr__(self) -> str:
+        return f"shard process {shard_label(self.spec.shard)} (pid {self.proc.pid if self.proc else None})"
+
+    def spawn(self) -> None:
+        if self.alive:
+            raise RuntimeError(f"{self} is already running")
+        fd, name = tempfile.mkstemp(prefix=f"shard-{self.spec.start}-{self.spec.end}-", suffix=".log",
+                                    dir=self.log_dir)
+        os.close(fd)
+        self.log_path, self.port = Path(name), None
+        self._log = self.log_path.open("w")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "exo_tinygrad_medusa.ring", *self.spec.argv()],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
+                                     cwd=str(Path(__file__).resolve().parent.parent))
+
+    def wait_ready(self, timeout_s: float = 600.0) -> int:
+        """Block until the process prints its port; a crash or timeout raises with the tail of its log."""
+        deadline, buf = time.monotonic() + timeout_s, b""
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill()
+                raise ShardUnavailable(f"{self} did not start within {timeout_s:g} s{self._log_tail()}")
+            ready, _, _ = select.select([self.proc.stdout], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(self.proc.stdout.fileno(), 256)
+                if not chunk:  # stdout closed: the process ended
+                    self.proc.wait(timeout=10)
+                    raise ShardUnavailable(f"{self} exited with code {self.proc.returncode} while starting"
+                                           f"{self._log_tail()}")
+                buf += chunk
+        line = buf.split(b"\n", 1)[0].decode()
+        if not line.startswith("PORT "):
+            self.kill()
+            raise ShardUnavailable(f"{self} printed {line!r} instead of its port{self._log_tail()}")
+        self.port = int(line.split()[1])
+        return self.port
+
+    def start(self, timeout_s: float = 600.0) -> int:
+        self.spawn()
+        return self.wait_ready(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a machine lost mid-request: no goodbye on its sockets beyond what the kernel sends."""
+        if self.alive:
+            self.proc.kill()
+        self._reap()
+
+    def freeze(self) -> None:
+        """SIGSTOP: alive and connected but silent, as a hung node or a cut cable (no reset ever arrives)."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Close its stdin (it exits by itself), then kill it if it does not."""
+        if self.proc is None:
+            return
+        if self.alive:
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)  # a frozen process cannot read its stdin closing
+                self.proc.stdin.close()
+                self.proc.wait(timeout=timeout_s)
+            except (subprocess.TimeoutExpired, OSError):
+                self.proc.kill()
+        self._reap()
+
+    def _reap(self) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not exit after SIGKILL", self)
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                if pipe and not pipe.closed:
+                    try:
+                        pipe.close()
+                    except OSError:
+                        pass
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def _log_tail(self, lines: int = 15) -> str:
+        tail = self.log_text().strip().splitlines()[-lines:]
+        return (":\n  " + "\n  ".join(tail)) if tail else ""
+
+    def remove_log(self) -> None:
+        if self.log_path is not None and self._log is None:
+            self.log_path.unlink(missing_ok=True)
+
+
+class LocalRing:
+    """N shard processes on loopback and a Ring over them; a context manager that always ends its processes."""
+
+    def __init__(self, specs: list[ShardSpec], link: LinkConfig = LinkConfig(), start_timeout_s: float = 600.0,
+                 log_dir: str | Path | None = None):
+        self.specs, self.link, self.start_timeout_s = specs, link, start_timeout_s
+        self.processes = [ShardProcess(s, log_dir) for s in specs]
+        self.ring: Ring | None = None
+
+    def start(self) -> "LocalRing":
+        try:
+            for p in self.processes:  # load in parallel, then wait for each
+                p.spawn()
+            for p in self.processes:
+                p.wait_ready(self.start_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.ring = Ring([RemoteShard(p.port, p.spec.shard, self.link) for p in self.processes])
+        return self
+
+    def set_link(self, link: LinkConfig) -> None:
+        self.link = link
+        for hop in self.ring.hops:
+            hop.link = link
+
+    def restart(self, index: int) -> None:
+        """Start shard `index` again (an empty engine, a new port) and point the ring at it."""
+        p = self.processes[index]
+        p.kill()
+        p.remove_log()
+        p.start(self.start_timeout_s)
+        self.ring.hops[index].drop()
+        self.ring.hops[index].port = p.port
+
+    def stop(self) -> None:
+        for p in self.processes:
+            p.stop()
+        for p in self.processes:
+            p.remove_log()
+
+    def __enter__(self) -> "LocalRing":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# -- shard process entry point ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    from .engine import MedusaInferenceEngine
+    from .sampling import GenerationConfig
+    from .session import MedusaOptions
+
+    p = argparse.ArgumentParser(prog="python -m exo_tinygrad_medusa.ring", description="serve one engine shard")
+    p.add_argument("model")
+    p.add_argument("start", type=int)
+    p.add_argument("end", type=int)
+    p.add_argument("n_layers", type=int)
+    p.add_argument("--medusa-enabled", action="store_true")
+    p.add_argument("--medusa-heads", default=None)
+    p.add_argument("--medusa-choices", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-context", type=int, default=2048)
+    p.add_argument("--max-requests", type=int, default=4)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s shard {args.start}..{args.end} %(name)s: %(message)s")
+    medusa = MedusaOptions(args.medusa_enabled or args.medusa_heads is not None, args.medusa_heads,
+                           choices=args.medusa_choices)
+    engine = MedusaInferenceEngine(medusa, GenerationConfig(max_new_tokens=args.max_new_tokens), device=args.device,
+                                   dtype=args.dtype, max_context=args.max_context, max_requests=args.max_requests)
+    asyncio.run(serve_shard(engine, Shard(args.model, args.start, args.end, args.n_layers)))
+
+
+if __name__ == "__main__":
+    main()
