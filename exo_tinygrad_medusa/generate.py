@@ -11,7 +11,8 @@ import numpy as np
 from tinygrad import Tensor
 
 from .medusa.heads import MedusaHeads
-from .medusa.tree import PLAIN, MedusaTree
+from .medusa.lookup import Grafter, LookupConfig, NgramIndex, NoProposals, SourceScores, common_prefix
+from .medusa.tree import PLAIN, MedusaTree, chain
 from .model import KVCache, Transformer
 from .sampling import GenerationConfig, probabilities, sample
 from .steps import ShardSteps
@@ -28,6 +29,7 @@ class GenerationResult:
     accept_lengths: list[int] = field(default_factory=list)  # tokens each verify step produced (before stop cuts)
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    lookup_steps: int = 0         # verify steps that carried a draft from the context (prompt lookup)
 
     @property
     def steps(self) -> int:
@@ -74,14 +76,54 @@ class _Emitter:
 
 
 class Generator:
-    """Owns a whole model (one shard holding every layer), its captured steps and one KV cache."""
+    """Owns a whole model (one shard holding every layer), its captured steps and one KV cache.
 
-    def __init__(self, model: Transformer, eos_token_ids, tree: MedusaTree = PLAIN, heads: MedusaHeads | None = None):
+    Prompt lookup (`GenerationConfig.prompt_lookup`, `LookupConfig`): with heads, context drafts are grafted into
+    the Medusa tree; without heads, a step whose context offers a draft verifies `chain_tokens` drafted tokens in a
+    chain tree (its own captured steps, sharing the cache) and any other step is a plain one-token step."""
+
+    def __init__(self, model: Transformer, eos_token_ids, tree: MedusaTree = PLAIN, heads: MedusaHeads | None = None,
+                 lookup: LookupConfig = LookupConfig()):
         if not (model.shard.is_first_layer() and model.shard.is_last_layer()):
             raise ValueError("Generator needs the whole model; use the engine for sharded models")
-        self.model, self.tree, self.eos_ids = model, tree, set(eos_token_ids)
+        self.model, self.tree, self.eos_ids, self.lookup = model, tree, set(eos_token_ids), lookup
         self.steps = ShardSteps(model, tree, heads)
         self.cache: KVCache = model.new_cache()
+        self.grafter = Grafter(tree) if tree.size > 1 else None
+        self._lookup_chain: ShardSteps | None = None
+
+    def uses_lookup(self, cfg: GenerationConfig) -> bool:
+        """cfg.prompt_lookup, or by default: on with a Medusa tree (grafting replaces the nodes least likely to be
+        accepted at no extra verify cost), off for plain decoding (a drafted chain costs more than a one-token step
+        and pays only where the text repeats its context, e.g. summaries and edits)."""
+        return self.tree.size > 1 if cfg.prompt_lookup is None else cfg.prompt_lookup
+
+    @property
+    def lookup_chain(self) -> ShardSteps:
+        """Captured steps of the lookup-only chain tree (plain decoding with prompt lookup), made on first use."""
+        if self._lookup_chain is None:
+            n = self.lookup.chain_tokens
+            try:
+                self._lookup_chain = ShardSteps(self.model, chain(n), NoProposals(n))
+            except ValueError as e:
+                raise ValueError(f"prompt lookup drafts {n} tokens a step: {e}") from None
+        return self._lookup_chain
+
+    def _with_draft(self, tree_tokens: np.ndarray, index: NgramIndex | None,
+                    scores: SourceScores | None) -> tuple[ShardSteps, np.ndarray, list[int]]:
+        """The steps to run, the tokens to verify (with the context's draft put in where it is used) and the draft
+        (empty if the context offered none)."""
+        if index is None:
+            return self.steps, tree_tokens, []
+        if self.grafter is not None:
+            draft, _ = index.draft(self.tree.depth)
+            if draft and scores.prefer_lookup:
+                return self.steps, self.grafter.graft(tree_tokens, draft)[0], draft
+            return self.steps, tree_tokens, draft
+        draft, _ = index.draft(self.lookup.chain_tokens)
+        if not draft:
+            return self.steps, tree_tokens[:1], []
+        return self.lookup_chain, np.array([tree_tokens[0], *draft], dtype=tree_tokens.dtype), draft
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -110,6 +152,11 @@ class Generator:
         result = GenerationResult(list(prompt_ids))
         rng = np.random.default_rng(cfg.seed)
         emit = _Emitter(result, self.eos_ids, min(cfg.max_new_tokens, self.model.max_context - len(prompt_ids)), on_tokens)
+        # the lookup-only chain needs cache slack for its drafts: make its steps (and any error) before the clock
+        index = NgramIndex(self.lookup, prompt_ids) if self.uses_lookup(cfg) else None
+        scores = SourceScores(self.lookup.score_decay) if index is not None and self.grafter is not None else None
+        if index is not None and self.grafter is None:
+            _ = self.lookup_chain
         t0 = time.perf_counter()
         hidden, row = self.prefill(prompt_ids)
         logits, tree_tokens = self.steps.propose_after_prefill(hidden, Tensor([row], dtype="int32"))
@@ -120,15 +167,24 @@ class Generator:
         emit.push([int(tree_tokens[0])])
         start_pos = len(prompt_ids)
         while not emit.done:
+            if index is not None:
+                index.extend(result.generated_ids[len(index.tokens) - len(prompt_ids):])
+            proposed = tree_tokens
+            steps, tree_tokens, draft = self._with_draft(proposed, index, scores)
+            result.lookup_steps += bool(draft) and tree_tokens is not proposed
             x = Tensor(tree_tokens.reshape(1, -1).astype(np.int32))
-            nodes, next_tree = self.steps.verify(x, self.cache.layers, start_pos, tree_tokens, cfg, rng)
+            nodes, next_tree = steps.verify(x, self.cache.layers, start_pos, tree_tokens, cfg, rng)
             result.accept_lengths.append(len(nodes))
-            emit.push([int(tree_tokens[n]) for n in nodes[1:]] + [int(next_tree[0])])
+            emitted = [int(tree_tokens[n]) for n in nodes[1:]] + [int(next_tree[0])]  # what followed the root
+            if scores is not None and draft:
+                scores.update(self.grafter.matched(proposed, emitted), common_prefix(draft, emitted))
+            emit.push(emitted)
             if nodes != list(range(len(nodes))):  # accepted nodes must sit in consecutive cache slots
-                keep = np.arange(self.tree.size, dtype=np.int32)
+                keep = np.arange(steps.tree.size, dtype=np.int32)
                 keep[:len(nodes)] = nodes
-                self.steps.compact(self.cache.layers, self.steps.bind(start_pos), Tensor(keep))
+                steps.compact(self.cache.layers, steps.bind(start_pos), Tensor(keep))
             start_pos += len(nodes)
-            tree_tokens = next_tree
+            # the lookup-only chain proposes placeholders past its root: the next step starts from the root alone
+            tree_tokens = next_tree if steps is self.steps else next_tree[:1]
         result.decode_s = time.perf_counter() - t1
         return result

@@ -18,6 +18,7 @@ class GenerationConfig:
     medusa_sampling: str = "typical"   # "typical" (Medusa paper) or "exact" (distribution-preserving)
     posterior_threshold: float = 0.09
     posterior_alpha: float = 0.3
+    prompt_lookup: bool | None = None  # drafts from the context (medusa/lookup.py); None: where it pays (Generator)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

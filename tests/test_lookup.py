@@ -1,0 +1,226 @@
+"""Prompt lookup: n-gram drafts from the context, grafting them into a fixed-shape Medusa tree, and generation with
+them (greedy output identical to plain greedy, exact sampling still distribution-preserving, nothing recompiled)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tinygrad.codegen import to_program_cache
+
+from exo_tinygrad_medusa.generate import Generator
+from exo_tinygrad_medusa.medusa.heads import random_heads
+from exo_tinygrad_medusa.medusa.lookup import Grafter, LookupConfig, NgramIndex, SourceScores, common_prefix
+from exo_tinygrad_medusa.medusa.tree import PLAIN, MedusaTree, chain, load_tree
+from exo_tinygrad_medusa.sampling import GenerationConfig, exact_accept
+from test_sampling import SIGNIFICANCE, ToyModel, goodness_of_fit
+
+
+# -- n-gram index ----------------------------------------------------------------------------------------------------
+def test_longest_suffix_wins_over_a_more_recent_shorter_one():
+    index = NgramIndex(LookupConfig(), [1, 2, 3, 7, 8, 9, 3, 5, 6, 1, 2, 3])
+    # "1 2 3" occurred at the start, followed by 7 8 9; "3" alone occurred later, followed by 5
+    assert index.draft(3) == ([7, 8, 9], 3)
+
+
+def test_most_recent_occurrence_wins():
+    index = NgramIndex(LookupConfig(), [4, 5, 10, 4, 5, 11, 12, 9, 4, 5])
+    assert index.draft(2) == ([11, 12], 2)
+
+
+def test_the_suffix_never_matches_itself():
+    assert NgramIndex(LookupConfig(), [1, 2, 3]).draft(4) == ([], 0)
+    index = NgramIndex(LookupConfig(min_ngram=2), [1, 2, 9, 2])  # "2" would match at n = 1, but n >= 2 is asked for
+    assert index.draft(2) == ([], 0)
+
+
+def test_a_match_running_into_the_suffix_repeats_its_period():
+    index = NgramIndex(LookupConfig(), [8, 1, 2, 1, 2])
+    assert index.draft(5) == ([1, 2, 1, 2, 1], 2)   # "1 2" was followed by "1 2": the pattern keeps repeating
+    assert NgramIndex(LookupConfig(), [6, 6]).draft(3) == ([6, 6, 6], 1)
+
+
+def test_extend_is_the_same_as_building_at_once():
+    seq = [int(t) for t in np.random.default_rng(0).integers(0, 6, 60)]
+    grown = NgramIndex(LookupConfig())
+    for i in range(0, 60, 7):
+        grown.extend(seq[i:i + 7])
+        assert grown.draft(4) == NgramIndex(LookupConfig(), seq[:i + 7]).draft(4)
+
+
+def test_lookup_config_is_checked():
+    with pytest.raises(ValueError, match="min_ngram <= max_ngram"):
+        LookupConfig(min_ngram=3, max_ngram=2)
+    with pytest.raises(ValueError, match="chain_tokens must be >= 1"):
+        LookupConfig(chain_tokens=0)
+    with pytest.raises(ValueError, match=r"score_decay must be in \[0, 1\)"):
+        LookupConfig(score_decay=1.0)
+
+
+# -- grafting ----------------------------------------------------------------------------------------------------------
+def test_graft_into_a_chain_overwrites_it():
+    tree = chain(3)
+    out, placed = Grafter(tree).graft(np.array([5, 10, 11, 12]), [20, 21])
+    assert out.tolist() == [5, 20, 21, 12] and placed == 2
+
+
+def test_graft_keeps_the_heads_best_branch_when_a_weaker_one_hosts_the_draft():
+    tree = load_tree("cpu-8")  # (0) (1) (0,0) (1,0) (0,1) (0,0,0) (0,0,0,0)
+    tokens = np.arange(100, 100 + tree.size)
+    grafter = Grafter(tree)
+    node = {c: i + 1 for i, c in enumerate(tree.choices)}
+    # two draft tokens fit under the rank-1 branch: the rank-0 chain stays as the heads proposed it
+    out, placed = grafter.graft(tokens, [7, 8])
+    assert placed == 2 and out[node[(1,)]] == 7 and out[node[(1, 0)]] == 8
+    assert np.array_equal(np.delete(out, [node[(1,)], node[(1, 0)]]), np.delete(tokens, [node[(1,)], node[(1, 0)]]))
+    # four draft tokens need the deepest chain
+    out, placed = grafter.graft(tokens, [7, 8, 9, 6])
+    assert placed == 4 and [out[node[c]] for c in [(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)]] == [7, 8, 9, 6]
+    assert out[node[(1,)]] == tokens[node[(1,)]] and out[0] == tokens[0]
+
+
+def test_graft_follows_a_child_that_already_holds_the_draft_token():
+    tree = load_tree("cpu-8")
+    node = {c: i + 1 for i, c in enumerate(tree.choices)}
+    tokens = np.arange(100, 100 + tree.size)
+    draft = [int(tokens[node[(1,)]]), 55, 56]  # the rank-1 candidate is the draft's first token
+    out, placed = Grafter(tree).graft(tokens, draft)
+    assert placed == 2 and out[node[(1,)]] == draft[0] and out[node[(1, 0)]] == 55
+    assert out[node[(0,)]] == tokens[node[(0,)]]
+
+
+def test_scoring_what_a_step_emitted():
+    tree = load_tree("cpu-8")
+    node = {c: i + 1 for i, c in enumerate(tree.choices)}
+    tokens = np.zeros(tree.size, dtype=np.int64)
+    tokens[node[(0,)]], tokens[node[(1,)]], tokens[node[(1, 0)]], tokens[node[(0, 0)]] = 5, 6, 7, 8
+    grafter = Grafter(tree)
+    assert grafter.matched(tokens, [6, 7, 1]) == 2 and grafter.matched(tokens, [5, 8]) == 2
+    assert grafter.matched(tokens, [9, 5]) == 0 and common_prefix([6, 7, 2], [6, 7, 1]) == 2
+    scores = SourceScores(0.5)
+    assert not scores.prefer_lookup                     # a tie keeps the heads' tree
+    scores.update(heads=1, lookup=2)
+    assert scores.prefer_lookup
+    scores.update(heads=3, lookup=0)                    # heads 0.5 -> 1.75, lookup 1.0 -> 0.5
+    assert not scores.prefer_lookup and scores.heads == pytest.approx(1.75)
+
+
+@pytest.mark.parametrize("spec", ["cpu-8", "cpu-16", "mc_sim_7b_63"])
+def test_grafting_never_puts_one_token_on_two_siblings(spec):
+    """Duplicate siblings would waste a branch (and the second copy could never be accepted by exact sampling)."""
+    tree, rng = load_tree(spec), np.random.default_rng(1)
+    grafter = Grafter(tree)
+    for _ in range(200):
+        tokens = rng.integers(0, 6, tree.size)
+        for parent in range(tree.size):  # heads propose distinct candidates under one parent
+            kids = grafter.children[parent]
+            tokens[kids] = rng.permutation(12)[:len(kids)]
+        out, _ = grafter.graft(tokens, [int(t) for t in rng.integers(0, 12, tree.depth)])
+        for parent in range(tree.size):
+            kids = out[grafter.children[parent]].tolist()
+            assert len(kids) == len(set(kids))
+
+
+@pytest.mark.parametrize("cfg", [GenerationConfig(temperature=1.0), GenerationConfig(temperature=0.7, top_k=3)],
+                         ids=["t1", "t0.7-topk3"])
+def test_exact_sampling_with_a_grafted_draft_preserves_the_distribution(cfg):
+    toy, rng, n = ToyModel(seed=3), np.random.default_rng(7), 6000
+    second = int(np.argsort(-toy.logits[toy.root])[1])
+    # a draft that shares its first token with a head candidate, then diverges into unlikely tokens
+    toy.tree_tokens, placed = Grafter(toy.tree).graft(toy.tree_tokens, [second, 4, 3])
+    assert placed >= 2
+    samples = [toy.draw(exact_accept, cfg, rng) for _ in range(n)]
+    assert goodness_of_fit(samples, toy.joint(cfg)) > SIGNIFICANCE
+
+
+# -- generation ----------------------------------------------------------------------------------------------------
+NEW = 48
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model):
+    # llama seed 1: a varied continuation; qwen2 tied: falls into a loop, where the context predicts everything
+    return {"varied": tiny_model("llama", max_context=160, seed=1), "loop": tiny_model("qwen2", max_context=160)}
+
+
+def _prompt(seed: int) -> list[int]:
+    part = [int(t) for t in np.random.default_rng(seed).integers(3, 320, 12)]
+    return part + [7, 9] + part + [7, 9] + part[:4]   # the prompt repeats itself: lookup has something to find
+
+
+@pytest.fixture(scope="module")
+def plain(models):
+    out = {}
+    for kind, loaded in models.items():
+        gen = Generator(loaded.model, [])
+        out[kind] = gen, {s: gen.generate(_prompt(s), GenerationConfig(NEW, prompt_lookup=False)).generated_ids
+                          for s in (0, 1)}
+    return out
+
+
+@pytest.mark.parametrize("kind", ["varied", "loop"])
+def test_plain_decoding_with_lookup_equals_plain_greedy(plain, kind):
+    gen, expected = plain[kind]
+    for seed in (0, 1):
+        result = gen.generate(_prompt(seed), GenerationConfig(NEW, prompt_lookup=True))
+        assert result.generated_ids == expected[seed]
+        assert result.lookup_steps > 0 and 1 + sum(result.accept_lengths) >= NEW
+    if kind == "loop":  # once the model loops, every drafted step accepts most of the chain
+        assert result.mean_accepted > 2.0
+
+
+@pytest.mark.parametrize("kind,tree", [("varied", "cpu-8"), ("varied", "mc_sim_7b_63"), ("loop", "cpu-4")])
+def test_medusa_with_lookup_equals_plain_greedy(models, plain, kind, tree):
+    loaded = models[kind]
+    heads = random_heads(loaded.model.config, loaded.model.lm_head, 4, 1, "v2", seed=11, scale=0.3)
+    gen = Generator(loaded.model, [], load_tree(tree), heads)
+    _, expected = plain[kind]
+    lengths = {}
+    for lookup in (False, True):
+        result = gen.generate(_prompt(0), GenerationConfig(NEW, prompt_lookup=lookup))
+        assert result.generated_ids == expected[0]
+        assert (result.lookup_steps > 0) == lookup
+        lengths[lookup] = result.mean_accepted
+    if kind == "loop":  # random heads rarely guess; the context does
+        assert lengths[True] > lengths[False] + 0.5
+
+
+@pytest.mark.parametrize("mode", ["exact", "typical"])
+@pytest.mark.parametrize("tree", ["plain", "cpu-8"])
+def test_near_zero_temperature_with_lookup_reproduces_greedy(models, plain, mode, tree):
+    """The host-side acceptance path with drafts (lookup-only chain or grafted tree) must also reduce to greedy."""
+    loaded = models["loop"]
+    heads = None if tree == "plain" else random_heads(loaded.model.config, loaded.model.lm_head, 4, 1, "v2", seed=11,
+                                                                                         scale=0.3)
+    gen = Generator(loaded.model, [], PLAIN if tree == "plain" else load_tree(tree), heads)
+    result = gen.generate(_prompt(1), GenerationConfig(NEW, temperature=1e-4, seed=0, medusa_sampling=mode,
+                                                       prompt_lookup=True))
+    assert result.generated_ids == plain["loop"][1][1]
+    assert result.lookup_steps > 0 and result.mean_accepted > 1.5
+
+
+def test_lookup_default_is_on_for_medusa_and_off_for_plain(models):
+    loaded = models["varied"]
+    heads = random_heads(loaded.model.config, loaded.model.lm_head, 4, 1, "v2", seed=11,
+                                                                                         scale=0.3)
+    assert Generator(loaded.model, [], load_tree("cpu-4"), heads).uses_lookup(GenerationConfig())
+    assert not Generator(loaded.model, []).uses_lookup(GenerationConfig())
+    assert Generator(loaded.model, []).uses_lookup(GenerationConfig(prompt_lookup=True))
+    assert Generator(loaded.model, [], load_tree("cpu-4"), heads).generate(
+        _prompt(0), GenerationConfig(8, prompt_lookup=False)).lookup_steps == 0
+
+
+def test_a_chain_longer_than_the_cache_slack_is_a_clear_error(models):
+    gen = Generator(models["varied"].model, [], lookup=LookupConfig(chain_tokens=4096))
+    with pytest.raises(ValueError, match="prompt lookup drafts 4096 tokens a step: .*exceeds the cache slack"):
+        gen.generate(_prompt(0), GenerationConfig(4, prompt_lookup=True))
+
+
+def test_lookup_steps_are_captured_once(plain):
+    gen, _ = plain["varied"]
+    cfg = GenerationConfig(24, prompt_lookup=True)
+    gen.generate(_prompt(0), cfg)
+    gen.generate(_prompt(1)[2:], cfg)
+    kernels, captured = len(to_program_cache), gen.lookup_chain.verify_greedy.captured
+    assert captured is not None
+    for prompt in (_prompt(0)[5:], _prompt(1) + [3, 4]):
+        gen.generate(prompt, cfg)
+    assert len(to_program_cache) == kernels and gen.lookup_chain.verify_greedy.captured is captured
