@@ -50,6 +50,9 @@ def generation_args() -> argparse.ArgumentParser:
                    help="acceptance when temperature > 0: typical (Medusa paper, fast, approximate) or exact (lossless)")
     p.add_argument("--posterior-threshold", type=float, default=0.09)
     p.add_argument("--posterior-alpha", type=float, default=0.3)
+    p.add_argument("--prompt-lookup", action=argparse.BooleanOptionalAction, default=None,
+                   help="drafts from the context (n-gram lookup in prompt and output): grafted into the Medusa tree, or "
+                        "verified as a 4-token chain without heads (default: on with Medusa, off without)")
     return p
 
 
@@ -76,7 +79,7 @@ def generation_config(args) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=args.max_generate_tokens, temperature=effective_temperature(args.temperature),
                             top_k=args.top_k, top_p=args.top_p, seed=check_seed(args.seed),
                             medusa_sampling=args.medusa_sampling, posterior_threshold=args.posterior_threshold,
-                            posterior_alpha=args.posterior_alpha)
+                            posterior_alpha=args.posterior_alpha, prompt_lookup=args.prompt_lookup)
 
 
 def session_from_args(args) -> Session:
