@@ -557,12 +557,11 @@ class ChatHandler(BaseHTTPRequestHandler):
             body = self.rfile.read(length)
         except TimeoutError:
             body, self.timed_out = b"", True
-        if len(body) < length:
+        if not self.server.received(self) or len(body) < length:
             self.close_connection = True
             if self.timed_out:
                 raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.timeout:g} s")
             raise BadRequest(f"the body ended after {len(body)} of its {length} bytes")
-        self.server.received(self)
         return body
 
     def _post(self) -> None:
@@ -723,22 +722,25 @@ class ChatServer(ThreadingHTTPServer):
         with self._lock:
             self._deadlines[handler] = time.monotonic() + self.limits.timeout
 
-    def received(self, handler: ChatHandler) -> None:
+    def received(self, handler: ChatHandler) -> bool:
+        """The handler has its whole request; False when its deadline passed first (it is being cut off)."""
+        with self._lock:
+            return self._deadlines.pop(handler, None) is not None
+
+    def unwatch(self, handler: ChatHandler) -> None:
         with self._lock:
             self._deadlines.pop(handler, None)
-
-    unwatch = received
 
     def _reap(self) -> None:
         while not self._closed.wait(min(1.0, self.limits.timeout / 4)):
             now = time.monotonic()
-            with self._lock:
+            with self._lock:  # flagged under the lock: received() then knows the reaper got there first
                 late = [h for h, deadline in self._deadlines.items() if deadline < now]
                 for h in late:
                     del self._deadlines[h]
+                    h.timed_out = True
             for h in late:
                 log.info("%s: request not received in %.0f s", h.client_address[0], self.limits.timeout)
-                h.timed_out = True
                 try:  # a blocked read returns at once with what it has; the answer can still be written
                     h.connection.shutdown(socket.SHUT_RD)
                 except OSError:
