@@ -1,0 +1,55 @@
+"""Shared options: one lower module that every command imports (no import circle through cli.py), sampling values
+checked before a model loads, and the first-run notice."""
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from exo_tinygrad_medusa.cli import main
+from exo_tinygrad_medusa.options import FIRST_RUN_NOTICE, generation_args, generation_config
+
+PACKAGE = Path(__file__).resolve().parent.parent / "exo_tinygrad_medusa"
+
+
+def parse(*argv: str):
+    return argparse.ArgumentParser(parents=[generation_args()]).parse_args(list(argv))
+
+
+def test_nothing_imports_cli():
+    importers = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in ("cli", "exo_tinygrad_medusa.cli"):
+                importers.append(path.name)
+            if isinstance(node, ast.ImportFrom) and node.module is None and any(a.name == "cli" for a in node.names):
+                importers.append(path.name)
+    assert importers == ["__main__.py"]
+
+
+def test_temperature_too_small_to_sample_is_greedy():
+    assert generation_config(parse("--temperature", "1e-320")).greedy
+    assert generation_config(parse("--temperature", "0.7")).temperature == 0.7
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--seed", "-1"), "seed must be in [0, 2**64), got -1"),
+    (("--temperature", "inf"), "temperature must be a finite number"),
+    (("--temperature", "nan"), "temperature must be a finite number"),
+    (("--temperature", "-0.5"), "temperature must be >= 0"),
+])
+def test_bad_sampling_values_are_refused(argv, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generation_config(parse(*argv))
+
+
+def test_run_says_it_is_compiling_before_the_first_generation(tiny_checkpoint, capsys):
+    model = str(tiny_checkpoint("llama"))
+    assert main(["run", model, "--prompt", "hi", "--max-generate-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"exo-medusa: {FIRST_RUN_NOTICE}\n") and "2 tokens" in err
+    assert main(["run", model, "--prompt", "hi", "--max-generate-tokens", "2", "--json"]) == 0
+    assert FIRST_RUN_NOTICE not in capsys.readouterr().err  # --json output stays machine-readable, stderr quiet
