@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _subcommand_modules() -> list:
-    from . import bench, server, train_cli
-    return [server, train_cli, bench]
+    from . import bench, bench_ring, server, train_cli
+    return [server, train_cli, bench, bench_ring]
 
 
 def main(argv: list[str] | None = None) -> int:

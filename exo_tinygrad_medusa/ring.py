@@ -115,7 +115,9 @@ async def serve_shard(engine, shard: Shard, host: str = HOST, port: int = 0,
                     elif op == "warm_up":
                         await engine.warm_up(target)
                     elif op == "status":
+                        await engine.ensure_shard(target)
                         reply["requests"] = list(engine.requests)
+                        reply["tree"] = {"name": engine.tree.name, "size": engine.tree.size}
                     else:
                         raise ValueError(f"unknown op {op!r}")
                 except Exception as e:  # the driver raises it with the request, pass and shard named
@@ -187,10 +189,13 @@ class RemoteShard:
     async def warm_up(self) -> None:
         await self.call({"op": "warm_up"})
 
-    async def live_requests(self) -> list[str]:
-        """Request ids whose KV cache this shard holds."""
+    async def status(self) -> dict:
+        """{"requests": ids whose KV cache this shard holds, "tree": {"name", "size"}}."""
         header, _ = await self.call({"op": "status"}, timeout=self.link.release_timeout_s)
-        return header["requests"]
+        return {"requests": header["requests"], "tree": header["tree"]}
+
+    async def live_requests(self) -> list[str]:
+        return (await self.status())["requests"]
 
     async def call(self, header: dict, array: np.ndarray | None = None, timeout: float | None = None):
         timeout = timeout or self.link.hop_timeout_s
@@ -461,17 +466,24 @@ class ShardProcess:
     def thaw(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Close its stdin (it exits by itself), then kill it if it does not."""
-        if self.proc is None:
-            return
+    def request_stop(self) -> None:
+        """Close its stdin: it exits by itself (several processes wind down in parallel before `stop` waits)."""
         if self.alive:
             try:
                 os.kill(self.proc.pid, signal.SIGCONT)  # a frozen process cannot read its stdin closing
                 self.proc.stdin.close()
-                self.proc.wait(timeout=timeout_s)
-            except (subprocess.TimeoutExpired, OSError):
-                self.proc.kill()
+            except OSError:
+                pass
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Close its stdin, wait for it to exit, kill it if it does not."""
+        if self.proc is None:
+            return
+        self.request_stop()
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
         self._reap()
 
     def _reap(self) -> None:
@@ -538,6 +550,8 @@ class LocalRing:
         self.ring.hops[index].port = p.port
 
     def stop(self) -> None:
+        for p in self.processes:
+            p.request_stop()
         for p in self.processes:
             p.stop()
         for p in self.processes:

@@ -4,11 +4,13 @@ request (token-identical) once the shard is back, and no shard may keep a KV cac
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import numpy as np
 import pytest
 
+from exo_tinygrad_medusa.exo_patch import exo_available
 from exo_tinygrad_medusa.engine import MedusaInferenceEngine, RingStateError, StepState
 from exo_tinygrad_medusa.medusa.heads import random_heads
 from exo_tinygrad_medusa.ring import (LinkConfig, LocalRing, RemoteShard, Ring, ShardRefused, ShardSpec,
@@ -303,3 +305,38 @@ def test_a_shard_that_cannot_start_says_why(tmp_path):
                                                r"starting:(\n.*)*missing"):
         lr.start()
     assert not lr.processes[0].alive
+
+
+def test_bench_ring_command_on_a_tiny_model(setup, tmp_path):
+    """`exo-medusa bench-ring` end to end, JSON report. One-shard rings keep it to two processes to compile (the
+    two-shard ring is what the fault tests above run)."""
+    from exo_tinygrad_medusa.cli import main
+
+    model, heads, _, _ = setup
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Tell me about the sea.", "category": "x", "id": "sea"}\n')
+    out = tmp_path / "ring.json"
+    code = main(["bench-ring", model, "--medusa-heads", heads, "--medusa-choices", "cpu-8", "--shards", "1",
+                 "--link-delays-ms", "0,5", "--prompts", str(prompts), "--max-generate-tokens", "6",
+                 "--warmup-tokens", "2", "--hop-timeout-s", "60", "--exo", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["summary"]["identical"] and report["summary"]["tree"] == "cpu-8"
+    cells = report["cells"]
+    assert [(c["shards"], c["delay_ms"]) for c in cells] == [(1, 0.0), (1, 5.0)]
+    assert all(c["plain_passes_per_token"] == 1.0 for c in cells)  # plain decoding: one ring pass per token
+    assert cells[1]["link_ms_per_pass"] >= 5.0                          # one link: the shard back to itself
+    assert cells[0]["link_ms_per_pass"] == 0.0
+    assert {r["plain"]["decode_tokens"] for r in report["runs"]} == {5}
+    assert report["model_fit"][0]["shards"] == 1
+    if not exo_available():
+        assert "not importable" in report["exo"]["skipped"]
+
+
+def test_bench_ring_rejects_bad_options(capsys):
+    from exo_tinygrad_medusa.cli import main
+
+    assert main(["bench-ring", "--shards", "2,x"]) == 2
+    assert "--shards expects comma-separated numbers, got '2,x'" in capsys.readouterr().err
+    assert main(["bench-ring", "--link-delays-ms", "-5"]) == 2
+    assert "--link-delays-ms must be delays >= 0" in capsys.readouterr().err

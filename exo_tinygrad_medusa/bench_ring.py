@@ -1,0 +1,496 @@
+"""`exo-medusa bench-ring`: plain against Medusa greedy decoding on a ring of shard processes, with a link delay.
+
+On a ring every decoding step is one pass around it: N link crossings for N shards. Plain decoding pays a pass per
+token, Medusa one per verify step, so each token a step accepts beyond the first saves a whole pass. For each ring
+size (2 and 3 shards split by layers, one process each, on loopback) and each one-way link delay, the same prompts
+run through a plain ring and a Medusa ring alternately (which goes first alternates too), so background load and
+the kernels' speed hit both alike. Requests go through the engine's wire contract (`infer_tensor` and the JSON step
+state, see engine.py) over sockets (ring.py); the delay is injected in that transport, never on the machine's
+network devices.
+
+Reported per (ring size, delay): decode tokens/s of both, their ratio, ring passes per token, Medusa's mean
+accepted length (tokens per verify step), compute per pass (decode time less the injected delay), and whether the
+token streams are identical. A pass costs c + N*d (compute c, delay d), so Medusa/plain = a*(c_plain + N*d) /
+(c_medusa + N*d) for accepted length a: the ratio grows with d towards a, and Medusa overtakes plain once N*d
+exceeds (c_medusa - a*c_plain) / (a - 1), the break-even delay the summary reports.
+
+With `--exo` and classic Exo importable, the same prompt also runs on a two-node Exo ring (Exo's own gRPC and API,
+our engine inside) with and without `--medusa-enabled`; without Exo that part is skipped with a note."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .prompts import Prompt, load_prompts
+from .registry import resolve
+from .ring import LinkConfig, LocalRing, Ring, RingResult, ShardSpec, split_layers
+
+log = logging.getLogger(__name__)
+DEFAULT_DELAYS_MS = (0.0, 2.0, 5.0, 20.0)
+DEFAULT_SHARDS = (2, 3)
+
+
+@dataclass(frozen=True)
+class RingBenchConfig:
+    model: str
+    prompts: tuple[Prompt, ...]
+    shard_counts: tuple[int, ...] = DEFAULT_SHARDS
+    delays_ms: tuple[float, ...] = DEFAULT_DELAYS_MS
+    max_new_tokens: int = 48
+    warmup_tokens: int = 6
+    medusa_heads: str | None = None       # None: the model card's heads
+    medusa_choices: str | None = None     # None: the engine's default tree for the device
+    dtype: str | None = None
+    device: str | None = None
+    max_context: int = 2048
+    hop_timeout_s: float = 300.0
+    start_timeout_s: float = 900.0
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ValueError("bench-ring needs at least one prompt")
+        if not self.shard_counts or any(n < 1 for n in self.shard_counts):
+            raise ValueError(f"--shards must be positive ring sizes, got {self.shard_counts}")
+        if not self.delays_ms or any(d < 0 for d in self.delays_ms):
+            raise ValueError(f"--link-delays-ms must be delays >= 0, got {self.delays_ms}")
+        if self.max_new_tokens < 2:
+            raise ValueError("--max-generate-tokens must be >= 2 (decode speed is measured after the first token)")
+        if self.warmup_tokens < 2:
+            raise ValueError("--warmup-tokens must be >= 2 (TinyJit captures on a step's second call)")
+
+
+@dataclass
+class PromptPair:
+    """One prompt, one ring size, one delay: the plain and the Medusa run."""
+    shards: int
+    delay_ms: float
+    prompt: str
+    plain: RingResult
+    medusa: RingResult
+
+    @property
+    def identical(self) -> bool:
+        return self.plain.tokens == self.medusa.tokens
+
+    def to_json(self) -> dict:
+        out = {"shards": self.shards, "delay_ms": self.delay_ms, "prompt": self.prompt, "identical": self.identical}
+        for name, r in (("plain", self.plain), ("medusa", self.medusa)):
+            out[name] = {"tokens": len(r.tokens), "decode_tokens": r.decode_tokens, "passes": r.decode_passes,
+                         "decode_s": round(r.decode_s, 4), "link_s": round(r.link_s, 4),
+                         "prompt_s": round(r.prompt_s, 4), "tokens_per_s": round(r.decode_tokens_per_s, 4),
+                         "finish_reason": r.finish_reason, "accepted": r.accepted}
+        return out
+
+
+@dataclass
+class Cell:
+    """Aggregate of every prompt at one ring size and one delay."""
+    shards: int
+    delay_ms: float
+    prompts: int
+    plain_tokens_per_s: float
+    medusa_tokens_per_s: float
+    ratio: float | None
+    plain_passes_per_token: float
+    medusa_passes_per_token: float
+    mean_accepted: float
+    plain_compute_ms_per_pass: float
+    medusa_compute_ms_per_pass: float
+    link_ms_per_pass: float            # delay actually slept per pass (N links), Medusa ring
+    identical: bool
+
+    @classmethod
+    def of(cls, pairs: list[PromptPair]) -> "Cell":
+        def total(mode: str, attr: str) -> float:
+            return sum(getattr(getattr(p, mode), attr) for p in pairs)
+
+        tokens = {m: total(m, "decode_tokens") for m in ("plain", "medusa")}
+        seconds = {m: total(m, "decode_s") for m in ("plain", "medusa")}
+        passes = {m: total(m, "decode_passes") for m in ("plain", "medusa")}
+        link = {m: total(m, "link_s") for m in ("plain", "medusa")}
+        speed = {m: tokens[m] / seconds[m] if seconds[m] > 0 else 0.0 for m in ("plain", "medusa")}
+        accepted = [a for p in pairs for a in p.medusa.accepted]
+        return cls(pairs[0].shards, pairs[0].delay_ms, len(pairs), speed["plain"], speed["medusa"],
+                   speed["medusa"] / speed["plain"] if speed["plain"] > 0 and speed["medusa"] > 0 else None,
+                   passes["plain"] / max(tokens["plain"], 1), passes["medusa"] / max(tokens["medusa"], 1),
+                   statistics.fmean(accepted) if accepted else 1.0,
+                   1e3 * (seconds["plain"] - link["plain"]) / max(passes["plain"], 1),
+                   1e3 * (seconds["medusa"] - link["medusa"]) / max(passes["medusa"], 1),
+                   1e3 * link["medusa"] / max(passes["medusa"], 1), all(p.identical for p in pairs))
+
+    def to_json(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def ring_model(cells: list[Cell], shards: int) -> dict:
+    """The pass-cost model fitted on one ring size: compute per pass (median over delays), accepted length, the
+    limit of the ratio for long links and the one-way delay above which Medusa beats plain."""
+    mine = [c for c in cells if c.shards == shards]
+    c_plain = statistics.median(c.plain_compute_ms_per_pass for c in mine)
+    c_medusa = statistics.median(c.medusa_compute_ms_per_pass for c in mine)
+    # tokens per pass, as measured (the budget cut of the last pass included): the ratio's limit for long links
+    a = statistics.fmean(c.plain_passes_per_token / c.medusa_passes_per_token for c in mine)
+    if a <= 1.0:
+        break_even = None
+    else:
+        break_even = max((c_medusa - a * c_plain) / (a - 1.0), 0.0) / shards
+    return {"shards": shards, "plain_compute_ms_per_pass": round(c_plain, 2),
+            "medusa_compute_ms_per_pass": round(c_medusa, 2), "tokens_per_pass_ratio": round(a, 4),
+            "break_even_one_way_delay_ms": None if break_even is None else round(break_even, 1),
+            "predicted_ratio": {str(c.delay_ms): round(a * (c_plain + shards * c.delay_ms)
+                                                       / (c_medusa + shards * c.delay_ms), 4) for c in mine}}
+
+
+# -- running -------------------------------------------------------------------------------------------------------
+def model_layers(model: str) -> int:
+    """The model's layer count without loading it (config.json or GGUF metadata)."""
+    resolved = resolve(model)
+    if resolved.kind == "gguf":
+        from .gguf_meta import read_gguf_metadata
+        kv = read_gguf_metadata(resolved.path)
+        return int(kv[f"{kv['general.architecture']}.block_count"])
+    return int(json.loads((resolved.path / "config.json").read_text())["num_hidden_layers"])
+
+
+def default_heads(model: str) -> str:
+    card = resolve(model).card
+    heads = card.heads_path() if card else None
+    if heads is None:
+        raise ValueError(f"model {model!r} has no default Medusa heads: pass --medusa-heads PATH|REPO")
+    return heads
+
+
+def ring_specs(cfg: RingBenchConfig, n_layers: int, shards: int, medusa: bool) -> list[ShardSpec]:
+    heads = (cfg.medusa_heads or default_heads(cfg.model)) if medusa else None
+    return [ShardSpec(cfg.model, a, b, n_layers, medusa_heads=heads, medusa_choices=cfg.medusa_choices if medusa else None,
+                      max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype, device=cfg.device,
+                      max_context=cfg.max_context) for a, b in split_layers(n_layers, shards)]
+
+
+async def warm_up(ring: Ring, prompt_ids: list[int], passes: int) -> None:
+    """Compile and capture every step before timing: two short requests (TinyJit captures on a step's second
+    call), and the KV compaction a Medusa tree needs when a side branch wins."""
+    await ring.warm_up()
+    for i in range(2):
+        await ring.generate(f"warm-up-{i}", prompt_ids, max_passes=passes)
+
+
+async def bench_one_ring_size(cfg: RingBenchConfig, plain: LocalRing, medusa: LocalRing, shards: int,
+                              progress) -> tuple[list[PromptPair], dict]:
+    rings = {"plain": plain.ring, "medusa": medusa.ring}
+    try:
+        prompt_ids = [await medusa.ring.encode_chat(p.text) for p in cfg.prompts]
+        t0 = time.perf_counter()
+        for ring in rings.values():
+            await warm_up(ring, prompt_ids[0], cfg.warmup_tokens)
+        progress(f"{shards} shards: warmed up in {time.perf_counter() - t0:.0f} s")
+        tree = (await medusa.ring.hops[-1].status())["tree"]
+        pairs = []
+        for delay in cfg.delays_ms:
+            link = LinkConfig(delay_s=delay / 1e3, hop_timeout_s=cfg.hop_timeout_s)
+            plain.set_link(link)
+            medusa.set_link(link)
+            for i, (prompt, ids) in enumerate(zip(cfg.prompts, prompt_ids)):
+                order = ("plain", "medusa") if (i + len(pairs)) % 2 == 0 else ("medusa", "plain")
+                runs = {}
+                for mode in order:
+                    runs[mode] = await rings[mode].generate(f"{mode}-{shards}-{delay}-{prompt.id}", ids)
+                pair = PromptPair(shards, delay, prompt.id, runs["plain"], runs["medusa"])
+                pairs.append(pair)
+                progress(f"{shards} shards, {delay:g} ms: {prompt.id}: plain {pair.plain.decode_tokens_per_s:.2f} "
+                         f"tok/s, Medusa {pair.medusa.decode_tokens_per_s:.2f} tok/s, accepted "
+                         f"{statistics.fmean(pair.medusa.accepted or [1]):.2f}/pass"
+                         f"{'' if pair.identical else ', TOKENS DIFFER'}")
+        return pairs, tree or {}
+    finally:
+        await asyncio.gather(plain.ring.close(), medusa.ring.close())
+
+
+def run_ring_bench(cfg: RingBenchConfig, progress=lambda line: print(line, file=sys.stderr, flush=True)) -> dict:
+    n_layers = model_layers(cfg.model)
+    pairs: list[PromptPair] = []
+    trees = {}
+    for shards in cfg.shard_counts:
+        if shards > n_layers:
+            raise ValueError(f"cannot split {n_layers} layers into {shards} shards")
+        progress(f"{shards} shards: starting {2 * shards} shard processes (a plain ring and a Medusa ring) ...")
+        link = LinkConfig(hop_timeout_s=cfg.hop_timeout_s)
+        plain = LocalRing(ring_specs(cfg, n_layers, shards, False), link, cfg.start_timeout_s)
+        medusa = LocalRing(ring_specs(cfg, n_layers, shards, True), link, cfg.start_timeout_s)
+        try:
+            t0 = time.perf_counter()
+            plain.start()
+            medusa.start()
+            progress(f"{shards} shards: loaded in {time.perf_counter() - t0:.0f} s")
+            more, trees[shards] = asyncio.run(bench_one_ring_size(cfg, plain, medusa, shards, progress))
+            pairs += more
+        finally:
+            for p in plain.processes + medusa.processes:
+                p.request_stop()
+            plain.stop()
+            medusa.stop()
+    cells = [Cell.of([p for p in pairs if p.shards == n and p.delay_ms == d])
+             for n in cfg.shard_counts for d in cfg.delays_ms]
+    tree = next(iter(trees.values()), {})
+    summary = {"model": cfg.model, "n_layers": n_layers, "prompts": [p.id for p in cfg.prompts],
+               "max_generate_tokens": cfg.max_new_tokens, "tree": tree.get("name"), "tree_size": tree.get("size"),
+               "heads": cfg.medusa_heads or default_heads(cfg.model), "dtype": cfg.dtype, "device": cfg.device,
+               "identical": all(p.identical for p in pairs)}
+    return {"summary": summary, "cells": [c.to_json() for c in cells],
+            "model_fit": [ring_model(cells, n) for n in cfg.shard_counts],
+            "runs": [p.to_json() for p in pairs]}
+
+
+# -- report --------------------------------------------------------------------------------------------------------
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_report(report: dict) -> str:
+    s = report["summary"]
+    lines = [f"## exo-medusa bench-ring: {s['model']} ({s['n_layers']} layers), tree {s['tree']} ({s['tree_size']} "
+             f"nodes)", "", f"{len(s['prompts'])} prompts, up to {s['max_generate_tokens']} new tokens each, greedy; "
+             "shards are processes on loopback, the delay is one-way per ring link.", "",
+             "| shards | link delay | plain tok/s | Medusa tok/s | Medusa/plain | passes/token plain | passes/token "
+             "Medusa | accepted/step | compute ms/pass plain | compute ms/pass Medusa | identical |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for c in report["cells"]:
+        lines.append(f"| {c['shards']} | {c['delay_ms']:g} ms | {_fmt(c['plain_tokens_per_s'])} | "
+                     f"{_fmt(c['medusa_tokens_per_s'])} | {_fmt(c['ratio'])}x | {_fmt(c['plain_passes_per_token'])} | "
+                     f"{_fmt(c['medusa_passes_per_token'])} | {_fmt(c['mean_accepted'])} | "
+                     f"{_fmt(c['plain_compute_ms_per_pass'], 0)} | {_fmt(c['medusa_compute_ms_per_pass'], 0)} | "
+                     f"{'yes' if c['identical'] else '**NO**'} |")
+    lines += ["", "Pass-cost model (a pass costs compute + shards x delay; ratio = a (c_plain + N d) / (c_Medusa + N d)):",
+              "", "| shards | c_plain ms | c_Medusa ms | tokens/pass ratio a (limit for long links) | Medusa wins "
+                  "above (one-way) |", "|---:|---:|---:|---:|---:|"]
+    for m in report["model_fit"]:
+        wins = m["break_even_one_way_delay_ms"]
+        lines.append(f"| {m['shards']} | {m['plain_compute_ms_per_pass']:.0f} | {m['medusa_compute_ms_per_pass']:.0f} | "
+                     f"{m['tokens_per_pass_ratio']:.3f} | {'never' if wins is None else f'{wins:g} ms'} |")
+    exo = report.get("exo")
+    if exo and "skipped" in exo:
+        lines += ["", f"Classic Exo: skipped ({exo['skipped']})."]
+    elif exo:
+        lines += ["", f"Classic Exo, two-node ring, {exo['delay_ms']:g} ms one-way on its gRPC links, prompt "
+                      f"{exo['prompt']!r}: plain {exo['plain']['decode_s']:.2f} s, Medusa {exo['medusa']['decode_s']:.2f} s "
+                      f"of decoding, Medusa/plain {_fmt(exo['ratio'])}x, identical text: "
+                      f"{'yes' if exo['identical'] else '**NO**'}."]
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, out: str | Path) -> Path:
+    from .bench import require_matplotlib
+    plt = require_matplotlib()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    for i, shards in enumerate(dict.fromkeys(c["shards"] for c in report["cells"])):
+        cells = [c for c in report["cells"] if c["shards"] == shards]
+        delays = [c["delay_ms"] for c in cells]
+        color = colors[i % len(colors)]
+        left.plot(delays, [c["plain_tokens_per_s"] for c in cells], marker="o", linestyle="--", color=color,
+                  label=f"plain, {shards} shards")
+        left.plot(delays, [c["medusa_tokens_per_s"] for c in cells], marker="s", color=color,
+                  label=f"Medusa, {shards} shards")
+        right.plot(delays, [c["ratio"] or 0.0 for c in cells], marker="s", color=color, label=f"{shards} shards")
+    left.set_xlabel("one-way link delay (ms)")
+    left.set_ylabel("decode tokens/s")
+    left.set_title("Ring throughput vs link delay")
+    left.legend()
+    right.axhline(1.0, color="grey", linewidth=1, linestyle="--")
+    right.set_xlabel("one-way link delay (ms)")
+    right.set_ylabel("Medusa / plain tokens/s")
+    right.set_title(f"Speedup (tree {report['summary']['tree']})")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
+# -- classic Exo ---------------------------------------------------------------------------------------------------
+# Written against classic Exo's node flags, gRPC peer handle and ChatGPT-compatible API; classic Exo could not be
+# installed where this was developed, so this part has only ever run to its "skipped" branch.
+EXO_NODE_FLAG = "--exo-node-with-link-delay-ms"
+
+
+def run_exo_comparison(cfg: RingBenchConfig, delay_ms: float, timeout_s: float = 1800.0) -> dict:
+    """The first prompt on a two-node Exo ring (two processes, Exo's gRPC on loopback, our engine inside), plain
+    then Medusa: decode seconds from the first streamed chunk to the last, and whether the texts agree."""
+    from .exo_patch import exo_available
+    if not exo_available():
+        return {"skipped": "classic Exo (github.com/exo-explore/exo) is not importable here; install it beside this "
+                           "package as the README says and rerun with --exo"}
+    prompt = cfg.prompts[0]
+    runs = {name: _exo_ring_request(cfg, prompt.text, medusa, delay_ms, timeout_s)
+            for name, medusa in (("plain", False), ("medusa", True))}
+    p, m = runs["plain"], runs["medusa"]
+    return {"delay_ms": delay_ms, "prompt": prompt.id, "plain": p, "medusa": m, "identical": p["text"] == m["text"],
+            "ratio": p["decode_s"] / m["decode_s"] if m["decode_s"] > 0 and p["decode_s"] > 0 else None}
+
+
+def _exo_ring_request(cfg: RingBenchConfig, text: str, medusa: bool, delay_ms: float, timeout_s: float) -> dict:
+    import socket
+    import subprocess
+    import tempfile
+    import urllib.request
+
+    socks = [socket.socket() for _ in range(4)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    caps = {"model": "bench", "chip": "bench", "memory": 1000, "flops": {"fp32": 0, "fp16": 0, "int8": 0}}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "ring.json"
+        config.write_text(json.dumps({"peers": {f"node{i + 1}": {"address": "127.0.0.1", "port": ports[i],
+                                                                 "device_capabilities": caps} for i in range(2)}}))
+        flags = (["--medusa-enabled"] + (["--medusa-heads", cfg.medusa_heads] if cfg.medusa_heads else [])
+                 + (["--medusa-choices", cfg.medusa_choices] if cfg.medusa_choices else [])) if medusa else []
+        nodes = []
+        try:
+            for i in range(2):
+                argv = [sys.executable, "-m", "exo_tinygrad_medusa.bench_ring", EXO_NODE_FLAG, str(delay_ms),
+                        "--inference-engine", "tinygrad", *flags, "--disable-tui", "--discovery-module", "manual",
+                        "--discovery-config-path", str(config), "--node-id", f"node{i + 1}", "--node-host",
+                        "127.0.0.1", "--node-port", str(ports[i]), "--chatgpt-api-port", str(ports[2 + i]),
+                        "--max-generate-tokens", str(cfg.max_new_tokens), "--default-temp", "0", "--default-model",
+                        cfg.model, "--wait-for-peers", "1"]
+                nodes.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                              stderr=(Path(tmp) / f"node{i + 1}.log").open("w")))
+            api = f"http://127.0.0.1:{ports[2]}"
+            deadline = time.monotonic() + cfg.start_timeout_s
+            while True:
+                try:
+                    urllib.request.urlopen(f"{api}/healthcheck", timeout=5).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or any(n.poll() is not None for n in nodes):
+                        logs = "\n".join((Path(tmp) / f"node{i + 1}.log").read_text()[-2000:] for i in range(2))
+                        raise RuntimeError(f"the Exo ring did not come up:\n{logs}") from None
+                    time.sleep(1)
+            body = {"model": cfg.model, "messages": [{"role": "user", "content": text}], "temperature": 0,
+                    "stream": True}
+            _stream(api, body, timeout_s)  # warm-up: loads the shards and compiles
+            return _stream(api, body, timeout_s)
+        finally:
+            for n in nodes:
+                n.terminate()
+            for n in nodes:
+                try:
+                    n.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    n.kill()
+                    n.wait(timeout=30)
+
+
+def _stream(api: str, body: dict, timeout_s: float) -> dict:
+    import urllib.request
+    request = urllib.request.Request(f"{api}/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    pieces, first = [], None
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[5:])["choices"][0].get("delta", {}).get("content") or ""
+            if delta:
+                first = first or time.perf_counter()
+                pieces.append(delta)
+    end = time.perf_counter()
+    return {"text": "".join(pieces), "chunks": len(pieces), "first_chunk_s": round((first or end) - t0, 4),
+            "decode_s": round(end - (first or end), 4)}
+
+
+def exo_node_main(argv: list[str]) -> int:
+    """An Exo node whose gRPC sends wait `delay_ms` first: the one-way link delay, injected in Exo's transport."""
+    delay_s = float(argv[0]) / 1e3
+    from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+
+    from .exo_patch import run_exo
+
+    def delayed(send):
+        async def send_after_delay(self, *args, **kwargs):
+            await asyncio.sleep(delay_s)
+            return await send(self, *args, **kwargs)
+        return send_after_delay
+
+    GRPCPeerHandle.send_prompt = delayed(GRPCPeerHandle.send_prompt)
+    GRPCPeerHandle.send_tensor = delayed(GRPCPeerHandle.send_tensor)
+    return run_exo(argv[1:])
+
+
+# -- command -------------------------------------------------------------------------------------------------------
+def parse_list(text: str, kind, flag: str) -> tuple:
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{flag} expects comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{flag} is empty")
+    return values
+
+
+def config_from_args(args) -> RingBenchConfig:
+    from .bench import default_prompts_path
+    prompts = load_prompts(args.prompts or default_prompts_path(), args.limit)
+    if args.medusa_num_heads is not None or args.medusa_num_layers is not None:
+        raise ValueError("bench-ring uses the heads as they are: --medusa-num-heads/--medusa-num-layers are not "
+                         "supported here")
+    return RingBenchConfig(args.model, tuple(prompts), parse_list(args.shards, int, "--shards"),
+                           parse_list(args.link_delays_ms, float, "--link-delays-ms"), args.max_generate_tokens,
+                           args.warmup_tokens, args.medusa_heads, args.medusa_choices, args.dtype, args.device,
+                           args.max_context, args.hop_timeout_s)
+
+
+def cmd_bench_ring(args) -> int:
+    cfg = config_from_args(args)
+    if args.plot:
+        from .bench import require_matplotlib
+        require_matplotlib()  # fail before minutes of benchmarking, not after
+    report = run_ring_bench(cfg)
+    if args.exo:
+        report["exo"] = run_exo_comparison(cfg, args.exo_link_delay_ms)
+    print(markdown_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot_report(report, args.plot)
+    if not report["summary"]["identical"]:
+        print("exo-medusa bench-ring: Medusa greedy output differs from plain greedy", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(subparsers, model_args, generation_args) -> None:
+    p = subparsers.add_parser("bench-ring", parents=[model_args()],
+                              help="plain vs Medusa on a ring of shard processes with an injected link delay")
+    p.add_argument("--shards", default=",".join(map(str, DEFAULT_SHARDS)), help="ring sizes, comma-separated")
+    p.add_argument("--link-delays-ms", default=",".join(f"{d:g}" for d in DEFAULT_DELAYS_MS),
+                   help="one-way delay per ring link in ms, comma-separated")
+    p.add_argument("--prompts", default=None, help="JSON lines prompt file (default: as `bench`)")
+    p.add_argument("--limit", type=int, default=2, help="only the first N prompts (default 2)")
+    p.add_argument("--max-generate-tokens", type=int, default=48)
+    p.add_argument("--warmup-tokens", type=int, default=6, help="passes of each untimed warm-up request")
+    p.add_argument("--hop-timeout-s", type=float, default=300.0,
+                   help="a shard that does not answer a pass in this time fails the request")
+    p.add_argument("--exo", action="store_true",
+                   help="also compare on a two-node classic Exo ring (skipped with a note when Exo is not installed)")
+    p.add_argument("--exo-link-delay-ms", type=float, default=5.0, help="one-way gRPC delay of the --exo ring")
+    p.add_argument("--json", default=None, metavar="OUT.json", help="write the full report as JSON")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="plot tokens/s and speedup vs link delay")
+    p.set_defaults(func=cmd_bench_ring)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == EXO_NODE_FLAG:
+        sys.exit(exo_node_main(sys.argv[2:]))
+    sys.exit("usage: exo-medusa bench-ring [options] (this module runs Exo nodes for it)")
