@@ -257,8 +257,13 @@ def _number(data: dict, key: str, integer: bool = False):
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         raise BadRequest(f"{key} must be {kind}, got {_short(value)}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise BadRequest(f"{key} must be finite, got {value}")
+    if not integer:
+        try:  # an integer past float range (1e400 written out) would overflow deep inside sampling
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise BadRequest(f"{key} must be finite, got {_short(value)}")
     return value
 
 

@@ -203,6 +203,8 @@ HI = [{"role": "user", "content": "hi"}]
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', "Infinity is not a JSON number"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "NaN is not a JSON number"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 1e999}', "top_p must be finite"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1' + b"0" * 400 + b"}",
+     "temperature must be finite"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5001 + b"}",
      "request body is not valid JSON"),
     (b'{"messages": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", "request body is nested too deeply"),
@@ -214,7 +216,8 @@ HI = [{"role": "user", "content": "hi"}]
     ({"messages": HI, "stream_options": {"include_usage": True}}, "with stream true"),
     ({"messages": HI, "max_tokens": True}, "max_tokens must be an integer, got True"),
 ], ids=["json", "not-object", "model", "empty-messages", "negative-max-tokens", "negative-temperature", "content",
-        "negative-seed", "n-2", "unknown-role", "infinity", "nan", "overflowing-float", "5001-digit-int",
+        "negative-seed", "n-2", "unknown-role", "infinity", "nan", "overflowing-float", "overflowing-int",
+        "5001-digit-int",
         "deep-nesting", "five-stops", "empty-stop", "stop-type", "logprobs", "tools", "stream-options", "bool-int"])
 def test_malformed_requests_get_400_and_the_server_keeps_serving(server, body, message):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
