@@ -149,11 +149,13 @@ def ring_model(cells: list[Cell], shards: int) -> dict:
 
 # -- running -------------------------------------------------------------------------------------------------------
 def model_layers(model: str) -> int:
-    """The model's layer count without loading it (config.json or GGUF metadata)."""
+    """The model's layer count without loading its weights into a model (card, config.json or GGUF metadata)."""
     resolved = resolve(model)
+    if resolved.card:
+        return resolved.card.n_layers
     if resolved.kind == "gguf":
-        from .gguf_meta import read_gguf_metadata
-        kv = read_gguf_metadata(resolved.path)
+        from tinygrad.llm.gguf import gguf_load
+        kv, _ = gguf_load(str(resolved.path))
         return int(kv[f"{kv['general.architecture']}.block_count"])
     return int(json.loads((resolved.path / "config.json").read_text())["num_hidden_layers"])
 
