@@ -12,8 +12,9 @@ from .config import ModelConfig
 from .model import Transformer
 from .registry import ResolvedModel, resolve
 from .shard import Shard
+from .tinygrad_hooks import gguf_load_blocks, install as install_hooks
 from .tokenizer import Tokenizer
-from .weights import DTYPES, gguf_tensors, load_into, safetensors_tensors
+from .weights import DTYPES, gguf_packed, gguf_tensors, load_into, safetensors_tensors
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class LoadedModel:
     resolved: ResolvedModel
     device: str
     dtype: str
+    weights: str = "float32"   # "compact" (GGUF codes dequantized inside the products) or "float32"
 
     @property
     def config(self) -> ModelConfig:
@@ -36,24 +38,39 @@ def default_dtype(device: str) -> str:
     return "float32" if device.split(":")[0] in ("CPU", "CLANG", "LLVM", "PYTHON") else "float16"
 
 
+WEIGHT_FORMATS = ("compact", "float32")
+
+
 def load_model(model: str | None = None, shard: Shard | None = None, *, dtype: str | None = None, device: str | None = None,
-               max_context: int | None = 2048) -> LoadedModel:
+               max_context: int | None = 2048, weights: str | None = None) -> LoadedModel:
+    """weights: "compact" keeps a GGUF's Q4_1/Q8_0 codes packed and dequantizes them inside the products (the same
+    float32 values, ~3x fewer bytes read); "float32" dequantizes on load. Default: compact for a GGUF in float32."""
+    install_hooks()
     device = Device.canonicalize(device) if device else Device.DEFAULT
     dtype = dtype or default_dtype(device)
+    if weights is not None and weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if dtype == "bfloat16" and default_dtype(device) == "float32":
         raise ValueError(f"--dtype bfloat16 is not supported on {device} (its compiler has no bfloat16 arithmetic): "
                          "use float32")
     resolved = resolve(model)
+    if weights == "compact" and (resolved.kind != "gguf" or dtype != "float32"):
+        raise ValueError("--weights compact needs a GGUF checkpoint and --dtype float32 (it dequantizes GGUF codes to "
+                         f"float32 inside the products); this is a {resolved.kind} model in {dtype}: use --weights float32")
+    weights = weights or ("compact" if resolved.kind == "gguf" and dtype == "float32" else "float32")
+    logits_weight = None
     if resolved.kind == "gguf":
-        from tinygrad.llm.gguf import gguf_load
-        kv, raw = gguf_load(str(resolved.path))
+        kv, raw, blocks = gguf_load_blocks(str(resolved.path))
         config = ModelConfig.from_gguf(kv, set(raw))
         tokenizer = Tokenizer.from_gguf_metadata(kv)
         shard = shard or Shard.whole(resolved.model_id, config.n_layers)
         transformer = Transformer(config, _check_shard(shard, config), max_context)
-        tensors = gguf_tensors(kv, raw, config)
+        pack = set(transformer.linears()) - {"lm_head.weight"} if weights == "compact" else set()
+        tensors = gguf_tensors(kv, raw, config, blocks, pack)
+        if weights == "compact" and shard.is_last_layer():
+            logits_weight = gguf_packed("output.weight" if "output.weight" in raw else "token_embd.weight", raw, blocks)
     else:
         config = ModelConfig.from_hf(json.loads((resolved.path / "config.json").read_text()))
         tokenizer = _hf_tokenizer(resolved.path)
@@ -63,10 +80,10 @@ def load_model(model: str | None = None, shard: Shard | None = None, *, dtype: s
         tensors = safetensors_tensors(resolved.path, wanted)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}")
-    load_into(transformer, tensors, dtype, device)
-    log.info("loaded %s layers %d..%d of %d (%s, %s)", resolved.model_id, shard.start_layer, shard.end_layer,
-             shard.n_layers, dtype, device)
-    return LoadedModel(transformer, tokenizer, resolved, device, dtype)
+    load_into(transformer, tensors, dtype, device, logits_weight)
+    log.info("loaded %s layers %d..%d of %d (%s, %s weights, %s)", resolved.model_id, shard.start_layer, shard.end_layer,
+             shard.n_layers, dtype, weights, device)
+    return LoadedModel(transformer, tokenizer, resolved, device, dtype, weights)
 
 
 def _check_shard(shard: Shard, config: ModelConfig) -> Shard:

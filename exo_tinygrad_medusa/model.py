@@ -11,6 +11,7 @@ import numpy as np
 from tinygrad import Tensor, UOp, nn
 
 from .config import ModelConfig, rope_inv_freq
+from .packed import PackedWeight
 from .shard import Shard
 
 Pos = int | UOp
@@ -22,14 +23,51 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
 
+def panel_width(out_features: int) -> int:
+    return next(p for p in (16, 8, 4, 2, 1) if out_features % p == 0)
+
+
+class Linear:
+    """x @ W (+ b), W held as panels [out / P, in, P] of P = 16 output columns. A product then streams each panel
+    front to back (one contiguous run of in * P weights) while 16 outputs accumulate as one vector, and every
+    weight load serves several tokens (tinygrad_hooks.choose_opts). A plain [in, out] matrix would walk its
+    columns down rows one page apart; [out, in] leaves a horizontal sum per output. `weight` is a float Tensor or a
+    PackedWeight (codes dequantized inside the product), both in panels."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        self.in_features, self.out_features, self.panel = in_features, out_features, panel_width(out_features)
+        self.weight: Tensor | PackedWeight = Tensor.zeros(out_features // self.panel, in_features, self.panel)
+        self.bias = Tensor.zeros(out_features) if bias else None
+
+    def panels(self) -> Tensor:
+        """The float panels (lazy for packed weights: the dequantization fuses into the product's kernel)."""
+        return self.weight if isinstance(self.weight, Tensor) else self.weight.dequantize()
+
+    def matrix(self) -> Tensor:
+        """The checkpoint's [out, in] matrix, as a lazy view."""
+        return self.panels().permute(0, 2, 1).reshape(self.out_features, self.in_features)
+
+    def set(self, weight: "Tensor | PackedWeight") -> list[Tensor]:
+        """Install an [out, in] float matrix (re-laid as panels) or a PackedWeight; returns the tensors to realize."""
+        if isinstance(weight, PackedWeight):
+            self.weight = weight
+            return weight.tensors()
+        self.weight = weight.reshape(self.out_features // self.panel, self.panel, self.in_features).permute(0, 2, 1).contiguous()
+        return [self.weight]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = (x.unsqueeze(-2).unsqueeze(-1) * self.panels()).sum(-2).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
 class Attention:
     def __init__(self, config: ModelConfig):
         c = config
         self.config = c
-        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        self.q_proj = Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = Linear(c.n_heads * c.head_dim, c.dim, bias=False)
 
     def __call__(self, x: Tensor, cache_kv: Tensor, start_pos: Pos, cos: Tensor, sin: Tensor, mask: Tensor,
                  key_mask: Tensor | None = None) -> Tensor:
@@ -57,13 +95,15 @@ class Attention:
 
 class FeedForward:
     def __init__(self, config: ModelConfig):
-        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.gate_proj = Linear(config.dim, config.hidden_dim)
+        self.up_proj = Linear(config.dim, config.hidden_dim)
+        self.down_proj = Linear(config.hidden_dim, config.dim)
 
     def __call__(self, x: Tensor) -> Tensor:
-        # contiguous: without it tinygrad recomputes the gated product inside the down projection's kernel
-        return self.down_proj((self.gate_proj(x).silu() * self.up_proj(x)).contiguous())
+        # contiguous: without it tinygrad fuses both products into one kernel (two reductions, no good kernel
+        # choices) and recomputes the gated product inside the down projection's kernel
+        gate, up = self.gate_proj(x).contiguous(), self.up_proj(x).contiguous()
+        return self.down_proj((gate.silu() * up).contiguous())
 
 
 class Block:
@@ -100,32 +140,61 @@ class Transformer:
         if shard.is_last_layer():
             self.norm = nn.RMSNorm(config.dim, config.norm_eps)
             self.lm_head = Tensor.zeros(config.vocab_size, config.dim)  # tied models point this at embed_tokens
+            self.output = Linear(config.dim, config.vocab_size)           # the logits product: lm_head as [dim, vocab]
         self.rope_cos: Tensor | None = None
         self.rope_sin: Tensor | None = None
 
     # -- weights ---------------------------------------------------------------------------------------------
+    def linears(self) -> dict[str, Linear]:
+        """The Linear layers by the Hugging Face name of their weight (lm_head.weight for the logits product)."""
+        out = {}
+        for i, block in self.layers.items():
+            for part, module in (("self_attn", block.self_attn), ("mlp", block.mlp)):
+                for proj, linear in vars(module).items():
+                    if isinstance(linear, Linear):
+                        out[f"model.layers.{i}.{part}.{proj}.weight"] = linear
+        if self.shard.is_last_layer():
+            out["lm_head.weight"] = self.output
+        return out
+
     def parameters(self) -> dict[str, Tensor]:
-        """Tensors by their Hugging Face name, only those this shard holds."""
+        """Tensors by their Hugging Face name and in its [out, in] layout, only those this shard holds (linear weights
+        are transposed views of the [in, out] matrices the products use)."""
         params: dict[str, Tensor] = {}
         if self.shard.is_first_layer():
             params["model.embed_tokens.weight"] = self.embed_tokens
+        linears = self.linears()
         for i, block in self.layers.items():
             for name, t in nn.state.get_state_dict(block).items():
-                params[f"model.layers.{i}.{name}"] = t
+                name = f"model.layers.{i}.{name}"
+                if not any(name.startswith(w) for w in linears):  # linear weights: below, in the checkpoint layout
+                    params[name] = t
+        for name, linear in linears.items():
+            if name != "lm_head.weight":
+                params[name] = linear.matrix()
         if self.shard.is_last_layer():
             params["model.norm.weight"] = self.norm.weight
             params["lm_head.weight"] = self.lm_head
         return params
 
-    def set_parameters(self, weights: dict[str, Tensor]) -> None:
-        for name, t in self.parameters().items():
-            self._set(name, weights[name])
+    def set_parameters(self, weights: dict[str, "Tensor | PackedWeight"], logits_weight: PackedWeight | None = None) -> None:
+        """Install weights given by Hugging Face name in the [out, in] layout; PackedWeight values (already [in, out])
+        stay packed. The logits product reads `logits_weight` when given, else a transposed copy of lm_head (which
+        stays the [vocab, dim] float tensor: the heads and tied embeddings use it). Realizes what it creates."""
+        linears, made = self.linears(), []
+        for name in self.parameters():
+            value = weights[name]
+            if name == "lm_head.weight":
+                self.lm_head = value
+                value = logits_weight or value
+            if name in linears:
+                made.extend(linears[name].set(value))
+            elif name != "lm_head.weight":
+                self._set(name, value)
+        Tensor.realize(*made)
 
     def _set(self, name: str, value: Tensor) -> None:
         parts = name.split(".")
-        if parts[0] == "lm_head":
-            self.lm_head = value
-            return
         if parts[1] == "embed_tokens":
             self.embed_tokens = value
             return
@@ -174,7 +243,7 @@ class Transformer:
         return hidden, self.logits(hidden)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return hidden @ self.lm_head.T
+        return self.output(hidden)
 
 
 class KVCache:

@@ -6,11 +6,13 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.nn.state import safe_load
 
 from .config import ModelConfig
 from .model import Transformer
+from .packed import BLOCK, GGML_BLOCK_BYTES, PackedWeight, pack_ggml
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +40,41 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _unpermute_rope(w: Tensor, n_heads: int) -> Tensor:
-    # llama.cpp's converter interleaves the rotary halves of q/k rows per head; undo it for half-split RoPE
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+def rope_row_order(rows: int, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter interleaves the rotary halves of q/k rows per head; this row order undoes it for
+    half-split RoPE."""
+    return np.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
-def gguf_tensors(kv: dict, state_dict: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    out = {}
+def _rope_heads(config: ModelConfig, hf_name: str) -> int | None:
+    if config.architecture == "llama" and re.search(r"self_attn\.(q|k)_proj\.weight", hf_name):
+        return config.n_heads if ".q_proj" in hf_name else config.n_kv_heads
+    return None
+
+
+def gguf_tensors(kv: dict, state_dict: dict[str, Tensor], config: ModelConfig, blocks: dict | None = None,
+                 pack: set[str] = frozenset()) -> dict[str, "Tensor | PackedWeight"]:
+    """HF-named tensors of a GGUF. Names in `pack` whose GGML type has a packed form (Q4_1, Q8_0) come back as
+    PackedWeight built from `blocks` (tinygrad_hooks.gguf_load_blocks); the others dequantized."""
+    out: dict[str, Tensor | PackedWeight] = {}
     for name, t in state_dict.items():
         hf = _hf_name(name)
         if hf is None:
             continue  # e.g. rope_freqs.weight: llama3 scaling is recomputed from the metadata
-        if config.architecture == "llama" and re.search(r"self_attn\.(q|k)_proj", hf):
-            t = _unpermute_rope(t, config.n_heads if ".q_proj" in hf else config.n_kv_heads)
-        out[hf] = t
+        heads = _rope_heads(config, hf)
+        order = rope_row_order(t.shape[0], heads) if heads else None
+        packed = gguf_packed(name, state_dict, blocks, order) if hf in pack else None
+        out[hf] = packed or (t if order is None else t[Tensor(order.astype(np.int32), device=t.device)])
     return out
+
+
+def gguf_packed(name: str, state_dict: dict[str, Tensor], blocks: dict | None, row_order=None) -> PackedWeight | None:
+    """The GGUF tensor `name` as a PackedWeight when its GGML type has a packed form, else None."""
+    ggml_type, raw = (blocks or {}).get(name, (None, None))
+    if ggml_type not in GGML_BLOCK_BYTES:
+        return None
+    rows, cols = state_dict[name].shape
+    return pack_ggml(raw[:rows * cols // BLOCK * GGML_BLOCK_BYTES[ggml_type]].numpy(), ggml_type, (rows, cols), row_order)
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -85,8 +106,10 @@ def widen_bfloat16(t: Tensor, device: str | None) -> Tensor:
     return (t.bitcast(dtypes.uint16).to(device).cast(dtypes.uint32) << 16).bitcast(dtypes.float32)
 
 
-def load_into(model: Transformer, tensors: dict[str, Tensor], dtype: str = "float32", device: str | None = None) -> None:
-    """Check names and shapes against the config, convert, move to the device and realize."""
+def load_into(model: Transformer, tensors: dict[str, "Tensor | PackedWeight"], dtype: str = "float32",
+              device: str | None = None, logits_weight: PackedWeight | None = None) -> None:
+    """Check names and shapes against the config, convert, move to the device and realize. PackedWeight values stay
+    packed; `logits_weight` is a packed lm_head for the logits product."""
     target = DTYPES[dtype]
     expected = model.parameters()
     if model.config.tie_embeddings and "lm_head.weight" in expected and "lm_head.weight" not in tensors:
@@ -96,17 +119,26 @@ def load_into(model: Transformer, tensors: dict[str, Tensor], dtype: str = "floa
     missing = [n for n in expected if n not in tensors]
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
-    loaded: dict[str, Tensor] = {}
-    by_source: dict[int, Tensor] = {}
+    loaded: dict[str, Tensor | PackedWeight] = {}
+    by_source: dict[int, Tensor | PackedWeight] = {}
     for name, want in expected.items():
         src = tensors[name]
-        if tuple(src.shape) != tuple(want.shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} does not match the config's {tuple(want.shape)}")
+        shape = tuple(src.shape)
+        if shape != tuple(want.shape):
+            raise ValueError(f"{name}: checkpoint shape {shape} does not match the config's {tuple(want.shape)}")
         if id(src) not in by_source:  # tied lm_head shares the embedding's buffer
-            widen = src.dtype == dtypes.bfloat16 and target != dtypes.bfloat16
-            moved = widen_bfloat16(src, device) if widen else src.to(device)
-            by_source[id(src)] = moved.cast(target).contiguous()
+            if isinstance(src, PackedWeight):
+                by_source[id(src)] = src.to(device)
+            else:
+                widen = src.dtype == dtypes.bfloat16 and target != dtypes.bfloat16
+                moved = widen_bfloat16(src, device) if widen else src.to(device)
+                by_source[id(src)] = moved.cast(target).contiguous()
         loaded[name] = by_source[id(src)]
-    Tensor.realize(*by_source.values())
-    model.set_parameters(loaded)
+    if logits_weight is not None:
+        if logits_weight.shape != tuple(expected["lm_head.weight"].shape):
+            raise ValueError(f"packed lm_head {logits_weight.shape} does not match the config's [vocab, dim]")
+        logits_weight = logits_weight.to(device)
+    Tensor.realize(*[t for v in [*by_source.values(), *([logits_weight] if logits_weight else [])]
+                     for t in (v.tensors() if isinstance(v, PackedWeight) else [v])])
+    model.set_parameters(loaded, logits_weight)
     log.debug("loaded %d tensors (%s)", len(loaded), dtype)

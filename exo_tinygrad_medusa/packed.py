@@ -1,0 +1,77 @@
+"""Weights kept as their GGUF codes, dequantized inside the product that reads them.
+
+A Q4_1 block holds 32 weights as 4-bit codes q with a float16 scale d and minimum m (w = q * d + m); a Q8_0 block
+holds 32 int8 codes with a scale (w = d * q). Here the codes sit one per byte in the panels every product reads
+([out / P, in, P], see model.Linear), with float32 scales [out / P, in / 32, P]: 1.25 bytes a weight instead of 4, and the
+product's kernel computes exactly the float32 value the dequantizing loader would have produced, with the same
+operations in the same order, right before the multiply-add that uses it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tinygrad import Tensor, dtypes
+
+BLOCK = 32
+Q4_1, Q8_0 = 3, 8
+GGML_BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
+
+
+@dataclass
+class PackedWeight:
+    """An [out, in] matrix as panels: codes [out/P, in, P] (uint8 for Q4_1, int8 for Q8_0), scales and minimums
+    [out/P, in/32, P]."""
+    codes: Tensor
+    scale: Tensor
+    minimum: Tensor | None = None   # Q8_0 has none
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The [out, in] shape of the matrix."""
+        panels, rows, width = self.codes.shape
+        return panels * width, rows
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.codes, self.scale, self.minimum) if t is not None]
+
+    def to(self, device: str | None) -> "PackedWeight":
+        return PackedWeight(*(None if t is None else t.to(device).contiguous() for t in (self.codes, self.scale, self.minimum)))
+
+    def dequantize(self) -> Tensor:
+        """The float32 panels, lazily: used inside a product it fuses into the product's kernel."""
+        panels, rows, width = self.codes.shape
+        per_row = lambda t: t.reshape(panels, rows // BLOCK, 1, width).expand(panels, rows // BLOCK, BLOCK, width).reshape(panels, rows, width)
+        q = self.codes.cast(dtypes.float32)
+        if self.minimum is None:
+            return per_row(self.scale) * q                  # as the loader: d * q
+        return q * per_row(self.scale) + per_row(self.minimum)  # as the loader: q * d + m
+
+
+def pack_ggml(raw: np.ndarray, ggml_type: int, shape: tuple[int, int], row_order: np.ndarray | None = None) -> PackedWeight:
+    """GGUF blocks of an [out, in] matrix (uint8 bytes) -> PackedWeight in panels. row_order permutes the output rows
+    (llama's q/k rows, which the converter interleaved)."""
+    out_f, in_f = shape
+    if in_f % BLOCK:
+        raise ValueError(f"a packed matrix needs rows of whole {BLOCK}-weight blocks, got {shape}")
+    blocks = raw[:out_f * in_f // BLOCK * GGML_BLOCK_BYTES[ggml_type]].reshape(out_f, in_f // BLOCK, GGML_BLOCK_BYTES[ggml_type])
+    if row_order is not None:
+        blocks = blocks[row_order]
+    half = lambda b: np.ascontiguousarray(b).view(np.float16).astype(np.float32)[..., 0]   # (out, in/32)
+    if ggml_type == Q4_1:
+        d, m, qs = half(blocks[..., 0:2]), half(blocks[..., 2:4]), blocks[..., 4:]
+        # byte j of a block holds weight j in its low nibble and weight j + 16 in its high nibble
+        codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(out_f, in_f).astype(np.uint8)
+        return PackedWeight(_panels(codes), _panels(d), _panels(m))
+    if ggml_type == Q8_0:
+        d, qs = half(blocks[..., 0:2]), blocks[..., 2:].view(np.int8)
+        return PackedWeight(_panels(qs.reshape(out_f, in_f)), _panels(d))
+    raise ValueError(f"GGML type {ggml_type} has no packed form (Q4_1 and Q8_0 do)")
+
+
+def _panels(a: np.ndarray) -> Tensor:
+    """[out, n] -> [out / P, n, P] (the layout of model.Linear)."""
+    from .model import panel_width
+    out, n = a.shape
+    p = panel_width(out)
+    return Tensor(np.ascontiguousarray(a.reshape(out // p, p, n).transpose(0, 2, 1)))

@@ -1,0 +1,420 @@
+"""Every hook into tinygrad's internals, in one marked module. HOOKS INTO tinygrad 0.14 INTERNALS: see
+tests/test_tinygrad_hooks.py, which fails loudly when an upgrade moves what this relies on.
+
+1. Kernel choices for products (`choose_opts`). tinygrad's hand-coded heuristic keeps ~3 rows of a matrix-vector
+   product in flight and leaves it a serial chain of scalar multiply-adds. Products whose weight is laid out
+   [in, out] (the model stores them so) run as vector multiply-adds when the contiguous output axis is upcast by
+   16 and the token axis by up to 4: every weight load then serves up to 4 tokens, which is what keeps a verify
+   step of 4-8 tokens close to the cost of one. The choices travel inside the kernel's AST (`opts_to_apply`), the
+   one way that reaches tinygrad's compile worker processes; they are computed here, in the parent, from the AST
+   alone: no search, nothing to cache, the same choices on every machine.
+2. Every core (`ParallelSlices`). tinygrad 0.14's CPU device splits a kernel into THREAD slices (a `core_id`
+   argument) but runs the slices one after another. A tiny C trampoline runs slice 0 on the calling thread and the
+   others on a persistent pool of spinning threads, so a split kernel uses every core for one hand-off of ~1 µs.
+3. The kernel cache db opened shareable between threads (`share_kernel_cache`): the engine compiles on its own
+   thread while Exo touches tinygrad on others.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import sqlite3
+import subprocess
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import tinygrad.helpers
+from tinygrad.codegen import opt as _opt  # noqa: F401  (Opt, OptOps)
+from tinygrad.codegen.opt import Opt, OptOps
+from tinygrad.codegen.opt.postrange import Scheduler
+from tinygrad.engine import realize
+from tinygrad.engine.jit import GraphException, GraphRunner
+from tinygrad.uop.ops import AxisType, KernelInfo, Ops, PatternMatcher, UOp, UPat, graph_rewrite
+
+log = logging.getLogger(__name__)
+
+# -- 1. kernel choices -------------------------------------------------------------------------------------------
+VECTOR = 16          # floats the output axis is upcast by (one AVX-512 register, two AVX2 ones)
+TOKENS_IN_FLIGHT = 4  # token rows sharing each weight load
+MIN_THREAD_WORK = 1 << 18  # multiply-adds below which a kernel stays on one core (a hand-off costs ~1 µs)
+
+
+def _pre_opt_ast(ast: UOp) -> UOp:
+    """The AST as tinygrad's apply_opts sees it: the rewrites full_rewrite_to_sink runs before optimizing."""
+    from tinygrad import codegen as cg
+    sink = graph_rewrite(ast, cg.multi_pm, name="multi_pm")
+    sink = graph_rewrite(sink, cg.pm_mops, name="early movement ops", bottom_up=True)
+    sink = graph_rewrite(sink, cg.pm_load_collapse, name="load collapse")
+    sink = graph_rewrite(sink, cg.pm_split_ranges + cg.pm_flatten_range, ctx={}, name="split ranges")
+    sink = graph_rewrite(sink, cg.sym + cg.pm_flatten_range, name="initial symbolic")
+    return graph_rewrite(sink, cg.pm_flatten_range + cg.pm_simplify_ranges, ctx={}, name="simplify ranges")
+
+
+def _stride(idx: UOp, rng: UOp) -> int | None:
+    """The constant stride of `rng` in a flat buffer index, 0 when the index does not depend on it, None if unclear."""
+    if rng not in idx.backward_slice_with_self:
+        return 0
+    for term in idx.split_uop(Ops.ADD):
+        if term is rng:
+            return 1
+        if term.op is Ops.MUL and rng in term.src:
+            other = term.src[1] if term.src[0] is rng else term.src[0]
+            if other.op is Ops.CONST:
+                return int(other.arg)
+    return None
+
+
+def _product_axes(k: Scheduler) -> tuple[int | None, int | None, int | None]:
+    """(vector axis, token axis, panel axis) of a product kernel out[t, b, j] = sum_r a[t, r] * w[b, r, j]: the vector
+    axis has unit stride in the output and in the weight, the token axis is one the weight ignores, the panel axis is
+    the largest other output axis."""
+    vector_axis = token_axis = None
+    others = []
+    for axis in k.axes_of(AxisType.LOOP, AxisType.GLOBAL, AxisType.WEAK):
+        strides = [_stride(b.src[1].get_idx(), k.rngs[axis]) for b in k.bufs]
+        if None in strides:
+            return None, None, None
+        if vector_axis is None and strides.count(1) >= 2:
+            vector_axis = axis
+        elif token_axis is None and k.full_shape[axis] > 1 and 0 in strides:
+            token_axis = axis
+        elif k.full_shape[axis] > 1:
+            others.append(axis)
+    panel_axis = max(others, key=lambda a: k.full_shape[a], default=None)
+    return vector_axis, token_axis, panel_axis
+
+
+def choose_opts(ast: UOp, ren) -> tuple[Opt, ...] | None:
+    """Choices for a product whose weight is read with unit stride along an output axis of at most 16 (the panels of
+    model.Linear), else None (the kernel keeps tinygrad's heuristic)."""
+    k = Scheduler(_pre_opt_ast(ast), ren)
+    if len(k.reduceops) != 1 or len(k.axes_of(AxisType.REDUCE)) != 1 or not all(isinstance(s, int) for s in k.full_shape):
+        return None
+    vector_axis, token_axis, panel_axis = _product_axes(k)
+    if vector_axis is None or k.full_shape[vector_axis] > VECTOR:
+        return None
+    # opts name axes by position, and positions move as opts apply: follow the ranges themselves
+    vector, token = k.rngs[vector_axis], (k.rngs[token_axis] if token_axis is not None else None)
+    work, threads = 1, NUM_THREADS()
+    for s in k.full_shape:
+        work *= s
+    try:
+        if threads > 1 and work >= MIN_THREAD_WORK and panel_axis is not None and k.full_shape[panel_axis] % threads == 0:
+            k.apply_opt(Opt(OptOps.THREAD, panel_axis, threads))
+        # tokens first: the accumulators then lie [token][output], contiguous along the output, one vector each
+        if token is not None:
+            amt = next((a for a in (TOKENS_IN_FLIGHT, 3, 2) if int(token.vmax + 1) % a == 0), None)
+            if amt is not None:
+                k.apply_opt(Opt(OptOps.UPCAST, k.rngs.index(token), amt))
+        k.apply_opt(Opt(OptOps.UPCAST, k.rngs.index(vector), 0))
+    except Exception as e:  # KernelOptError and friends: keep the heuristic rather than fail the compile
+        log.debug("kernel choices %s rejected for %s: %s", k.applied_opts, ast.arg.name, e, exc_info=True)
+        return None
+    return tuple(k.applied_opts)
+
+
+def NUM_THREADS() -> int:
+    """Cores the large products split over: EXO_MEDUSA_THREADS, else every core tinygrad sees."""
+    return max(1, int(os.environ.get("EXO_MEDUSA_THREADS", 0)) or tinygrad.helpers.NUM_CPU_THREADS.value)
+
+
+def _with_choices(ctx, call: UOp, sink: UOp) -> UOp | None:
+    info = sink.arg
+    if not isinstance(info, KernelInfo) or info.opts_to_apply is not None or info.beam or info.applied_opts:
+        return None
+    device = call.src[1].device if len(call.src) > 1 else None
+    dev = device if isinstance(device, str) else (device[0] if device else None)
+    if dev is None or not dev.startswith("CPU"):
+        return None
+    from tinygrad import Device
+    opts = choose_opts(sink, Device[dev].renderer)
+    if opts is None:
+        return None
+    return call.replace(src=(sink.replace(arg=replace(info, opts_to_apply=opts)), *call.src[1:]))
+
+
+pm_choices = PatternMatcher([
+    (UPat(Ops.CALL, src=(UPat(Ops.SINK, name="sink"),), name="call", allow_any_len=True), _with_choices),
+])
+
+
+# -- 2. every core -----------------------------------------------------------------------------------------------
+MAX_ARGS = 60        # kernel arguments the trampoline forwards (tinygrad's CPU programs take at most 63)
+GRAPH_CMD_WORDS = 3 + MAX_ARGS
+SPIN_ROUNDS = 1 << 14  # pause instructions a pool thread spins for a next slice (~0.3 ms) before it sleeps
+
+_POOL_SRC = r"""
+#include <pthread.h>
+#include <stdint.h>
+#include <stdatomic.h>
+#if defined(__x86_64__)
+#define RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define RELAX() __asm__ volatile("yield")
+#else
+#define RELAX() do {} while (0)
+#endif
+typedef uint64_t u64;
+typedef void (*kernel_t)(PARAMS);
+static kernel_t job_fn; static u64 job_args[NARGS]; static int job_core, pool_size;
+static atomic_ulong job_gen; static atomic_int job_next, job_done, job_n, sleepers;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+#define CALL(fn, a) fn(ARRAY_ARGS)
+/* slices are taken from a shared counter, not assigned: when a pool thread is descheduled (a busy machine), the
+   caller runs its slices itself instead of waiting for it */
+static void run_slices(void) {
+  int n = atomic_load(&job_n), t;
+  while ((t = atomic_fetch_add(&job_next, 1)) < n) {
+    u64 a[NARGS];
+    for (int i = 0; i < NARGS; i++) a[i] = job_args[i];
+    a[job_core] = (u64)t;
+    CALL(job_fn, a);
+    atomic_fetch_add(&job_done, 1);
+  }
+}
+static void *worker(void *arg) {
+  unsigned long seen = 0;
+  (void)arg;
+  for (;;) {
+    for (int i = 0; i < SPIN && atomic_load(&job_gen) == seen; i++) RELAX();
+    if (atomic_load(&job_gen) == seen) {  /* idle: sleep until the next job rather than burn a core */
+      pthread_mutex_lock(&mu);
+      atomic_fetch_add(&sleepers, 1);
+      while (atomic_load(&job_gen) == seen) pthread_cond_wait(&cv, &mu);
+      atomic_fetch_sub(&sleepers, 1);
+      pthread_mutex_unlock(&mu);
+    }
+    seen = atomic_load(&job_gen);
+    run_slices();
+  }
+  return 0;
+}
+int pool_start(int n) {
+  for (int t = 1; t < n; t++) {
+    pthread_t th;
+    if (pthread_create(&th, 0, worker, 0)) return pool_size = t;
+    pthread_detach(th);
+  }
+  return pool_size = n;
+}
+/* slices 0..n-1 of a THREAD-split kernel (its core_id argument at index core), on the caller and the pool */
+static void dispatch(kernel_t fn, int n, int core, const u64 *args) {
+  if (n <= 1 || pool_size <= 1) {
+    u64 a[NARGS];
+    for (int i = 0; i < NARGS; i++) a[i] = args[i];
+    for (int t = 0; t < (n < 1 ? 1 : n); t++) { a[core] = (u64)t; CALL(fn, a); }
+    return;
+  }
+  job_fn = fn; job_core = core;
+  for (int i = 0; i < NARGS; i++) job_args[i] = args[i];
+  atomic_store(&job_n, n);
+  atomic_store(&job_done, 0);
+  atomic_store(&job_next, 0);
+  atomic_fetch_add(&job_gen, 1);
+  if (atomic_load(&sleepers)) { pthread_mutex_lock(&mu); pthread_cond_broadcast(&cv); pthread_mutex_unlock(&mu); }
+  run_slices();
+  while (atomic_load(&job_done) < n) RELAX();
+}
+void pool_run(u64 fn, u64 n, u64 core, PARAMS) {
+  u64 in[NARGS] = {ARGS};
+  dispatch((kernel_t)fn, (int)n, (int)core, in);
+}
+/* a captured graph: count commands of CMD words each: kernel, slices (0: not split), core_id index, arguments */
+void run_graph(const u64 *cmds, u64 count) {
+  for (u64 i = 0; i < count; i++) {
+    const u64 *c = cmds + i * CMDW;
+    if (c[1] > 1) dispatch((kernel_t)c[0], (int)c[1], (int)c[2], c + 3);
+    else { const u64 *a = c + 3; CALL(((kernel_t)c[0]), a); }
+  }
+}
+"""
+
+
+def _pool_source() -> str:
+    params = ", ".join(f"u64 a{i}" for i in range(MAX_ARGS))
+    args = ", ".join(f"a{i}" for i in range(MAX_ARGS))
+    src = _POOL_SRC.replace("NARGS", str(MAX_ARGS)).replace("SPIN", str(SPIN_ROUNDS)).replace("PARAMS", params)
+    src = src.replace("CMDW", str(GRAPH_CMD_WORDS))
+    src = src.replace("ARRAY_ARGS", ", ".join(f"a[{i}]" for i in range(MAX_ARGS)))
+    return src.replace("ARGS", args)
+
+
+class ParallelSlices:
+    """The C pool: `run(fn_addr, n, core_slot, args)` runs slices 0..n-1 of a THREAD-split kernel on n cores."""
+
+    def __init__(self, threads: int):
+        """threads: cores split kernels run on (1: slices run in turn on the caller, as tinygrad does)."""
+        lib_path = _build_pool()
+        self.lib = ctypes.CDLL(str(lib_path))
+        self.threads = self.lib.pool_start(ctypes.c_int(threads))
+        self.run_addr = ctypes.cast(self.lib.pool_run, ctypes.c_void_p).value
+        self.run = self.lib.pool_run
+        self.run.argtypes = [ctypes.c_uint64] * (3 + MAX_ARGS)
+        self.run.restype = None
+        self.run_graph = self.lib.run_graph
+        self.run_graph.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+        self.run_graph.restype = None
+
+
+def _build_pool() -> Path:
+    src = _pool_source()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "exo-tinygrad-medusa"
+    lib = cache / f"pool-{hashlib.sha256(src.encode()).hexdigest()[:16]}.so"
+    if not lib.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
+            subprocess.run([os.environ.get("CC", "clang"), "-O2", "-shared", "-fPIC", "-pthread", "-x", "c", "-", "-o", tmp.name],
+                           input=src.encode(), check=True, capture_output=True)
+        os.replace(tmp.name, lib)  # atomic: concurrent processes never load a half-written library
+    return lib
+
+
+_pool: ParallelSlices | None = None
+
+
+def _program_call(original):
+    """Direct (non-HCQ2) launches: THREAD-split kernels go through the pool too."""
+    @functools.wraps(original)
+    def call(self, *bufs, global_size=(1, 1, 1), local_size=(1, 1, 1), vals=(), wait=False, timeout=None):
+        slot = self.runtimevars.get("core_id")
+        if slot is None or _pool is None or global_size[0] <= 1 or self.lvp:
+            return original(self, *bufs, global_size=global_size, local_size=local_size, vals=vals, wait=wait, timeout=timeout)
+        import time
+        st = time.perf_counter()
+        args = [b.va_addr for b in bufs] + [v or 0 for v in vals]  # the core_id slot is None here
+        _pool.run(self.addr, global_size[0], slot, *args, *([0] * (MAX_ARGS - len(args))))
+        return time.perf_counter() - st if wait else None
+    return call
+
+
+# -- 3. one C call per captured step ----------------------------------------------------------------------------------
+class CPUGraph(GraphRunner):
+    """A TinyJit capture on the CPU replayed by one C call that runs every kernel in order, instead of one Python
+    launch per kernel (~490 a decode step, ~40 µs each: more than the kernels themselves once they are fast).
+    The command table is built once; a replay only rewrites the arguments that change (input buffers, start_pos)."""
+
+    def __init__(self, linear, input_uops=()):
+        super().__init__(linear, input_uops)
+        self.table = (ctypes.c_uint64 * (GRAPH_CMD_WORDS * len(self.calls)))()
+        self.arg_slot: list[dict[int, int]] = []   # per command: call argument position -> kernel argument index
+        self.var_slot: list[int] = []             # per command: kernel argument index of its first variable
+        for j, ((_, prg, bufs, device_vars), runtime) in enumerate(zip(self.calls, self.runtimes)):
+            if runtime is None or getattr(runtime, "lvp", False):
+                raise GraphException("the CPU graph runs clang/LLVM programs only")
+            info = prg.arg
+            gsz, _ = info.launch_dims({v: 0 for v in self.vars})
+            core = runtime.runtimevars.get("core_id")
+            args = [bufs[i]._buf.va_addr for i in info.globals] + [device_vars.get(v.expr, 0) for v in info.vars]
+            if len(args) > MAX_ARGS:
+                raise GraphException(f"a kernel with {len(args)} arguments")
+            base = j * GRAPH_CMD_WORDS
+            self.table[base:base + 3] = [runtime.addr, gsz[0] if core is not None else 0, core or 0]
+            self.table[base + 3:base + 3 + len(args)] = [a or 0 for a in args]
+            self.arg_slot.append({pos: k for k, pos in enumerate(info.globals)})
+            self.var_slot.append(len(info.globals))
+        if self.launch_dims_replace:
+            raise GraphException("symbolic launch dims")  # CPU kernels loop inside; only THREAD sets dims
+
+    def __call__(self, input_uops, var_vals, wait=False):
+        from tinygrad.device import MultiBuffer
+        t = self.table
+        for j, replace in enumerate(self.uop_replace):
+            for pos, slot in replace:
+                if (k := self.arg_slot[j].get(pos)) is not None:
+                    buf = input_uops[slot].buffer
+                    t[j * GRAPH_CMD_WORDS + 3 + k] = (buf.bufs[0] if isinstance(buf, MultiBuffer) else buf)._buf.va_addr
+        for j, i, v in self.updated_vars(var_vals):
+            t[j * GRAPH_CMD_WORDS + 3 + self.var_slot[j] + i] = v
+        st = time.perf_counter()
+        _pool.run_graph(ctypes.addressof(t), len(self.calls))
+        return time.perf_counter() - st if wait else None
+
+
+# -- 4. the kernel cache db, shareable between threads -------------------------------------------------------------
+def share_kernel_cache() -> None:
+    """tinygrad opens its on-disk kernel cache (sqlite) on first use, usable from that thread only; the engine
+    compiles on its own thread while hosts touch tinygrad on theirs (Exo's device_capabilities opens the device on
+    the main thread). Reopen the cache shareable between threads; sqlite serialises the accesses."""
+    if getattr(tinygrad.helpers, "_exo_medusa_shared_db", False):
+        return
+    connect = sqlite3.connect
+    sqlite3.connect = functools.partial(connect, check_same_thread=False)
+    try:
+        tinygrad.helpers._db_connection = None
+        tinygrad.helpers.db_connection()
+    finally:
+        sqlite3.connect = connect
+    tinygrad.helpers._exo_medusa_shared_db = True
+
+
+# -- 5. GGUF blocks -------------------------------------------------------------------------------------------------
+def gguf_load_blocks(path: str) -> tuple[dict, dict, dict[str, tuple[int, "Tensor"]]]:
+    """tinygrad's gguf_load, plus each tensor's GGML type and raw bytes: tinygrad hands out only dequantized tensors,
+    and packed weights need the codes. Wraps the one function that sees both, for the duration of the load."""
+    from tinygrad.llm import gguf
+    seen = []
+    original = gguf.ggml_data_to_tensor
+
+    def capture(t, n, ggml_type):
+        seen.append((t, ggml_type))
+        return original(t, n, ggml_type)
+
+    gguf.ggml_data_to_tensor = capture
+    try:
+        kv, state = gguf.gguf_load(path)
+    finally:
+        gguf.ggml_data_to_tensor = original
+    if len(seen) != len(state):
+        raise RuntimeError("tinygrad.llm.gguf changed: gguf_load no longer converts each tensor through ggml_data_to_tensor")
+    return kv, state, {name: (ggml_type, t) for name, (t, ggml_type) in zip(state, seen)}
+
+
+# -- installing ----------------------------------------------------------------------------------------------------
+_installed = False
+
+
+def install() -> None:
+    """Install every hook once per process. EXO_MEDUSA_KERNELS=default leaves tinygrad's own kernel choices and
+    serial slices (for comparisons)."""
+    global _installed, _pool
+    if _installed:
+        return
+    _installed = True
+    share_kernel_cache()
+    if os.environ.get("EXO_MEDUSA_KERNELS", "tuned") == "default":
+        log.info("kernels: tinygrad's default choices, one core")
+        return
+    from tinygrad.runtime import ops_cpu
+    original_lower = realize.lower_and_compile
+    realize.lower_and_compile = lambda linear: original_lower(graph_rewrite(linear, pm_choices, walk=True, name="exo-medusa choices"))
+    try:
+        _pool = ParallelSlices(NUM_THREADS())
+    except (OSError, subprocess.CalledProcessError) as e:
+        log.warning("kernels: no C runtime (%s): one Python launch per kernel, split kernels on one core", e)
+        return
+    ops_cpu.CPUProgram.__call__ = _program_call(ops_cpu.CPUProgram.__call__)
+    # captured steps replay through CPUGraph: on devices opened from now on, and on those already open
+    init = ops_cpu.CPUDevice.__init__
+
+    @functools.wraps(init)
+    def init_with_graph(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.graph = CPUGraph
+    ops_cpu.CPUDevice.__init__ = init_with_graph
+    from tinygrad import Device
+    for name in list(Device._opened_devices):
+        if isinstance(Device[name], ops_cpu.CPUDevice):
+            Device[name].graph = CPUGraph
+    log.info("kernels: product choices from the AST, %d core(s), captured steps in one C call", _pool.threads)
+
+
+def kernel_mode() -> dict:
+    """What bench reports: which kernel choices ran and on how many cores."""
+    tuned = _installed and os.environ.get("EXO_MEDUSA_KERNELS", "tuned") != "default"
+    return {"choices": "products" if tuned else "default", "cores": _pool.threads if (tuned and _pool) else 1,
+            "graph": bool(tuned and _pool)}
