@@ -332,3 +332,157 @@ def test_shipped_heads_match_the_default_model(default_model):
     proposed = heads.propose(x, 2).numpy()
     assert proposed.shape == (heads.num_heads, 3, 2) and proposed.min() >= 0
     assert proposed.max() < default_model.config.vocab_size
+
+
+# -- prompt sources, the resumable answer corpus, teacher-forced features ------------------------------------------
+from exo_tinygrad_medusa.training import corpus as corpus_mod  # noqa: E402
+from exo_tinygrad_medusa.training.corpus import (AnswerCorpus, DistillConfig, RunConfig, corpus_features,  # noqa: E402
+                                                 distill)
+from exo_tinygrad_medusa.training.sources import (EXCLUSION_FILE, Exclusion, PromptFilter, SourcePrompt,  # noqa: E402
+                                                  build_exclusion, read_sharegpt, select_prompts)
+
+MT_BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mt_bench.jsonl"
+
+
+def test_decode_batch_stops_every_answer_at_the_budget(tiny_model):
+    loaded = tiny_model("llama", max_context=128)
+    prompts = [ids for _, ids in _prompts(2, 5)]
+    free, _ = decode_batch(BatchedDecoder(loaded.model, 2), prompts, 10, set())
+    eos = free[0][1]  # the first answer ends after two tokens; the second must still stop at 10
+    assert eos not in free[1]
+    answers, rows = decode_batch(BatchedDecoder(loaded.model, 2), prompts, 10, {eos})
+    assert answers[0] == free[0][:2] and answers[1] == free[1] and len(answers[1]) == 10 and len(rows[1]) == 10
+
+
+def test_sharegpt_reader_keeps_complete_conversations(tmp_path):
+    records = [{"id": "a", "conversations": [{"from": "human", "value": " Hi there "}, {"from": "gpt", "value": "x"}]},
+               {"id": "b", "conversations": [{"from": "gpt", "value": "no user"}]},
+               {"id": "c", "conversations": [{"from": "gpt", "value": "y"}, {"from": "human", "value": "Second"}]}]
+    text = "[\n" + ",\n".join(json.dumps(r, indent=2) for r in records) + ',\n  {"id": "d", "conversations": [{"fr'
+    f = tmp_path / "sharegpt.json"
+    f.write_text(text)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    prompts, info = read_sharegpt(f)
+    assert [(p.id, p.text) for p in prompts] == [("sharegpt:a", "Hi there"), ("sharegpt:c", "Second")]
+    assert info == {"conversations": 3, "truncated_tail": True, "without_user_turn": 1}
+    f.write_text("[" + json.dumps(records[0]) + "]")
+    assert read_sharegpt(f)[1]["truncated_tail"] is False
+
+
+def test_benchmark_turns_and_their_phrases_are_excluded(tmp_path):
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"turns": ["Compose an engaging travel blog post about a recent trip to Hawaii.",
+                                           "Short one."]}) + "\n")
+    ex = Exclusion(build_exclusion(bench))
+    assert ex.hits("compose an ENGAGING travel blog post, about a recent trip to Hawaii")  # case and punctuation
+    assert ex.hits("Please: an engaging travel blog post about a recent trip to Paris")    # 8 words shared
+    assert ex.hits("short one") and not ex.hits("a short one here")
+    assert not ex.hits("Write a travel blog post about Hawaii.")
+    prompts = [SourcePrompt("1", "s", t) for t in ["Short one.", "What is a prime?", "what is a PRIME", "ab",
+                                                   "Qu'est-ce que c'est ? " * 2, "Объясни, что такое простое число"]]
+    kept, counts = select_prompts(prompts, ex, PromptFilter())
+    assert [p.text for p in kept] == ["What is a prime?", "Qu'est-ce que c'est ? " * 2]
+    assert counts == {"read": 6, "benchmark": 1, "filtered": 2, "duplicate": 1, "kept": 2}
+
+
+def test_committed_benchmark_exclusion_is_current():
+    if not MT_BENCH.is_file():
+        pytest.skip(f"{MT_BENCH} is absent (the committed hashes are used as they are)")
+    assert json.loads(EXCLUSION_FILE.read_text()) == build_exclusion(MT_BENCH)
+    ex = Exclusion.load()
+    assert all(ex.hits(row["turns"][0]) for row in map(json.loads, MT_BENCH.read_text().splitlines()))
+
+
+def _source_prompts(n: int) -> list[SourcePrompt]:
+    words = ["hi", "yes", "no", "maybe", "ok", "go", "stop", "wait", "run", "jump", "sing"]
+    return [SourcePrompt(f"t:{i}", "test", f"say {w} " * (1 + i % 3)) for i, w in enumerate(words[:n])]
+
+
+@pytest.fixture(scope="module")
+def distill_model(tiny_checkpoint):
+    return load_model(str(tiny_checkpoint("llama")), dtype="float32", max_context=128)
+
+
+def _distill(loaded, prompts, out, run=RunConfig(batch_size=2, chunk_prompts=2), **kwargs):
+    settings = DistillConfig(model="tiny", max_new_tokens=10, max_context=128, **kwargs)
+    return distill(ModelSpec("tiny"), prompts, out, settings, run, loaded=loaded)
+
+
+def _answers(directory) -> dict[str, list[int]]:
+    return {r["key"]: r["answer_ids"] for r in AnswerCorpus.open(directory).records()}
+
+
+def test_distillation_resumes_after_a_stop_and_matches_one_run(distill_model, tmp_path, monkeypatch):
+    prompts = _source_prompts(9)
+    info = _distill(distill_model, prompts, tmp_path / "one")
+    assert info["answers"] == 9 and info["chunks"] == 5 and info["answered"] == 9
+    one = _answers(tmp_path / "one")
+    # stop in the middle of the third chunk: two whole chunks survive, nothing half-written
+    calls, real = {"n": 0}, corpus_mod.decode_batch
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(corpus_mod, "decode_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _distill(distill_model, prompts, tmp_path / "two")
+    monkeypatch.setattr(corpus_mod, "decode_batch", real)
+    files = sorted(p.name for p in (tmp_path / "two" / "chunks").iterdir())
+    assert len(files) == 2 and not any(f.startswith(".tmp") for f in files)
+    assert len(_answers(tmp_path / "two")) == 4
+    info = _distill(distill_model, prompts, tmp_path / "two")
+    assert info["answered"] == 5 and info["answers"] == 9
+    assert _answers(tmp_path / "two") == one          # same answers, no duplicates
+    assert _distill(distill_model, prompts, tmp_path / "two")["answered"] == 0   # nothing left to do
+    records = AnswerCorpus.open(tmp_path / "one").records()
+    assert all(len(r["answer_ids"]) <= 10 and r["finish"] in ("stop", "length") and r["prompt"] for r in records)
+
+
+def test_shards_and_limits_split_the_work(distill_model, tmp_path):
+    prompts = _source_prompts(7)
+    run = RunConfig(batch_size=2, chunk_prompts=3)
+    _distill(distill_model, prompts, tmp_path / "all", run)
+    parts = [tmp_path / "a", tmp_path / "b"]
+    for i, d in enumerate(parts):
+        _distill(distill_model, prompts, d, RunConfig(batch_size=2, chunk_prompts=3, shard=(i, 2)))
+    merged = tmp_path / "merged"
+    AnswerCorpus.open(merged, DistillConfig(model="tiny", max_new_tokens=10, max_context=128))
+    for d in parts:  # machines merge by copying chunk files
+        for f in (d / "chunks").iterdir():
+            (merged / "chunks" / f.name).write_bytes(f.read_bytes())
+    assert _answers(merged) == _answers(tmp_path / "all")
+    assert _distill(distill_model, prompts, tmp_path / "lim", RunConfig(batch_size=2, limit=3))["answers"] == 3
+
+
+def test_corpus_settings_must_match(distill_model, tmp_path):
+    _distill(distill_model, _source_prompts(2), tmp_path)
+    with pytest.raises(ValueError, match=r"other settings .*'max_new_tokens': \(10, 12\)"):
+        distill(ModelSpec("tiny"), _source_prompts(2), tmp_path, DistillConfig(model="tiny", max_new_tokens=12,
+                                                                                max_context=128), loaded=distill_model)
+    with pytest.raises(FileNotFoundError, match="is not an answer corpus"):
+        AnswerCorpus.open(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="--shard must be I/N"):
+        RunConfig(shard=(2, 2))
+
+
+def test_teacher_forced_features_equal_the_generated_ones(distill_model, tmp_path):
+    prompts = _source_prompts(5)
+    _distill(distill_model, prompts, tmp_path / "corpus")
+    corpus = AnswerCorpus.open(tmp_path / "corpus")
+    corpus_features(distill_model.model, corpus, tmp_path / "feats", batch_size=3)
+    forced = FeatureStore.open(tmp_path / "feats")
+    generate(distill_model, [p.text for p in prompts], tmp_path / "gen", batch_size=2, max_new_tokens=10)
+    gen = FeatureStore.open(tmp_path / "gen")
+    by_prompt = {s.prompt: (s, np.asarray(gen.hidden[gen.offsets[i]:gen.offsets[i + 1]])) for i, s in enumerate(gen.samples)}
+    assert sorted(by_prompt) == sorted(s.prompt for s in forced.samples)
+    lm_head = distill_model.model.lm_head.numpy()
+    for i, sample in enumerate(forced.samples):
+        expected, hidden = by_prompt[sample.prompt]
+        rows = np.asarray(forced.hidden[forced.offsets[i]:forced.offsets[i + 1]], dtype=np.float32)
+        assert sample.answer_ids == expected.answer_ids and sample.prompt_ids == expected.prompt_ids
+        np.testing.assert_allclose(rows, hidden.astype(np.float32), atol=2e-3)
+        assert (rows @ lm_head.T).argmax(-1).tolist() == sample.answer_ids

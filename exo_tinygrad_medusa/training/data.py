@@ -37,9 +37,11 @@ def decode_batch(decoder: BatchedDecoder, prompts: list[list[int]], max_new_toke
     token, hidden = decoder.start(prompts)
     answers, rows = [[int(t)] for t in token[:n]], [[h] for h in hidden[:n]]
     done = np.array([int(t) in eos_ids for t in token[:n]])
-    budget = min(max_new_tokens, decoder.room)
-    while not done.all() and len(answers[0]) < budget:
+    budget, produced = min(max_new_tokens, decoder.room), 1
+    # count steps, not answers[0]: once the first answer ends, it stops growing while the others go on
+    while not done.all() and produced < budget:
         token, hidden = decoder.step(token)
+        produced += 1
         active = np.flatnonzero(~done)
         for b in active:
             rows[b].append(hidden[b])

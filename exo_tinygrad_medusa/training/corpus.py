@@ -1,0 +1,298 @@
+"""A resumable self-distillation corpus: the model's answers as token ids, written in chunks, small enough to commit.
+
+Generation appends one gzipped JSON-lines chunk per `chunk_prompts` answered prompts, written to a temporary name
+and renamed, so a chunk is either whole or absent: stopping (Ctrl-C, a session limit, a killed machine) loses at
+most the chunk in progress. A later run with the same settings skips every prompt already answered (keyed by a
+hash of its text) and continues; runs on other machines (`shard`) write chunks under distinct names into copies of
+the same directory, which merge by copying the files. Hidden states are not stored: `corpus_features` recomputes
+them with one batched teacher-forced pass, which is what the head trainer reads.
+
+Layout: corpus.json (settings every chunk was made with) and chunks/*.jsonl.gz, one record per answered prompt:
+key, id, source, prompt, prompt_ids, answer_ids, finish ("stop" or "length")."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tinygrad import Tensor, TinyJit, UOp, dtypes
+
+from ..model import Transformer
+from .batched import HIDDEN, BatchedDecoder, batched_forward
+from .data import ModelSpec, decode_batch
+from .features import FeatureWriter, Sample
+from .progress import Progress
+from .sources import SourcePrompt
+
+log = logging.getLogger(__name__)
+SETTINGS_FILE, CHUNK_DIR = "corpus.json", "chunks"
+FORMAT = 1
+
+
+def prompt_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """What every answer of one corpus was generated with (checked when a run continues a corpus)."""
+    model: str
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+    chat_template: bool = True
+    max_context: int = 2048
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"--distill-temperature must be >= 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How this run works through the prompts (may differ between runs of one corpus)."""
+    batch_size: int = 16
+    chunk_prompts: int = 64       # prompts per chunk file: at most this much work is lost when a run is stopped
+    shard: tuple[int, int] = (0, 1)  # (i, n): this run answers the prompts whose key hashes to i mod n
+    limit: int | None = None      # answer at most this many new prompts in this run
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.chunk_prompts < 1:
+            raise ValueError("--gen-batch-size and --chunk-prompts must be >= 1")
+        i, n = self.shard
+        if not 0 <= i < n:
+            raise ValueError(f"--shard must be I/N with 0 <= I < N, got {i}/{n}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+
+
+class AnswerCorpus:
+    def __init__(self, directory: str | Path, settings: DistillConfig):
+        self.dir, self.settings = Path(directory), settings
+        self.chunks = self.dir / CHUNK_DIR
+
+    @classmethod
+    def open(cls, directory: str | Path, settings: DistillConfig | None = None) -> "AnswerCorpus":
+        """An existing corpus; with `settings`, create it if absent and refuse one made with other settings."""
+        d = Path(directory)
+        f = d / SETTINGS_FILE
+        if f.is_file():
+            saved = json.loads(f.read_text())
+            if saved.get("format") != FORMAT:
+                raise ValueError(f"{d}: corpus format {saved.get('format')} is not {FORMAT}")
+            stored = DistillConfig(**saved["settings"])
+            if settings is not None and stored != settings:
+                diff = {k: (v, getattr(settings, k)) for k, v in asdict(stored).items() if getattr(settings, k) != v}
+                raise ValueError(f"{d} was generated with other settings (stored vs asked: {diff}); "
+                                 f"use another --corpus directory or the same settings")
+            return cls(d, stored)
+        if settings is None:
+            raise FileNotFoundError(f"{d} is not an answer corpus (no {SETTINGS_FILE})")
+        (d / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"format": FORMAT, "settings": asdict(settings)}, indent=2))
+        return cls(d, settings)
+
+    def chunk_files(self) -> list[Path]:
+        return sorted(self.chunks.glob("*.jsonl.gz")) if self.chunks.is_dir() else []
+
+    def records(self) -> list[dict]:
+        """Every answered prompt once, ordered by key (chunks from different runs or machines may overlap)."""
+        by_key: dict[str, dict] = {}
+        dupes = 0
+        for path in self.chunk_files():
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                for line in f:
+                    rec = json.loads(line)
+                    dupes += rec["key"] in by_key
+                    by_key.setdefault(rec["key"], rec)
+        if dupes:
+            log.warning("%s: %d prompts were answered in more than one chunk; the first answer is used", self.dir, dupes)
+        return [by_key[k] for k in sorted(by_key)]
+
+    def done_keys(self) -> set[str]:
+        return {r["key"] for r in self.records()}
+
+    def write_chunk(self, records: list[dict]) -> Path:
+        """Atomically: a chunk is visible only once it is whole."""
+        name = hashlib.sha256("".join(r["key"] for r in records).encode()).hexdigest()[:16]
+        final = self.chunks / f"chunk-{name}.jsonl.gz"
+        tmp = self.chunks / f".tmp-{os.getpid()}-{name}"
+        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n")
+        os.replace(tmp, final)
+        return final
+
+    def stats(self) -> dict:
+        recs = self.records()
+        return {"answers": len(recs), "answer_tokens": sum(len(r["answer_ids"]) for r in recs),
+                "stopped_at_eos": sum(r["finish"] == "stop" for r in recs), "chunks": len(self.chunk_files()),
+                "bytes": sum(p.stat().st_size for p in self.chunk_files()),
+                "sources": dict(sorted({s: sum(r["source"] == s for r in recs) for s in {r["source"] for r in recs}}.items()))}
+
+
+def pending(corpus: AnswerCorpus, prompts: list[SourcePrompt], run: RunConfig) -> list[tuple[str, SourcePrompt]]:
+    """(key, prompt) of this shard's prompts not answered yet, in the given order, duplicates dropped."""
+    done, out, seen = corpus.done_keys(), [], set()
+    i, n = run.shard
+    for p in prompts:
+        key = prompt_key(p.text)
+        if key in done or key in seen or int(key, 16) % n != i:
+            continue
+        seen.add(key)
+        out.append((key, p))
+    return out[:run.limit] if run.limit else out
+
+
+def answer_prompts(model: Transformer, tokenizer, eos_ids, corpus: AnswerCorpus, todo: list[tuple[str, SourcePrompt]],
+                   run: RunConfig, show_progress: bool = True, on_chunk=None) -> dict:
+    """Answer `todo` chunk by chunk into the corpus. on_chunk(index) runs after each chunk is written."""
+    s = corpus.settings
+    if model.max_context != s.max_context:
+        raise ValueError(f"{corpus.dir} is generated with a context of {s.max_context} tokens; the model was loaded "
+                         f"with {model.max_context} (pass --max-context {s.max_context})")
+    decoder = BatchedDecoder(model, run.batch_size, temperature=s.temperature)
+    bar = Progress(len(todo), "distill", "prompts", enabled=show_progress)
+    written = tokens = skipped = 0
+    for c in range(0, len(todo), run.chunk_prompts):
+        part = todo[c:c + run.chunk_prompts]
+        encoded = []
+        for key, p in part:
+            ids = (tokenizer.encode_chat([{"role": "user", "content": p.text}]) if s.chat_template
+                   else tokenizer.encode(p.text, add_special_tokens=True))
+            # the batch pads prompts to whole prefill chunks: the padded prompt and the whole answer must fit
+            if -(-len(ids) // decoder.chunk) * decoder.chunk + s.max_new_tokens <= s.max_context:
+                encoded.append((key, p, ids))
+            else:
+                skipped += 1
+        # a chunk's own seed: a resumed run samples what one uninterrupted run would have sampled
+        Tensor.manual_seed((s.seed * 1_000_003 + int(part[0][0], 16)) % 2 ** 31)
+        encoded.sort(key=lambda e: len(e[2]))  # similar lengths share a batch: less padding
+        records = []
+        for b in range(0, len(encoded), decoder.B):
+            batch = encoded[b:b + decoder.B]
+            answers, _ = decode_batch(decoder, [ids for _, _, ids in batch], s.max_new_tokens, set(eos_ids))
+            for (key, p, ids), answer in zip(batch, answers):
+                records.append({"key": key, "id": p.id, "source": p.source, "prompt": p.text, "prompt_ids": ids,
+                                "answer_ids": answer, "finish": "stop" if answer[-1] in eos_ids else "length"})
+                tokens += len(answer)
+            bar.update(len(batch), answer_tokens=tokens)
+        if records:
+            corpus.write_chunk(records)
+            written += len(records)
+        bar.update(len(part) - len(encoded))
+        if on_chunk:
+            on_chunk(c // run.chunk_prompts)
+    bar.close()
+    if skipped:
+        log.warning("skipped %d prompts too long for a context of %d with %d new tokens", skipped, s.max_context,
+                    s.max_new_tokens)
+    return {"answered": written, "answer_tokens": tokens, "skipped_too_long": skipped}
+
+
+def _worker(spec: ModelSpec, corpus_dir: str, todo: list[tuple[str, SourcePrompt]], run: RunConfig, show: bool) -> None:
+    from ..loader import load_model
+    logging.basicConfig(level=logging.WARNING)
+    loaded = load_model(spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context)
+    answer_prompts(loaded.model, loaded.tokenizer, loaded.tokenizer.eos_token_ids, AnswerCorpus.open(corpus_dir), todo,
+                   run, show_progress=show)
+
+
+def distill(spec: ModelSpec, prompts: list[SourcePrompt], corpus_dir: str | Path, settings: DistillConfig,
+            run: RunConfig = RunConfig(), workers: int = 1, loaded=None) -> dict:
+    """Answer the prompts not yet in the corpus. With workers > 1, one process per worker (tinygrad's CPU device
+    uses one core per process) takes every workers-th chunk; each writes its own chunk files."""
+    corpus = AnswerCorpus.open(corpus_dir, settings)
+    todo = pending(corpus, prompts, run)
+    log.info("%s: %d prompts to answer (%d already answered)", corpus.dir, len(todo), len(corpus.done_keys()))
+    if not todo:
+        return {"answered": 0, **corpus.stats()}
+    chunks = [todo[c:c + run.chunk_prompts] for c in range(0, len(todo), run.chunk_prompts)]
+    workers = max(1, min(workers, len(chunks)))
+    if workers == 1:
+        if loaded is None:
+            from ..loader import load_model
+            loaded = load_model(spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context)
+        info = answer_prompts(loaded.model, loaded.tokenizer, loaded.tokenizer.eos_token_ids, corpus, todo, run)
+    else:
+        ctx = multiprocessing.get_context("spawn")  # tinygrad's device threads do not survive fork
+        procs = [ctx.Process(target=_worker, args=(spec, str(corpus.dir), [x for ch in chunks[w::workers] for x in ch],
+                                                   run, w == 0)) for w in range(workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failed = [w for w, p in enumerate(procs) if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"distillation worker(s) {failed} failed (finished chunks are kept; run again to resume)")
+        info = {}
+    return {**info, **corpus.stats()}
+
+
+class TeacherForcer:
+    """Final hidden states along whole sequences, B at a time: left-padded, prefilled in captured chunks."""
+
+    def __init__(self, model: Transformer, batch_size: int, chunk: int = 32):
+        self.model, self.B, self.chunk = model, batch_size, chunk
+        self.cache = model.new_cache(batch_size)
+        self.key_mask = Tensor.zeros(batch_size, model.cache_len, device=model.lm_head.device).contiguous().realize()
+        self.start_pos = UOp.variable("start_pos", 0, model.max_context)
+        self._step = TinyJit(self._forward)
+
+    def _forward(self, x: Tensor, layers: list[Tensor], start_pos: UOp, key_mask: Tensor) -> Tensor:
+        hidden, _ = batched_forward(self.model, x, layers, start_pos, key_mask)
+        return hidden.cast(dtypes.float32).realize()
+
+    def hidden(self, seqs: list[list[int]]) -> list[np.ndarray]:
+        """(len(seq), D) hidden states of each sequence (at most B)."""
+        rows = seqs + [seqs[-1]] * (self.B - len(seqs))
+        C = self.chunk
+        width = -(-max(len(s) for s in rows) // C) * C
+        if width > self.model.max_context:
+            raise ValueError(f"a sequence of {max(len(s) for s in rows)} tokens does not fit a context of "
+                             f"{self.model.max_context}")
+        ids = np.zeros((self.B, width), dtype=np.int32)
+        mask = np.zeros((self.B, self.model.cache_len), dtype=np.float32)
+        for b, s in enumerate(rows):
+            ids[b, width - len(s):] = s
+            mask[b, :width - len(s)] = HIDDEN
+        self.key_mask.assign(Tensor(mask, device=self.key_mask.device)).realize()
+        out = np.concatenate([self._step(Tensor(ids[:, c:c + C]), self.cache.layers, self.start_pos.bind(c),
+                                         self.key_mask).numpy() for c in range(0, width, C)], axis=1)
+        return [out[b, width - len(s):] for b, s in enumerate(seqs)]
+
+
+def corpus_features(model: Transformer, corpus: AnswerCorpus, out_dir: str | Path, batch_size: int = 8,
+                    show_progress: bool = True) -> dict:
+    """The feature store the head trainer reads, recomputed from the corpus: row i of a sample is the hidden state
+    at the token before answer[i] (the last prompt token for i = 0), as generation would have stored it."""
+    records = corpus.records()
+    if not records:
+        raise ValueError(f"{corpus.dir} holds no answers yet: run `exo-medusa distill` first")
+    fits = [r for r in records if len(r["prompt_ids"]) + len(r["answer_ids"]) - 1 <= model.max_context]
+    if len(fits) < len(records):
+        log.warning("skipped %d answers longer than the context of %d", len(records) - len(fits), model.max_context)
+    fits.sort(key=lambda r: len(r["prompt_ids"]) + len(r["answer_ids"]))  # similar lengths share a batch
+    total = sum(len(r["answer_ids"]) for r in fits)
+    forcer = TeacherForcer(model, min(batch_size, len(fits)))
+    writer = FeatureWriter(out_dir, model.config.dim, total)
+    bar = Progress(total, "features", "tok", enabled=show_progress)
+    for b in range(0, len(fits), forcer.B):
+        batch = fits[b:b + forcer.B]
+        hidden = forcer.hidden([r["prompt_ids"] + r["answer_ids"][:-1] for r in batch])
+        for r, h in zip(batch, hidden):
+            n = len(r["answer_ids"])
+            writer.add(Sample(r["prompt"], r["prompt_ids"], r["answer_ids"]), h[len(h) - n:])
+            bar.update(n)
+    bar.close()
+    info = {"samples": len(fits), "answer_tokens": total, "corpus": str(corpus.dir), **asdict(corpus.settings)}
+    writer.close(**info)
+    return info
