@@ -300,6 +300,10 @@ def plot_report(report: dict, out: str | Path) -> Path:
         left.plot(delays, [c["medusa_tokens_per_s"] for c in cells], marker="s", color=color,
                   label=f"Medusa, {shards} shards")
         right.plot(delays, [c["ratio"] or 0.0 for c in cells], marker="s", color=color, label=f"{shards} shards")
+        fit = next((m for m in report.get("model_fit", []) if m["shards"] == shards), None)
+        if fit:  # what the pass-cost model predicts from the median compute per pass: the noise-free trend
+            right.plot(delays, [fit["predicted_ratio"][str(d)] for d in delays], linestyle=":", color=color,
+                       label=f"{shards} shards, pass-cost model")
     left.set_xlabel("one-way link delay (ms)")
     left.set_ylabel("decode tokens/s")
     left.set_title("Ring throughput vs link delay")

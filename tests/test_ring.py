@@ -209,7 +209,8 @@ def test_shard_restarted_mid_request_is_refused_clearly(setup, local_ring):
 def test_frozen_shard_times_out_then_recovers_without_leaks(setup, local_ring):
     _, _, prompt, expected = setup
     victim = local_ring.processes[1]
-    local_ring.set_link(LinkConfig(hop_timeout_s=2.0, release_timeout_s=1.0))
+    # short enough to keep the test quick, long enough for a warm tiny-model pass on a loaded 2-core CI machine
+    local_ring.set_link(LinkConfig(hop_timeout_s=5.0, release_timeout_s=1.0))
 
     def freeze(n, _tokens):
         if n == 1:
@@ -219,7 +220,7 @@ def test_frozen_shard_times_out_then_recovers_without_leaks(setup, local_ring):
     async def scenario(ring):
         t0 = time.monotonic()
         with pytest.raises(ShardUnavailable, match=r"request hung, pass 2, shard layers 2..3 .* did not answer within "
-                                                   r"2 s \(hung, overloaded or cut off\)"):
+                                                   r"5 s \(hung, overloaded or cut off\)"):
             await ring.generate("hung", prompt, on_pass=freeze)
         return time.monotonic() - t0, set().union(*ring.unreleased)
 
@@ -228,7 +229,7 @@ def test_frozen_shard_times_out_then_recovers_without_leaks(setup, local_ring):
     finally:
         victim.thaw()
         local_ring.set_link(FAST)
-    assert elapsed < 10
+    assert elapsed < 20
     assert unreleased == {"hung"}  # the frozen shard could not be told: retried before the next request
 
     @run
