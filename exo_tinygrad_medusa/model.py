@@ -11,7 +11,7 @@ import numpy as np
 from tinygrad import Tensor, UOp, nn
 
 from .config import ModelConfig, rope_inv_freq
-from .packed import PackedWeight
+from .packed import PackedWeight, panel_width
 from .shard import Shard
 
 Pos = int | UOp
@@ -21,10 +21,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # half-split ("rotate_half") layout, as in transformers; GGUF weights are un-permuted on load to match
     x1, x2 = x.chunk(2, dim=-1)
     return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
-
-
-def panel_width(out_features: int) -> int:
-    return next(p for p in (16, 8, 4, 2, 1) if out_features % p == 0)
 
 
 class Linear:
@@ -81,15 +77,17 @@ class Attention:
         keys = cache_kv[0, :, :, 0:start_pos + T]
         values = cache_kv[1, :, :, 0:start_pos + T]
 
-        # grouped-query attention without materialising repeated K/V: (B, kv, group, T, S)
+        # grouped-query attention without materialising repeated K/V: (B, kv, group, T, S). Written as broadcast
+        # products rather than matmuls: a matmul's reshapes merge the symbolic length S into other axes, and every
+        # load then pays a division by start_pos + T
         group = c.n_heads // c.n_kv_heads
-        q = q.reshape(B, c.n_kv_heads, group, T, c.head_dim)
-        scores = q @ keys.unsqueeze(2).transpose(-1, -2) * (1.0 / c.head_dim ** 0.5)
+        q = q.reshape(B, c.n_kv_heads, group, T, 1, c.head_dim)
+        scores = (q * keys.reshape(B, c.n_kv_heads, 1, 1, -1, c.head_dim)).sum(-1) * (1.0 / c.head_dim ** 0.5)
         # the cached prefix is fully visible; the new tokens see each other only where the tree mask allows
         scores = scores + mask.pad(((0, 0), (start_pos, 0)))
         if key_mask is not None:  # per-sequence hidden slots, e.g. the left padding of a batch of prompts
             scores = scores + key_mask[:, 0:start_pos + T].reshape(B, 1, 1, 1, -1)
-        attn = scores.softmax(-1) @ values.unsqueeze(2)
+        attn = (scores.softmax(-1).unsqueeze(-1) * values.reshape(B, c.n_kv_heads, 1, 1, -1, c.head_dim)).sum(-2)
         return self.o_proj(attn.reshape(B, c.n_heads, T, c.head_dim).transpose(1, 2).reshape(B, T, -1))
 
 

@@ -52,6 +52,8 @@ def pack_ggml(raw: np.ndarray, ggml_type: int, shape: tuple[int, int], row_order
     """GGUF blocks of an [out, in] matrix (uint8 bytes) -> PackedWeight in panels. row_order permutes the output rows
     (llama's q/k rows, which the converter interleaved)."""
     out_f, in_f = shape
+    if ggml_type not in GGML_BLOCK_BYTES:
+        raise ValueError(f"GGML type {ggml_type} has no packed form (Q4_1 and Q8_0 do)")
     if in_f % BLOCK:
         raise ValueError(f"a packed matrix needs rows of whole {BLOCK}-weight blocks, got {shape}")
     blocks = raw[:out_f * in_f // BLOCK * GGML_BLOCK_BYTES[ggml_type]].reshape(out_f, in_f // BLOCK, GGML_BLOCK_BYTES[ggml_type])
@@ -63,15 +65,17 @@ def pack_ggml(raw: np.ndarray, ggml_type: int, shape: tuple[int, int], row_order
         # byte j of a block holds weight j in its low nibble and weight j + 16 in its high nibble
         codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(out_f, in_f).astype(np.uint8)
         return PackedWeight(_panels(codes), _panels(d), _panels(m))
-    if ggml_type == Q8_0:
-        d, qs = half(blocks[..., 0:2]), blocks[..., 2:].view(np.int8)
-        return PackedWeight(_panels(qs.reshape(out_f, in_f)), _panels(d))
-    raise ValueError(f"GGML type {ggml_type} has no packed form (Q4_1 and Q8_0 do)")
+    d, qs = half(blocks[..., 0:2]), blocks[..., 2:].view(np.int8)  # Q8_0
+    return PackedWeight(_panels(qs.reshape(out_f, in_f)), _panels(d))
+
+
+def panel_width(out_features: int) -> int:
+    """P, the output columns of one panel: 16 floats are one AVX-512 vector (two AVX2 ones)."""
+    return next(p for p in (16, 8, 4, 2, 1) if out_features % p == 0)
 
 
 def _panels(a: np.ndarray) -> Tensor:
     """[out, n] -> [out / P, n, P] (the layout of model.Linear)."""
-    from .model import panel_width
     out, n = a.shape
     p = panel_width(out)
     return Tensor(np.ascontiguousarray(a.reshape(out // p, p, n).transpose(0, 2, 1)))

@@ -93,10 +93,10 @@ def choose_opts(ast: UOp, ren) -> tuple[Opt, ...] | None:
     """Choices for a product whose weight is read with unit stride along an output axis of at most 16 (the panels of
     model.Linear), else None (the kernel keeps tinygrad's heuristic)."""
     k = Scheduler(_pre_opt_ast(ast), ren)
-    if len(k.reduceops) != 1 or len(k.axes_of(AxisType.REDUCE)) != 1 or not all(isinstance(s, int) for s in k.full_shape):
+    if len(k.reduceops) != 1 or not all(isinstance(s, int) for s in k.full_shape):
         return None
     vector_axis, token_axis, panel_axis = _product_axes(k)
-    if vector_axis is None or k.full_shape[vector_axis] > VECTOR:
+    if vector_axis is None or (k.full_shape[vector_axis] > VECTOR and k.full_shape[vector_axis] % VECTOR):
         return None
     # opts name axes by position, and positions move as opts apply: follow the ranges themselves
     vector, token = k.rngs[vector_axis], (k.rngs[token_axis] if token_axis is not None else None)
@@ -111,7 +111,7 @@ def choose_opts(ast: UOp, ren) -> tuple[Opt, ...] | None:
             amt = next((a for a in (TOKENS_IN_FLIGHT, 3, 2) if int(token.vmax + 1) % a == 0), None)
             if amt is not None:
                 k.apply_opt(Opt(OptOps.UPCAST, k.rngs.index(token), amt))
-        k.apply_opt(Opt(OptOps.UPCAST, k.rngs.index(vector), 0))
+        k.apply_opt(Opt(OptOps.UPCAST, k.rngs.index(vector), min(VECTOR, int(vector.vmax + 1))))
     except Exception as e:  # KernelOptError and friends: keep the heuristic rather than fail the compile
         log.debug("kernel choices %s rejected for %s: %s", k.applied_opts, ast.arg.name, e, exc_info=True)
         return None

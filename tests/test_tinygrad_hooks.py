@@ -1,0 +1,131 @@
+"""The hooks into tinygrad's internals (exo_tinygrad_medusa/tinygrad_hooks.py). The first test fails loudly when a
+tinygrad upgrade moves something they rely on; the others check that each hook does its job and changes no value."""
+import inspect
+
+import numpy as np
+import pytest
+from tinygrad import Tensor, TinyJit, UOp, dtypes
+
+from exo_tinygrad_medusa import tinygrad_hooks as hooks
+from exo_tinygrad_medusa.model import Linear
+from exo_tinygrad_medusa.packed import Q4_1, Q8_0, pack_ggml
+
+hooks.install()
+
+
+def test_tinygrad_internals_the_hooks_rely_on_are_still_there():
+    import tinygrad
+    from tinygrad import codegen
+    from tinygrad.codegen.opt import postrange
+    from tinygrad.engine import jit, realize
+    from tinygrad.llm import gguf
+    from tinygrad.runtime import ops_cpu
+    from tinygrad.uop.ops import KernelInfo
+
+    from importlib.metadata import version
+    assert version("tinygrad") == "0.14.0", "tinygrad moved: re-check every hook in tinygrad_hooks.py, then this pin"
+    for name in ("multi_pm", "pm_mops", "pm_load_collapse", "pm_split_ranges", "pm_flatten_range", "sym", "pm_simplify_ranges"):
+        assert hasattr(codegen, name), f"tinygrad.codegen.{name} (the rewrites before apply_opts) is gone"
+    assert "simplify ranges" in inspect.getsource(codegen.full_rewrite_to_sink)
+    assert "opts_to_apply" in inspect.getsource(postrange.apply_opts)
+    assert "opts_to_apply" in KernelInfo.__dataclass_fields__
+    assert "self.applied_opts" in inspect.getsource(postrange.Scheduler.__init__)
+    for attr in ("apply_opt", "axes_of", "full_shape", "bufs", "reduceops", "rngs"):
+        assert hasattr(postrange.Scheduler, attr), f"Scheduler.{attr} is gone"
+    assert list(inspect.signature(realize.lower_and_compile).parameters) == ["linear"]
+    assert "lower_and_compile(" in inspect.getsource(realize.compile_linear)
+    for attr in ("calls", "runtimes", "uop_replace", "updated_vars", "launch_dims_replace", "vars"):
+        assert attr in inspect.getsource(jit.GraphRunner), f"GraphRunner.{attr} is gone"
+    assert "self.graph" in inspect.getsource(tinygrad.device.Compiled.__init__)
+    assert "dev.graph" in inspect.getsource(jit.graph_split_rewrite) or "graph_class" in inspect.getsource(jit.graph_split_rewrite)
+    source = inspect.getsource(ops_cpu.CPUProgram)
+    assert "runtimevars" in source and "self.addr" in source and "core_id" in source
+    assert "ggml_data_to_tensor(" in inspect.getsource(gguf._gguf_parse)
+    assert hasattr(tinygrad.helpers, "_db_connection") and hasattr(tinygrad.helpers, "db_connection")
+
+
+def _product_step(linear: Linear):
+    return TinyJit(lambda x: linear(x).realize())
+
+
+def test_panel_products_get_vector_choices_and_the_same_values(monkeypatch):
+    chosen = []
+    choose = hooks.choose_opts
+    monkeypatch.setattr(hooks, "choose_opts", lambda ast, ren: chosen.append(choose(ast, ren)) or chosen[-1])
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 64)).astype(np.float32)
+    linear = Linear(64, 96)
+    Tensor.realize(*linear.set(Tensor(w)))
+    x = rng.standard_normal((1, 4, 64)).astype(np.float32)
+    np.testing.assert_allclose(linear(Tensor(x)).numpy(), x @ w.T, rtol=1e-5, atol=1e-5)
+    # the product's choices: 4 tokens per weight load, the 16-column panel as one vector
+    products = [[(o.op.name, o.arg) for o in opts] for opts in chosen if opts]
+    assert [("UPCAST", 4), ("UPCAST", 16)] in [p[-2:] for p in products]
+
+
+def test_split_kernels_run_on_the_pool_and_match_numpy():
+    assert hooks.kernel_mode()["cores"] == hooks.NUM_THREADS()
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((1024, 512)).astype(np.float32)  # 512k multiply-adds: split over the cores
+    linear = Linear(512, 1024)
+    Tensor.realize(*linear.set(Tensor(w)))
+    step = _product_step(linear)
+    for _ in range(4):  # captured on the second call, replayed after
+        x = rng.standard_normal((1, 1, 512)).astype(np.float32)
+        np.testing.assert_allclose(step(Tensor(x)).numpy(), x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_captured_steps_replay_through_one_c_call_with_new_inputs_and_positions():
+    buf = Tensor.zeros(64, dtype=dtypes.float32).contiguous().realize()
+    pos = UOp.variable("pos", 0, 48)
+
+    @TinyJit
+    def step(x: Tensor, p: UOp) -> Tensor:
+        buf[p:p + 4].assign(x).realize()
+        return (buf * 2).sum().realize()
+
+    expected = np.zeros(64, np.float32)
+    for i in range(6):
+        x = np.arange(4, dtype=np.float32) + i
+        expected[i * 8:i * 8 + 4] = x
+        assert step(Tensor(x), pos.bind(i * 8)).item() == pytest.approx(2 * expected.sum())
+    graphs = [c for c in step.captured._linear.src if c.src[0].op.name == "CUSTOM_FUNCTION" and c.src[0].arg == "graph"]
+    assert graphs, "the capture did not batch its kernels into a graph"
+    assert isinstance(next(iter(step.captured.linear.src)), UOp)
+
+
+def _q4_1_blocks(rng, rows: int, cols: int) -> np.ndarray:
+    blocks = np.zeros((rows, cols // 32, 20), np.uint8)
+    blocks[..., 0:2] = rng.uniform(0.01, 0.1, (rows, cols // 32, 1)).astype(np.float16).view(np.uint8)
+    blocks[..., 2:4] = rng.uniform(-1, 0, (rows, cols // 32, 1)).astype(np.float16).view(np.uint8)
+    blocks[..., 4:] = rng.integers(0, 256, (rows, cols // 32, 16), dtype=np.uint8)
+    return blocks.reshape(-1)
+
+
+def _q8_0_blocks(rng, rows: int, cols: int) -> np.ndarray:
+    blocks = np.zeros((rows, cols // 32, 34), np.uint8)
+    blocks[..., 0:2] = rng.uniform(0.001, 0.02, (rows, cols // 32, 1)).astype(np.float16).view(np.uint8)
+    blocks[..., 2:] = rng.integers(0, 256, (rows, cols // 32, 32), dtype=np.uint8)
+    return blocks.reshape(-1)
+
+
+@pytest.mark.parametrize("ggml_type", [Q4_1, Q8_0])
+def test_packed_weights_hold_exactly_the_loaders_float32_values(ggml_type):
+    from tinygrad.llm.gguf import ggml_data_to_tensor
+    rng = np.random.default_rng(2)
+    rows, cols = 48, 64
+    raw = (_q4_1_blocks if ggml_type == Q4_1 else _q8_0_blocks)(rng, rows, cols)
+    dense = ggml_data_to_tensor(Tensor(raw), rows * cols, ggml_type).reshape(rows, cols).numpy()
+    order = np.random.default_rng(3).permutation(rows)
+    linear = Linear(cols, rows)
+    Tensor.realize(*linear.set(pack_ggml(raw, ggml_type, (rows, cols), order)))
+    assert np.array_equal(linear.matrix().numpy(), dense[order])  # bit for bit, rows permuted as asked
+    x = rng.standard_normal((1, 2, cols)).astype(np.float32)
+    np.testing.assert_allclose(linear(Tensor(x)).numpy(), x @ dense[order].T, rtol=1e-5, atol=1e-5)
+
+
+def test_unpackable_types_are_refused_by_name():
+    with pytest.raises(ValueError, match="GGML type 12 has no packed form"):
+        pack_ggml(np.zeros(1 << 12, np.uint8), 12, (32, 64))
+    with pytest.raises(ValueError, match="whole 32-weight blocks"):
+        pack_ggml(np.zeros(1 << 12, np.uint8), Q4_1, (32, 48))
