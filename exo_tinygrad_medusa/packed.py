@@ -20,29 +20,37 @@ GGML_BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
 
 @dataclass
 class PackedWeight:
-    """An [out, in] matrix as panels: codes [out/P, in, P] (uint8 for Q4_1, int8 for Q8_0), scales and minimums
-    [out/P, in/32, P]."""
-    codes: Tensor
+    """An [out, in] matrix as panels of byte codes, four to a 32-bit word: words [out/P, in, P/4] (uint32; code
+    j = 4 * lane + w of a panel row sits in word w, byte `lane`), scales and minimums [out/P, in/32, P]. Words rather
+    than bytes because tinygrad loads 32-bit elements as vectors and bytes one at a time; with this order the
+    lane-th byte of the 4 words is 4 consecutive outputs, one vector of the accumulators."""
+    words: Tensor
     scale: Tensor
     minimum: Tensor | None = None   # Q8_0 has none
+    offset: int = 0                 # Q8_0 codes are stored + 128 (a byte is unsigned)
 
     @property
     def shape(self) -> tuple[int, int]:
         """The [out, in] shape of the matrix."""
-        panels, rows, width = self.codes.shape
-        return panels * width, rows
+        panels, rows, words = self.words.shape
+        return panels * words * 4, rows
 
     def tensors(self) -> list[Tensor]:
-        return [t for t in (self.codes, self.scale, self.minimum) if t is not None]
+        return [t for t in (self.words, self.scale, self.minimum) if t is not None]
 
     def to(self, device: str | None) -> "PackedWeight":
-        return PackedWeight(*(None if t is None else t.to(device).contiguous() for t in (self.codes, self.scale, self.minimum)))
+        moved = (None if t is None else t.to(device).contiguous() for t in (self.words, self.scale, self.minimum))
+        return PackedWeight(*moved, offset=self.offset)
 
     def dequantize(self) -> Tensor:
         """The float32 panels, lazily: used inside a product it fuses into the product's kernel."""
-        panels, rows, width = self.codes.shape
+        panels, rows, words = self.words.shape
+        width = 4 * words
+        lanes = [(self.words >> (8 * lane)) & 0xFF for lane in range(4)]
+        q = Tensor.stack(*lanes, dim=-2).reshape(panels, rows, width).cast(dtypes.float32)
+        if self.offset:
+            q = q - self.offset  # exact: small integers
         per_row = lambda t: t.reshape(panels, rows // BLOCK, 1, width).expand(panels, rows // BLOCK, BLOCK, width).reshape(panels, rows, width)
-        q = self.codes.cast(dtypes.float32)
         if self.minimum is None:
             return per_row(self.scale) * q                  # as the loader: d * q
         return q * per_row(self.scale) + per_row(self.minimum)  # as the loader: q * d + m
@@ -64,9 +72,9 @@ def pack_ggml(raw: np.ndarray, ggml_type: int, shape: tuple[int, int], row_order
         d, m, qs = half(blocks[..., 0:2]), half(blocks[..., 2:4]), blocks[..., 4:]
         # byte j of a block holds weight j in its low nibble and weight j + 16 in its high nibble
         codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(out_f, in_f).astype(np.uint8)
-        return PackedWeight(_panels(codes), _panels(d), _panels(m))
+        return PackedWeight(_words(codes), _panels(d), _panels(m))
     d, qs = half(blocks[..., 0:2]), blocks[..., 2:].view(np.int8)  # Q8_0
-    return PackedWeight(_panels(qs.reshape(out_f, in_f)), _panels(d))
+    return PackedWeight(_words((qs.reshape(out_f, in_f).astype(np.int16) + 128).astype(np.uint8)), _panels(d), offset=128)
 
 
 def panel_width(out_features: int) -> int:
@@ -74,8 +82,22 @@ def panel_width(out_features: int) -> int:
     return next(p for p in (16, 8, 4, 2, 1) if out_features % p == 0)
 
 
-def _panels(a: np.ndarray) -> Tensor:
+def _panel_array(a: np.ndarray) -> np.ndarray:
     """[out, n] -> [out / P, n, P] (the layout of model.Linear)."""
     out, n = a.shape
     p = panel_width(out)
-    return Tensor(np.ascontiguousarray(a.reshape(out // p, p, n).transpose(0, 2, 1)))
+    return np.ascontiguousarray(a.reshape(out // p, p, n).transpose(0, 2, 1))
+
+
+def _panels(a: np.ndarray) -> Tensor:
+    return Tensor(_panel_array(a))
+
+
+def _words(codes: np.ndarray) -> Tensor:
+    """uint8 codes [out, in] -> uint32 words [out/P, in, P/4], code j = 4 * lane + w in byte `lane` of word w."""
+    panels = _panel_array(codes)
+    n_panels, rows, width = panels.shape
+    if width % 4:
+        raise ValueError(f"packed panels need a multiple of 4 output columns, got {codes.shape[0]} rows")
+    lanes = panels.reshape(n_panels, rows, 4, width // 4).astype(np.uint32) << (8 * np.arange(4, dtype=np.uint32))[:, None]
+    return Tensor(np.bitwise_or.reduce(lanes, axis=2))

@@ -25,7 +25,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import tinygrad.helpers
@@ -69,24 +69,45 @@ def _stride(idx: UOp, rng: UOp) -> int | None:
     return None
 
 
-def _product_axes(k: Scheduler) -> tuple[int | None, int | None, int | None]:
-    """(vector axis, token axis, panel axis) of a product kernel out[t, b, j] = sum_r a[t, r] * w[b, r, j]: the vector
-    axis has unit stride in the output and in the weight, the token axis is one the weight ignores, the panel axis is
-    the largest other output axis."""
-    vector_axis = token_axis = None
-    others = []
-    for axis in k.axes_of(AxisType.LOOP, AxisType.GLOBAL, AxisType.WEAK):
-        strides = [_stride(b.src[1].get_idx(), k.rngs[axis]) for b in k.bufs]
-        if None in strides:
-            return None, None, None
-        if vector_axis is None and strides.count(1) >= 2:
-            vector_axis = axis
-        elif token_axis is None and k.full_shape[axis] > 1 and 0 in strides:
-            token_axis = axis
-        elif k.full_shape[axis] > 1:
-            others.append(axis)
-    panel_axis = max(others, key=lambda a: k.full_shape[a], default=None)
-    return vector_axis, token_axis, panel_axis
+@dataclass
+class ProductAxes:
+    """The roles of a product kernel's output axes, out[t, b, i, j] = sum_r a[t, r] * w[b, r, i, j]."""
+    vector: int               # unit stride in the output and in the weight: the accumulators' vector
+    lane: int | None = None   # the next output axis (stride = the vector's size) that the activations ignore: codes
+                              # unpacked from 32-bit words, one lane per byte
+    token: int | None = None  # the activations depend on it, the weight does not: each weight load serves these
+    panel: int | None = None  # the largest other output axis: split over the cores
+
+
+def _product_axes(k: Scheduler) -> ProductAxes | None:
+    store = next((u for u in k.ast.toposort() if u.op is Ops.STORE), None)
+    if store is None or store.src[0].op is not Ops.INDEX:
+        return None
+    output, reduce_rngs = store.src[0], [k.rngs[a] for a in k.axes_of(AxisType.REDUCE)]
+    inputs = [b for b in k.bufs if b is not output]
+    axes = k.axes_of(AxisType.LOOP, AxisType.GLOBAL, AxisType.WEAK)
+    stride = {(id(b), a): _stride(b.src[1].get_idx(), k.rngs[a]) for b in [output, *inputs] for a in axes}
+    if None in stride.values():
+        return None
+    vector = next((a for a in axes if stride[(id(output), a)] == 1 and any(stride[(id(b), a)] == 1 for b in inputs)), None)
+    if vector is None:
+        return None
+    # activations: inputs that read along the reduction but not along the vector
+    acts = [b for b in inputs if stride[(id(b), vector)] == 0 and any(r in b.src[1].get_idx().backward_slice_with_self for r in reduce_rngs)]
+    roles = ProductAxes(vector)
+    rest = []
+    for a in axes:
+        if a == vector or k.full_shape[a] == 1:
+            continue
+        act_reads = any(stride[(id(b), a)] != 0 for b in acts)
+        if roles.lane is None and not act_reads and stride[(id(output), a)] == k.full_shape[vector]:
+            roles.lane = a
+        elif roles.token is None and act_reads:
+            roles.token = a
+        else:
+            rest.append(a)
+    roles.panel = max(rest, key=lambda a: k.full_shape[a], default=None)
+    return roles
 
 
 def choose_opts(ast: UOp, ren) -> tuple[Opt, ...] | None:
@@ -95,22 +116,26 @@ def choose_opts(ast: UOp, ren) -> tuple[Opt, ...] | None:
     k = Scheduler(_pre_opt_ast(ast), ren)
     if len(k.reduceops) != 1 or not all(isinstance(s, int) for s in k.full_shape):
         return None
-    vector_axis, token_axis, panel_axis = _product_axes(k)
-    if vector_axis is None or (k.full_shape[vector_axis] > VECTOR and k.full_shape[vector_axis] % VECTOR):
+    roles = _product_axes(k)
+    if roles is None or (k.full_shape[roles.vector] > VECTOR and k.full_shape[roles.vector] % VECTOR):
         return None
+    if roles.lane is not None and k.full_shape[roles.vector] * k.full_shape[roles.lane] > VECTOR:
+        roles.lane = None  # a lane axis only when vector x lanes fit one panel
     # opts name axes by position, and positions move as opts apply: follow the ranges themselves
-    vector, token = k.rngs[vector_axis], (k.rngs[token_axis] if token_axis is not None else None)
+    vector, lane, token = (None if a is None else k.rngs[a] for a in (roles.vector, roles.lane, roles.token))
     work, threads = 1, NUM_THREADS()
     for s in k.full_shape:
         work *= s
     try:
-        if threads > 1 and work >= MIN_THREAD_WORK and panel_axis is not None and k.full_shape[panel_axis] % threads == 0:
-            k.apply_opt(Opt(OptOps.THREAD, panel_axis, threads))
+        if threads > 1 and work >= MIN_THREAD_WORK and roles.panel is not None and k.full_shape[roles.panel] % threads == 0:
+            k.apply_opt(Opt(OptOps.THREAD, roles.panel, threads))
         # tokens first: the accumulators then lie [token][output], contiguous along the output, one vector each
         if token is not None:
             amt = next((a for a in (TOKENS_IN_FLIGHT, 3, 2) if int(token.vmax + 1) % a == 0), None)
             if amt is not None:
                 k.apply_opt(Opt(OptOps.UPCAST, k.rngs.index(token), amt))
+        if lane is not None:
+            k.apply_opt(Opt(OptOps.UPCAST, k.rngs.index(lane), 0))
         k.apply_opt(Opt(OptOps.UPCAST, k.rngs.index(vector), min(VECTOR, int(vector.vmax + 1))))
     except Exception as e:  # KernelOptError and friends: keep the heuristic rather than fail the compile
         log.debug("kernel choices %s rejected for %s: %s", k.applied_opts, ast.arg.name, e, exc_info=True)
