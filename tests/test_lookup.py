@@ -189,7 +189,7 @@ def test_near_zero_temperature_with_lookup_reproduces_greedy(models, plain, mode
     """The host-side acceptance path with drafts (lookup-only chain or grafted tree) must also reduce to greedy."""
     loaded = models["loop"]
     heads = None if tree == "plain" else random_heads(loaded.model.config, loaded.model.lm_head, 4, 1, "v2", seed=11,
-                                                                                         scale=0.3)
+                                                      scale=0.3)
     gen = Generator(loaded.model, [], PLAIN if tree == "plain" else load_tree(tree), heads)
     result = gen.generate(_prompt(1), GenerationConfig(NEW, temperature=1e-4, seed=0, medusa_sampling=mode,
                                                        prompt_lookup=True))
@@ -199,8 +199,7 @@ def test_near_zero_temperature_with_lookup_reproduces_greedy(models, plain, mode
 
 def test_lookup_default_is_on_for_medusa_and_off_for_plain(models):
     loaded = models["varied"]
-    heads = random_heads(loaded.model.config, loaded.model.lm_head, 4, 1, "v2", seed=11,
-                                                                                         scale=0.3)
+    heads = random_heads(loaded.model.config, loaded.model.lm_head, 4, 1, "v2", seed=11, scale=0.3)
     assert Generator(loaded.model, [], load_tree("cpu-4"), heads).uses_lookup(GenerationConfig())
     assert not Generator(loaded.model, []).uses_lookup(GenerationConfig())
     assert Generator(loaded.model, []).uses_lookup(GenerationConfig(prompt_lookup=True))
