@@ -27,6 +27,7 @@ from .model import Transformer, causal_mask
 from .registry import resolve
 from .sampling import GenerationConfig
 from .session import Session, default_tree_spec, open_session
+from .tinygrad_hooks import kernel_mode
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +108,21 @@ def measure_head_cost(model: Transformer, heads: MedusaHeads, top_k: int, reps: 
     for rep in range(reps + 2):  # the first two calls compile and capture
         t0 = time.perf_counter()
         step(row).numpy()
+        if rep >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_prefill(generator: Generator, prompt_tokens: int, reps: int = 3) -> float:
+    """Median seconds to prefill a prompt of `prompt_tokens` ids (cycled from a fixed pattern) into the generator's
+    cache, chunks and padding included, after two untimed runs that compile and capture."""
+    ids = [int(i) for i in (np.arange(prompt_tokens) * 7919 + 11) % min(generator.model.config.vocab_size, 32000)]
+    generator.check_prompt(ids)
+    times = []
+    for rep in range(reps + 2):
+        t0 = time.perf_counter()
+        hidden, _ = generator.prefill(ids)
+        hidden.numpy()
         if rep >= 2:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -210,9 +226,15 @@ def _fmt(value, digits: int = 2) -> str:
 
 def markdown_report(report: dict) -> str:
     s = report["summary"]
+    k = s.get("kernels") or {}
     lines = [f"## exo-medusa bench: {s['model']} on {s['device']} ({s['dtype']}), tree {s['tree']} ({s['tree_size']} "
              f"nodes), heads: {s['heads']}", "",
              f"{s['prompts']} prompts from {s['prompts_file']}, up to {s['max_generate_tokens']} new tokens each, greedy.",
+             f"Kernels: {k.get('choices', '?')} choices, {k.get('cores', '?')} core(s), "
+             f"{'one C call per captured step' if k.get('graph') else 'one launch per kernel'}, "
+             f"{k.get('weights', '?')} weights."
+             + (f" Prefill of a {s['prefill_tokens']}-token prompt: {s['prefill_tokens_per_s']:.1f} tok/s."
+                if s.get("prefill_tokens_per_s") else ""),
              "", "| prompt | category | prompt tok | new tok | plain tok/s | Medusa tok/s | speedup | accepted/step "
                  "| identical |",
              "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
@@ -304,7 +326,8 @@ def open_bench(args) -> tuple[Session, Generator, Generator, str]:
     if args.random_heads:
         if args.medusa_heads:
             raise ValueError("--random-heads and --medusa-heads exclude each other")
-        session = open_session(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context)
+        session = open_session(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
+                               weights=args.weights)
         model = session.loaded.model
         heads: MedusaHeads = random_heads(session.loaded.config, model.lm_head, num_heads=args.medusa_num_heads or 4,
                                           num_layers=args.medusa_num_layers or 1, seed=args.seed or 0)
@@ -347,12 +370,18 @@ def run_bench(args) -> dict:
     curve = measure_cost_curve(session.loaded.model, sizes, args.cost_reps) if sizes else None
     head_s = (measure_head_cost(session.loaded.model, medusa.steps.heads, medusa.tree.top_k, args.cost_reps)
               if medusa.tree.size > 1 else None)  # a root-only tree proposes nothing
+    # the prefill measurement fits the context (a 256-token context measures a 255-token prompt)
+    prefill_tokens = min(args.prefill_tokens, session.loaded.model.max_context - 1)
+    prefill_s = measure_prefill(plain, prefill_tokens, args.cost_reps) if prefill_tokens > 0 else None
     summary, categories = summarize(runs)
     loaded = session.loaded
     summary.update(model=loaded.resolved.model_id, device=loaded.device, dtype=loaded.dtype, tree=medusa.tree.name,
                    tree_size=medusa.tree.size, tree_top_k=medusa.tree.top_k, heads=heads_note,
                    max_generate_tokens=args.max_generate_tokens, random_heads=bool(args.random_heads),
-                   prompts_file=str(args.prompts or default_prompts_path()))
+                   prompts_file=str(args.prompts or default_prompts_path()),
+                   kernels={**kernel_mode(), "weights": loaded.weights},
+                   prefill_tokens=prefill_tokens if prefill_s else None,
+                   prefill_tokens_per_s=round(prefill_tokens / prefill_s, 2) if prefill_s else None)
     return {"summary": summary, "categories": categories, "prompts": [r.to_json() for r in runs],
             "cost_curve": curve.to_json() if curve else {},
             "cost_seconds": {str(T): round(s, 6) for T, s in curve.seconds.items()} if curve else {},
@@ -390,6 +419,7 @@ def register(subparsers, model_args, generation_args) -> None:
     p.add_argument("--cost-sizes", default=",".join(map(str, COST_SIZES)),
                    help="tree sizes T for the verify-cost curve, comma-separated ('' to skip it)")
     p.add_argument("--cost-reps", type=int, default=5, help="timed repetitions per size (the median is kept)")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement (0: skip)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the full report as JSON")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="plot speedup per category and the cost curve")
     p.set_defaults(func=cmd_bench)

@@ -22,16 +22,13 @@ Wire contract (what Exo's node loop, or any driver, does between passes):
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
-import sqlite3
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import tinygrad.helpers
 from tinygrad import Tensor, dtypes
 from tinygrad.nn.state import safe_load, safe_save
 
@@ -43,6 +40,7 @@ from .sampling import GenerationConfig, probabilities, sample
 from .session import MedusaOptions, default_tree_spec, resolve_heads_path
 from .shard import Shard
 from .steps import ShardSteps
+from .tinygrad_hooks import share_kernel_cache
 
 try:  # inside classic Exo the engine is a real InferenceEngine; without Exo it stands alone
     from exo.inference.inference_engine import InferenceEngine as _EngineBase
@@ -53,22 +51,6 @@ log = logging.getLogger(__name__)
 STATE_KEY = "medusa"
 # tinygrad is not thread-safe: every engine in the process runs its tinygrad work on this one thread
 TINYGRAD_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinygrad")
-
-
-def share_kernel_cache() -> None:
-    """tinygrad opens its on-disk kernel cache (sqlite) on first use, usable from that thread only; the engine
-    compiles on its own thread while hosts touch tinygrad on theirs (Exo's device_capabilities opens the device on
-    the main thread). Reopen the cache shareable between threads; sqlite serialises the accesses."""
-    if getattr(tinygrad.helpers, "_exo_medusa_shared_db", False):
-        return
-    connect = sqlite3.connect
-    sqlite3.connect = functools.partial(connect, check_same_thread=False)
-    try:
-        tinygrad.helpers._db_connection = None
-        tinygrad.helpers.db_connection()
-    finally:
-        sqlite3.connect = connect
-    tinygrad.helpers._exo_medusa_shared_db = True
 
 
 share_kernel_cache()
@@ -212,6 +194,16 @@ class MedusaInferenceEngine(_EngineBase):
         if self.shard == shard:
             return
         loaded = load_model(shard.model_id, shard, dtype=self.dtype, device=self.device, max_context=self.max_context)
+        tree, heads = self._build_steps(loaded, shard)
+        self.loaded, self.tokenizer, self.tree, self.tree_id = loaded, loaded.tokenizer, tree, tree_fingerprint(tree)
+        self.requests.clear()  # caches of another shard are meaningless here
+        self.ended.clear()
+        self.shard = shard
+        log.info("engine: %s layers %d..%d of %d, tree %s (%d nodes)%s", shard.model_id, shard.start_layer,
+                 shard.end_layer, shard.n_layers, tree.name, tree.size, ", Medusa heads" if heads else "")
+
+    def _build_steps(self, loaded: LoadedModel, shard: Shard) -> tuple[MedusaTree, object]:
+        """The tree, the heads (last shard, with Medusa) and the captured steps over the model's current tensors."""
         tree, heads = PLAIN, None
         if self.medusa.enabled:
             heads_path = resolve_heads_path(loaded, self.medusa)
@@ -220,12 +212,7 @@ class MedusaInferenceEngine(_EngineBase):
                 heads = load_heads(heads_path, loaded.config, loaded.model.lm_head).use_first(
                     self.medusa.num_heads, self.medusa.num_layers)
         self.steps = ShardSteps(loaded.model, tree, heads)
-        self.loaded, self.tokenizer, self.tree, self.tree_id = loaded, loaded.tokenizer, tree, tree_fingerprint(tree)
-        self.requests.clear()  # caches of another shard are meaningless here
-        self.ended.clear()
-        self.shard = shard
-        log.info("engine: %s layers %d..%d of %d, tree %s (%d nodes)%s", shard.model_id, shard.start_layer,
-                 shard.end_layer, shard.n_layers, tree.name, tree.size, ", Medusa heads" if heads else "")
+        return tree, heads
 
     def _release(self, request_id: str, why: str) -> bool:
         held = self.requests.pop(request_id, None) is not None
@@ -248,9 +235,15 @@ class MedusaInferenceEngine(_EngineBase):
         missing = sorted(set(params) - set(weights))
         if missing:
             raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors of this shard, e.g. {missing[:3]}")
-        for name, t in params.items():
-            # in place: the captured steps keep pointing at the same buffers
-            t.assign(weights[name].to(t.device).cast(t.dtype)).realize()
+        new = {name: weights[name].to(t.device).cast(t.dtype).contiguous() for name, t in params.items()}
+        Tensor.realize(*new.values())
+        # parameters() gives linear weights as views of the panels the products read, so assigning to them would not
+        # reach those panels: install the tensors, then rebuild what captured the old buffers (the steps, and heads
+        # that share lm_head); caches computed with the old weights are dropped
+        self.loaded.model.set_parameters(new)
+        self._build_steps(self.loaded, self.shard)
+        for request_id in list(self.requests):
+            self._release(request_id, "released: new weights were loaded")
 
     # -- one pass of one request through this shard (engine thread) ------------------------------------------
     def _infer(self, request_id: str, shard: Shard, x: np.ndarray, state: dict | None) -> tuple[np.ndarray, dict]:
@@ -300,8 +293,8 @@ class MedusaInferenceEngine(_EngineBase):
         while len(self.requests) > self.max_requests:
             evicted, _ = self.requests.popitem(last=False)
             log.info("evicted request %s (more than %d live requests)", evicted, self.max_requests)
-        C, outputs, hidden, row = steps.chunk, [], None, 0
-        for start in range(0, prompt_len, C):
+        outputs, hidden, row = [], None, 0
+        for start, C in steps.prefill_plan(prompt_len):
             chunk = x[:, start:start + C]
             row = chunk.shape[1] - 1
             padded = np.concatenate([chunk, np.zeros((1, C - chunk.shape[1], *chunk.shape[2:]), chunk.dtype)], 1)

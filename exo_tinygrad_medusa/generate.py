@@ -136,10 +136,10 @@ class Generator:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
 
     def prefill(self, prompt_ids: list[int]) -> tuple[Tensor, int]:
-        """Run the prompt in fixed-size chunks (the last one padded); returns the last chunk's hidden states and
-        the row of the last prompt token. Padding writes K/V past the prompt: those slots are rewritten first."""
-        C, hidden, row = self.steps.chunk, None, 0
-        for start in range(0, len(prompt_ids), C):
+        """Run the prompt in chunks (steps.prefill_plan; the last one padded); returns the last chunk's hidden states
+        and the row of the last prompt token. Padding writes K/V past the prompt: those slots are rewritten first."""
+        hidden, row = None, 0
+        for start, C in self.steps.prefill_plan(len(prompt_ids)):
             chunk = prompt_ids[start:start + C]
             row = len(chunk) - 1
             tokens = Tensor([chunk + [0] * (C - len(chunk))], dtype="int32")

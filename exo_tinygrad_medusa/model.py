@@ -125,7 +125,7 @@ class Transformer:
     (normed hidden, logits); the others return hidden states for the next shard.
     """
 
-    def __init__(self, config: ModelConfig, shard: Shard, max_context: int | None = None, cache_slack: int = 64):
+    def __init__(self, config: ModelConfig, shard: Shard, max_context: int | None = None, cache_slack: int = 128):
         if shard.n_layers != config.n_layers:
             raise ValueError(f"shard has n_layers={shard.n_layers} but the model config has {config.n_layers} layers")
         self.config, self.shard = config, shard

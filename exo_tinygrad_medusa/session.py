@@ -69,8 +69,9 @@ def resolve_heads_path(loaded: LoadedModel, medusa: MedusaOptions) -> str:
 
 
 def open_session(model: str | None = None, *, device: str | None = None, dtype: str | None = None,
-                 max_context: int | None = 2048, medusa: MedusaOptions = MedusaOptions()) -> Session:
-    loaded = load_model(model, device=device, dtype=dtype, max_context=max_context)
+                 max_context: int | None = 2048, medusa: MedusaOptions = MedusaOptions(),
+                 weights: str | None = None) -> Session:
+    loaded = load_model(model, device=device, dtype=dtype, max_context=max_context, weights=weights)
     heads, tree = None, PLAIN
     if medusa.enabled:
         heads_path = resolve_heads_path(loaded, medusa)

@@ -5,6 +5,8 @@ verification keeps the whole step on the device (verify, accept, propose the nex
 small int vector: [accepted candidates, best path, next tree tokens...]."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp, dtypes
 
@@ -13,6 +15,9 @@ from .medusa.tree import PLAIN, MedusaTree
 from .model import Transformer, causal_mask, compact_layers
 from .ops import take
 from .sampling import GenerationConfig, exact_accept, typical_accept
+
+# prefill chunk sizes: a 512-token prompt runs as four 128-token steps, a 50-token one as two padded 32-token steps
+PREFILL_CHUNKS = (128, 32)
 
 
 def _const(a: np.ndarray, device: str) -> Tensor:
@@ -23,21 +28,23 @@ class ShardSteps:
     """Captured steps for one model shard and one tree (PLAIN for ordinary decoding)."""
 
     def __init__(self, model: Transformer, tree: MedusaTree = PLAIN, heads: MedusaHeads | None = None,
-                 prefill_chunk: int = 32):
+                 prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS):
         if tree.size > 1 and model.shard.is_last_layer():  # only the last shard proposes trees
             if heads is None:
                 raise ValueError("a Medusa tree needs Medusa heads")
             tree.check_heads(heads.num_heads)
         slack = model.cache_len - model.max_context  # a step near the context end writes this far past it
-        for what, size in ((f"tree of {tree.size} nodes", tree.size), (f"prefill chunk of {prefill_chunk}", prefill_chunk)):
+        for what, size in ((f"tree of {tree.size} nodes", tree.size), *((f"prefill chunk of {C}", C) for C in prefill_chunks)):
             if size > slack:
                 raise ValueError(f"{what} exceeds the cache slack of {slack}")
-        self.model, self.tree, self.heads, self.chunk = model, tree, heads, prefill_chunk
+        self.model, self.tree, self.heads = model, tree, heads
+        self.chunks = tuple(sorted(set(prefill_chunks), reverse=True))
         dev = next(iter(model.parameters().values())).device
         self.start_pos = UOp.variable("start_pos", 0, model.max_context)
-        C = prefill_chunk
         self.tree_mask, self.tree_depths = _const(tree.tree_mask, dev), _const(tree.depths, dev)
-        self.chunk_mask, self.chunk_depths = _const(causal_mask(C), dev), _const(np.arange(C, dtype=np.int32), dev)
+        # one capture per chunk size: each has its own causal mask and depths
+        self._prefills = {C: TinyJit(functools.partial(self._prefill, _const(np.arange(C, dtype=np.int32), dev),
+                                                       _const(causal_mask(C), dev))) for C in self.chunks}
         if tree.size > 1:
             K = tree.top_k
             self.paths = _const(tree.retrieve_paths, dev)                                     # (P, D+1)
@@ -45,7 +52,6 @@ class ShardSteps:
             self.path_valid = _const(steps[None, :] < tree.path_lengths[:, None], dev)        # (P, D)
             self.path_steps = _const(steps, dev)
             self.node_pick = _const((tree.node_head * K + tree.node_rank)[1:], dev)           # (T-1,) into (H*K,)
-        self.prefill = TinyJit(self._prefill)
         self.verify_greedy = TinyJit(self._verify_greedy)
         self.verify_logits = TinyJit(self._verify_logits)
         self.propose_after_prefill = TinyJit(self._propose)
@@ -54,6 +60,20 @@ class ShardSteps:
 
     def bind(self, pos: int) -> UOp:
         return self.start_pos.bind(pos)
+
+    def prefill_plan(self, n_tokens: int) -> list[tuple[int, int]]:
+        """(start, chunk size) for a prompt of n_tokens: the largest chunks while they fill up, then the smallest (the
+        last one padded). Large chunks run the products compute-bound; the small one keeps padding short."""
+        plan, start, small = [], 0, self.chunks[-1]
+        while start < n_tokens:
+            size = next((C for C in self.chunks if n_tokens - start >= C), small)
+            plan.append((start, size))
+            start += size
+        return plan
+
+    def prefill(self, x: Tensor, layers: list[Tensor], start_pos: UOp) -> Tensor:
+        """One prefill chunk; x holds (1, C) token ids or (1, C, dim) hidden states, C one of self.chunks."""
+        return self._prefills[x.shape[1]](x, layers, start_pos)
 
     def verify(self, x: Tensor, layers: list[Tensor], start_pos: int, tree_tokens: np.ndarray, cfg: GenerationConfig,
                rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
@@ -74,8 +94,8 @@ class ShardSteps:
         return [int(n) for n in nodes], next_tree
 
     # -- steps (each captured) -------------------------------------------------------------------------------
-    def _prefill(self, x: Tensor, layers: list[Tensor], start_pos: UOp) -> Tensor:
-        out = self.model.forward(x, layers, start_pos, self.chunk_depths, self.chunk_mask)
+    def _prefill(self, depths: Tensor, mask: Tensor, x: Tensor, layers: list[Tensor], start_pos: UOp) -> Tensor:
+        out = self.model.forward(x, layers, start_pos, depths, mask)
         return (out[0] if isinstance(out, tuple) else out).realize()
 
     def _verify_logits(self, x: Tensor, layers: list[Tensor], start_pos: UOp):

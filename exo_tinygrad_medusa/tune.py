@@ -110,17 +110,18 @@ class HeadScorer:
 
     def __init__(self, plain: Generator, heads: MedusaHeads, top_k: int = TOP_K):
         self.plain, self.heads, self.top_k = plain, heads, top_k
-        self.rank = TinyJit(lambda hidden: heads.propose(hidden, top_k).realize())
+        # one capture per prefill chunk size
+        self.rank = {C: TinyJit(lambda hidden: heads.propose(hidden, top_k).realize()) for C in plain.steps.chunks}
 
     def candidates(self, ids: list[int]) -> np.ndarray:
-        steps, C = self.plain.steps, self.plain.steps.chunk
+        steps = self.plain.steps
         out = []
-        for start in range(0, len(ids), C):
+        for start, C in steps.prefill_plan(len(ids)):
             chunk = ids[start:start + C]
             hidden = steps.prefill(Tensor([chunk + [0] * (C - len(chunk))], dtype="int32"), self.plain.cache.layers,
                                    steps.bind(start))
             # a copy: the captured prefill hands back the same buffer on every call
-            out.append(self.rank(hidden[0].contiguous().realize()).numpy()[:, :len(chunk)])
+            out.append(self.rank[C](hidden[0].contiguous().realize()).numpy()[:, :len(chunk)])
         return np.concatenate(out, axis=1)
 
     def accuracies(self, prompts_ids: list[list[int]], cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +151,8 @@ def cmd_tune(args) -> int:
     if 1 not in sizes:
         raise ValueError("--cost-sizes must include 1 (costs are relative to plain decoding)")
     prompts = load_prompts(args.prompts or package_prompts_path(), args.limit)
-    session = open_session(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context)
+    session = open_session(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
+                           weights=args.weights)
     loaded, plain = session.loaded, session.generator
     heads_path = resolve_heads_path(loaded, MedusaOptions(True, args.medusa_heads))
     out = Path(args.out) if args.out else tuned_tree_path(heads_path, loaded.device)

@@ -117,8 +117,8 @@ def test_bench_without_heads_points_at_random_heads(tiny_checkpoint, tmp_path, c
 
 def test_cost_curve_rejects_trees_beyond_the_cache_slack(tiny_model):
     model = tiny_model().model
-    with pytest.raises(ValueError, match="cost-curve size 65 exceeds the model's cache slack of 64 tokens"):
-        bench.measure_cost_curve(model, [1, 65])
+    with pytest.raises(ValueError, match="cost-curve size 129 exceeds the model's cache slack of 128 tokens"):
+        bench.measure_cost_curve(model, [1, 129])
 
 
 def test_bench_random_heads_on_tiny_model(tiny_checkpoint, tmp_path, capsys):
@@ -145,3 +145,8 @@ def test_bench_random_heads_on_tiny_model(tiny_checkpoint, tmp_path, capsys):
     assert report["head_cost_seconds"] > 0 and report["head_cost_relative"] > 0
     assert "| prompt | category |" in captured.out and "| **all** | 3 |" in captured.out
     assert "random (speed-only run" in captured.err
+    # which kernels ran, and a prefill measurement that fits the tiny model's 256-token context
+    assert summary["kernels"]["choices"] == "products" and summary["kernels"]["graph"] is True
+    assert summary["kernels"]["weights"] == "float32" and summary["kernels"]["cores"] >= 1
+    assert summary["prefill_tokens"] == 255 and summary["prefill_tokens_per_s"] > 0
+    assert "Prefill of a 255-token prompt" in captured.out

@@ -180,7 +180,17 @@ def test_shard_steps_reject_tree_larger_than_cache_slack():
     model = Transformer(config, Shard.whole("tiny", config.n_layers), max_context=128, cache_slack=16)
     heads = MedusaHeads(MedusaConfig(4, 1, config.dim, config.vocab_size, "v2"), model.lm_head)
     with pytest.raises(ValueError, match="tree of 64 nodes exceeds the cache slack of 16"):
-        ShardSteps(model, load_tree("mc_sim_7b_63"), heads, prefill_chunk=16)
-    with pytest.raises(ValueError, match="prefill chunk of 32 exceeds the cache slack of 16"):
+        ShardSteps(model, load_tree("mc_sim_7b_63"), heads, prefill_chunks=(16,))
+    with pytest.raises(ValueError, match="prefill chunk of 128 exceeds the cache slack of 16"):
         ShardSteps(model, load_tree("cpu-8"), heads)
-    ShardSteps(model, load_tree("cpu-16"), heads, prefill_chunk=16)  # both fit
+    ShardSteps(model, load_tree("cpu-16"), heads, prefill_chunks=(16, 8))  # all fit
+
+
+def test_prefill_plan_fills_large_chunks_then_pads_one_small_one():
+    config = ModelConfig.from_hf({**TINY, "model_type": "llama"})
+    model = Transformer(config, Shard.whole("tiny", config.n_layers), max_context=1024)
+    steps = ShardSteps(model)
+    assert steps.prefill_plan(1) == [(0, 32)]
+    assert steps.prefill_plan(56) == [(0, 32), (32, 32)]
+    assert steps.prefill_plan(512) == [(0, 128), (128, 128), (256, 128), (384, 128)]
+    assert steps.prefill_plan(300) == [(0, 128), (128, 128), (256, 32), (288, 32)]
