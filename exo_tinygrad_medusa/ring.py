@@ -109,13 +109,11 @@ async def serve_shard(engine, shard: Shard, host: str = HOST, port: int = 0,
                     elif op == "encode":
                         await engine.ensure_shard(target)
                         out = np.array(engine.tokenizer.encode_chat(header["messages"]), dtype=np.int64)
-                    elif op == "release":
-                        await engine.ensure_shard(target)
+                    elif op == "release":  # no shard load: a shard switch already dropped every cache
                         reply["held"] = await engine.release(header["request_id"])
                     elif op == "warm_up":
                         await engine.warm_up(target)
-                    elif op == "status":
-                        await engine.ensure_shard(target)
+                    elif op == "status":  # what the engine holds now, whatever shard it holds
                         reply["requests"] = list(engine.requests)
                         reply["tree"] = {"name": engine.tree.name, "size": engine.tree.size}
                     else:
