@@ -53,3 +53,14 @@ def test_run_says_it_is_compiling_before_the_first_generation(tiny_checkpoint, c
     assert err.startswith(f"exo-medusa: {FIRST_RUN_NOTICE}\n") and "2 tokens" in err
     assert main(["run", model, "--prompt", "hi", "--max-generate-tokens", "2", "--json"]) == 0
     assert FIRST_RUN_NOTICE not in capsys.readouterr().err  # --json output stays machine-readable, stderr quiet
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--queue-size", "-1"), "--queue-size must be >= 0"),
+    (("--timeout", "0"), "--timeout > 0"),
+    (("--max-connections", "0"), "--max-connections >= 1"),
+])
+def test_serve_limits_are_checked_before_the_model_loads(argv, message, capsys):
+    assert main(["serve", "no-such-model", *argv]) == 2  # the model would fail too: the limits are checked first
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("exo-medusa: error: ") and message in err and "\n" not in err
