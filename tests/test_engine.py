@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -63,6 +64,8 @@ def medusa_options(heads: str | None) -> MedusaOptions:
 
 
 def reference(model: str, heads: str | None, prompt: list[int], cfg: GenerationConfig):
+    # the engine proposes from the heads only: the Generator's context drafts would change the accepted lengths
+    cfg = dataclasses.replace(cfg, prompt_lookup=False)
     return open_session(model, medusa=medusa_options(heads)).generator.generate(prompt, cfg)
 
 
