@@ -43,7 +43,7 @@ class ShardSteps:
         self.start_pos = UOp.variable("start_pos", 0, model.max_context)
         self.tree_mask, self.tree_depths = _const(tree.tree_mask, dev), _const(tree.depths, dev)
         # one capture per chunk size: each has its own causal mask and depths
-        self._prefills = {C: TinyJit(functools.partial(self._prefill, _const(np.arange(C, dtype=np.int32), dev),
+        self.prefill_steps = {C: TinyJit(functools.partial(self._prefill, _const(np.arange(C, dtype=np.int32), dev),
                                                        _const(causal_mask(C), dev))) for C in self.chunks}
         if tree.size > 1:
             K = tree.top_k
@@ -73,7 +73,7 @@ class ShardSteps:
 
     def prefill(self, x: Tensor, layers: list[Tensor], start_pos: UOp) -> Tensor:
         """One prefill chunk; x holds (1, C) token ids or (1, C, dim) hidden states, C one of self.chunks."""
-        return self._prefills[x.shape[1]](x, layers, start_pos)
+        return self.prefill_steps[x.shape[1]](x, layers, start_pos)
 
     def verify(self, x: Tensor, layers: list[Tensor], start_pos: int, tree_tokens: np.ndarray, cfg: GenerationConfig,
                rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
