@@ -24,3 +24,23 @@ def test_default_model_reproduces_the_oracle(default_model):
     assert len(result.generated_ids) == 126 and result.generated_ids[-1] == ORACLE["eos_token_id"]
     assert result.finish_reason == "stop"
     assert tokenizer.decode(result.generated_ids) == ORACLE["greedy_text"]
+
+
+@pytest.mark.slow
+def test_float32_weights_reproduce_the_oracle_too(default_model):
+    """--weights float32 (dequantized on load) multiplies the same values as the packed default: same tokens."""
+    from exo_tinygrad_medusa.loader import load_model
+    assert default_model.weights == "compact"
+    dense = load_model("smollm2-135m", dtype="float32", weights="float32")
+    assert dense.weights == "float32"
+    prompt_ids = dense.tokenizer.encode_chat([{"role": "user", "content": ORACLE["prompt"]}])
+    result = Generator(dense.model, dense.tokenizer.eos_token_ids).generate(prompt_ids, GenerationConfig(max_new_tokens=256))
+    assert result.generated_ids == ORACLE["greedy_new_ids"]
+
+
+def test_compact_weights_need_a_gguf_in_float32(tiny_checkpoint):
+    from exo_tinygrad_medusa.loader import load_model
+    with pytest.raises(ValueError, match="--weights compact needs a GGUF checkpoint and --dtype float32"):
+        load_model(str(tiny_checkpoint()), weights="compact")
+    with pytest.raises(ValueError, match="unknown weight format 'int4'"):
+        load_model(str(tiny_checkpoint()), weights="int4")
