@@ -48,20 +48,21 @@ def _product_step(linear: Linear):
     return TinyJit(lambda x: linear(x).realize())
 
 
-def test_panel_products_get_vector_choices_and_the_same_values(monkeypatch):
-    chosen = []
-    choose = hooks.choose_opts
-    monkeypatch.setattr(hooks, "choose_opts", lambda ast, ren: chosen.append(choose(ast, ren)) or chosen[-1])
+def test_panel_products_get_vector_choices_and_the_same_values():
+    from tinygrad import Device
+    from tinygrad.uop.ops import Ops
     rng = np.random.default_rng(0)
-    # sizes no other test uses: a kernel compiled earlier in the session would not be chosen for again
     w = rng.standard_normal((176, 72)).astype(np.float32)
     linear = Linear(72, 176)
     Tensor.realize(*linear.set(Tensor(w)))
-    x = rng.standard_normal((1, 4, 72)).astype(np.float32)
-    np.testing.assert_allclose(linear(Tensor(x)).numpy(), x @ w.T, rtol=1e-5, atol=1e-5)
-    # the product's choices: 4 tokens per weight load, the 16-column panel as one vector
-    products = [[(o.op.name, o.arg) for o in opts] for opts in chosen if opts]
-    assert [("UPCAST", 4), ("UPCAST", 16)] in [p[-2:] for p in products]
+    x = Tensor(rng.standard_normal((1, 4, 72)).astype(np.float32)).realize()
+    # the product's kernel, as the scheduler hands it to compilation
+    sinks = [u.src[0] for u in linear(x).schedule_linear().src if u.op is Ops.CALL and u.src[0].op is Ops.SINK]
+    product = next(k for k in sinks if any(u.op is Ops.REDUCE for u in k.toposort()))
+    opts = hooks.choose_opts(product, Device["CPU"].renderer)
+    # 4 tokens per weight load, the 16-column panel as one vector
+    assert opts is not None and [(o.op.name, o.arg) for o in opts][-2:] == [("UPCAST", 4), ("UPCAST", 16)]
+    np.testing.assert_allclose(linear(x).numpy(), x.numpy() @ w.T, rtol=1e-5, atol=1e-5)
 
 
 def test_split_kernels_run_on_the_pool_and_match_numpy():
