@@ -16,7 +16,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, ModelNotFound, PermissionError, No
 # below this, sampling is the argmax in all but float ties, and logits / temperature overflows float64 near 1e-306
 # (NaN probabilities): such temperatures decode greedily
 MIN_TEMPERATURE = 1e-6
-FIRST_RUN_NOTICE = "compiling kernels and capturing steps (~20 s on a first run)"
+FIRST_RUN_NOTICE = "compiling kernels and capturing steps (30-60 s on a first run; cached after)"
 
 
 def model_args() -> argparse.ArgumentParser:
@@ -92,5 +92,5 @@ def session_from_args(args) -> Session:
 
 def first_run_notice(file=None) -> None:
     """One stderr line before the first generation of a process: kernel compilation and step capture are silent
-    for ~20 s on a CPU, which otherwise looks like a hang."""
+    for 30-60 s on a 2-core CPU, which otherwise looks like a hang."""
     print(f"exo-medusa: {FIRST_RUN_NOTICE}", file=file or sys.stderr, flush=True)

@@ -773,7 +773,7 @@ def cmd_serve(args) -> int:
     server = start(lambda: session_from_args(args), generation_config(args), args.host, args.port, limits)
     host, port = server.server_address[:2]
     # kernels compile and steps are captured on first use: without this the first reply looks like a hang
-    print("exo-medusa: the first request compiles kernels and captures steps (~20 s on a first run)", file=sys.stderr)
+    print("exo-medusa: the first request compiles kernels and captures steps (30-60 s on a first run; cached after)", file=sys.stderr)
     print(f"exo-medusa: serving {server.app.model_id} at http://{host}:{port}/v1/chat/completions", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # a clean exit lets tinygrad release its semaphores
     try:
