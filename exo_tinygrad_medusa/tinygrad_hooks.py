@@ -1,18 +1,20 @@
 """Every hook into tinygrad's internals, in one marked module. HOOKS INTO tinygrad 0.14 INTERNALS: see
 tests/test_tinygrad_hooks.py, which fails loudly when an upgrade moves what this relies on.
 
-1. Kernel choices for products (`choose_opts`). tinygrad's hand-coded heuristic keeps ~3 rows of a matrix-vector
-   product in flight and leaves it a serial chain of scalar multiply-adds. Products whose weight is laid out
-   [in, out] (the model stores them so) run as vector multiply-adds when the contiguous output axis is upcast by
-   16 and the token axis by up to 4: every weight load then serves up to 4 tokens, which is what keeps a verify
-   step of 4-8 tokens close to the cost of one. The choices travel inside the kernel's AST (`opts_to_apply`), the
-   one way that reaches tinygrad's compile worker processes; they are computed here, in the parent, from the AST
-   alone: no search, nothing to cache, the same choices on every machine.
+1. Kernel choices for products (`choose_opts`). tinygrad's hand-coded heuristic leaves a matrix-vector product a
+   serial chain of scalar multiply-adds. The model holds weights as 16-column panels (model.Linear); their products
+   run as vector multiply-adds when the panel's columns are upcast as one vector and the token axis by up to 4 (every
+   weight load serves 4 tokens), with the panels split over the cores. The choices travel inside the kernel's AST
+   (`KernelInfo.opts_to_apply`), the one way that reaches tinygrad's compile processes; they are read off the AST in
+   the parent: no search, nothing to cache, the same choices on every machine.
 2. Every core (`ParallelSlices`). tinygrad 0.14's CPU device splits a kernel into THREAD slices (a `core_id`
-   argument) but runs the slices one after another. A tiny C trampoline runs slice 0 on the calling thread and the
-   others on a persistent pool of spinning threads, so a split kernel uses every core for one hand-off of ~1 µs.
-3. The kernel cache db opened shareable between threads (`share_kernel_cache`): the engine compiles on its own
+   argument) but runs them one after another. A small C pool runs them on every core: the caller and the pool take
+   slices from a shared counter, so a descheduled pool thread never stalls the caller; idle pool threads sleep.
+3. One C call per captured step (`CPUGraph`): a TinyJit capture replays as a table of kernel calls run by one C loop,
+   instead of one Python launch per kernel.
+4. The kernel cache db opened shareable between threads (`share_kernel_cache`): the engine compiles on its own
    thread while Exo touches tinygrad on others.
+5. GGUF blocks (`gguf_load_blocks`): tinygrad's GGUF reader, plus each tensor's raw codes for packed weights.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import tinygrad.helpers
-from tinygrad.codegen import opt as _opt  # noqa: F401  (Opt, OptOps)
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.engine import realize
@@ -277,7 +278,6 @@ class ParallelSlices:
         lib_path = _build_pool()
         self.lib = ctypes.CDLL(str(lib_path))
         self.threads = self.lib.pool_start(ctypes.c_int(threads))
-        self.run_addr = ctypes.cast(self.lib.pool_run, ctypes.c_void_p).value
         self.run = self.lib.pool_run
         self.run.argtypes = [ctypes.c_uint64] * (3 + MAX_ARGS)
         self.run.restype = None
@@ -348,8 +348,8 @@ class CPUGraph(GraphRunner):
     def __call__(self, input_uops, var_vals, wait=False):
         from tinygrad.device import MultiBuffer
         t = self.table
-        for j, replace in enumerate(self.uop_replace):
-            for pos, slot in replace:
+        for j, swaps in enumerate(self.uop_replace):
+            for pos, slot in swaps:
                 if (k := self.arg_slot[j].get(pos)) is not None:
                     buf = input_uops[slot].buffer
                     t[j * GRAPH_CMD_WORDS + 3 + k] = (buf.bufs[0] if isinstance(buf, MultiBuffer) else buf)._buf.va_addr
@@ -378,7 +378,7 @@ def share_kernel_cache() -> None:
 
 
 # -- 5. GGUF blocks -------------------------------------------------------------------------------------------------
-def gguf_load_blocks(path: str) -> tuple[dict, dict, dict[str, tuple[int, "Tensor"]]]:
+def gguf_load_blocks(path: str) -> tuple[dict, dict, dict]:
     """tinygrad's gguf_load, plus each tensor's GGML type and raw bytes: tinygrad hands out only dequantized tensors,
     and packed weights need the codes. Wraps the one function that sees both, for the duration of the load."""
     from tinygrad.llm import gguf
