@@ -149,6 +149,9 @@ def NUM_THREADS() -> int:
     return max(1, int(os.environ.get("EXO_MEDUSA_THREADS", 0)) or tinygrad.helpers.NUM_CPU_THREADS.value)
 
 
+_choices: dict[bytes, tuple[Opt, ...] | None] = {}
+
+
 def _with_choices(ctx, call: UOp, sink: UOp) -> UOp | None:
     info = sink.arg
     if not isinstance(info, KernelInfo) or info.opts_to_apply is not None or info.beam or info.applied_opts:
@@ -157,8 +160,12 @@ def _with_choices(ctx, call: UOp, sink: UOp) -> UOp | None:
     dev = device if isinstance(device, str) else (device[0] if device else None)
     if dev is None or not dev.startswith("CPU"):
         return None
-    from tinygrad import Device
-    opts = choose_opts(sink, Device[dev].renderer)
+    # the same kernel recurs (every layer, every load-time copy): decide once per AST; kernels without a reduction
+    # (copies, elementwise) keep the heuristic without the cost of the pre-opt rewrites
+    if (opts := _choices.get(sink.key, False)) is False:
+        from tinygrad import Device
+        has_reduce = any(u.op is Ops.REDUCE for u in sink.toposort())
+        opts = _choices[sink.key] = choose_opts(sink, Device[dev].renderer) if has_reduce else None
     if opts is None:
         return None
     return call.replace(src=(sink.replace(arg=replace(info, opts_to_apply=opts)), *call.src[1:]))
