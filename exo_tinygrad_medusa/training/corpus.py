@@ -25,7 +25,7 @@ from tinygrad import Tensor, TinyJit, UOp, dtypes
 
 from ..model import Transformer
 from .batched import HIDDEN, BatchedDecoder, batched_forward
-from .data import ModelSpec, decode_batch
+from .data import ModelSpec, decode_batch, run_worker_processes
 from .features import FeatureWriter, Sample
 from .progress import Progress
 from .sources import SourcePrompt
@@ -226,15 +226,8 @@ def distill(spec: ModelSpec, prompts: list[SourcePrompt], corpus_dir: str | Path
         info = answer_prompts(loaded.model, loaded.tokenizer, loaded.tokenizer.eos_token_ids, corpus, todo, run)
     else:
         ctx = multiprocessing.get_context("spawn")  # tinygrad's device threads do not survive fork
-        procs = [ctx.Process(target=_worker, args=(spec, str(corpus.dir), [x for ch in chunks[w::workers] for x in ch],
-                                                   run, w == 0)) for w in range(workers)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        failed = [w for w, p in enumerate(procs) if p.exitcode != 0]
-        if failed:
-            raise RuntimeError(f"distillation worker(s) {failed} failed (finished chunks are kept; run again to resume)")
+        run_worker_processes(ctx, _worker, [(spec, str(corpus.dir), [x for ch in chunks[w::workers] for x in ch], run, w == 0)
+                                            for w in range(workers)], "finished chunks are kept; run again to resume")
         info = {}
     return {**info, **corpus.stats()}
 

@@ -5,6 +5,7 @@ are stored as they are produced (features.FeatureWriter) and the base model neve
 from __future__ import annotations
 
 import logging
+import os
 import multiprocessing
 import shutil
 import time
@@ -97,6 +98,30 @@ class ModelSpec:
     max_context: int | None = None
 
 
+def run_worker_processes(ctx, target, args_per_worker: list[tuple], on_failure: str) -> None:
+    """Run one process per argument tuple and wait for all. With several workers each one keeps its kernels on one
+    core (EXO_MEDUSA_THREADS=1): the processes already use every core, a thread pool per process would oversubscribe
+    them. Raises naming the workers that failed."""
+    single_core = len(args_per_worker) > 1
+    previous = os.environ.get("EXO_MEDUSA_THREADS")
+    if single_core:
+        os.environ["EXO_MEDUSA_THREADS"] = "1"  # spawned children inherit the environment at start()
+    try:
+        procs = [ctx.Process(target=target, args=args) for args in args_per_worker]
+        for proc in procs:
+            proc.start()
+    finally:
+        if single_core and previous is None:
+            del os.environ["EXO_MEDUSA_THREADS"]
+        elif single_core:
+            os.environ["EXO_MEDUSA_THREADS"] = previous
+    for proc in procs:
+        proc.join()
+    failed = [i for i, proc in enumerate(procs) if proc.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"worker process(es) {failed} failed ({on_failure})")
+
+
 def _worker(spec: ModelSpec, prompts: list[str], out_dir: str, kwargs: dict) -> None:
     from ..loader import load_model
     logging.basicConfig(level=logging.WARNING)
@@ -107,7 +132,7 @@ def _worker(spec: ModelSpec, prompts: list[str], out_dir: str, kwargs: dict) -> 
 def generate_in_workers(spec: ModelSpec, prompts: list[str], out_dir: str | Path, workers: int, **kwargs) -> dict:
     """generate() split over `workers` processes, then merged into one store in prompt-slice order.
 
-    tinygrad's CPU device runs every kernel on one core, so on a CPU one process per core is what uses them all.
+    On a CPU one process per core, each keeping its kernels on its core (run_worker_processes).
     Only the first worker draws a progress bar (its ETA stands for all of them)."""
     if workers < 1:
         raise ValueError(f"--gen-workers must be >= 1, got {workers}")
@@ -116,15 +141,8 @@ def generate_in_workers(spec: ModelSpec, prompts: list[str], out_dir: str | Path
     parts = [out / f"part-{i}" for i in range(workers)]
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: tinygrad's device threads do not survive fork
     t0 = time.perf_counter()
-    procs = [ctx.Process(target=_worker, args=(spec, prompts[i::workers], str(part), {**kwargs, "show_progress": i == 0}))
-             for i, part in enumerate(parts)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
-    failed = [i for i, proc in enumerate(procs) if proc.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"self-distillation worker(s) {failed} failed; see their errors above")
+    run_worker_processes(ctx, _worker, [(spec, prompts[i::workers], str(part), {**kwargs, "show_progress": i == 0})
+                                        for i, part in enumerate(parts)], "see their errors above")
     store = merge_stores(parts, out, workers=workers, wall_s=round(time.perf_counter() - t0, 1))
     for part in parts:
         shutil.rmtree(part)
