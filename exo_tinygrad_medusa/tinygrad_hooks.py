@@ -115,8 +115,10 @@ def choose_opts(ast: UOp, ren) -> tuple[Opt, ...] | None:
     """Choices for a product whose weight is read with unit stride along an output axis of at most 16 (the panels of
     model.Linear), else None (the kernel keeps tinygrad's heuristic)."""
     k = Scheduler(_pre_opt_ast(ast), ren)
-    if len(k.reduceops) != 1 or not all(isinstance(s, int) for s in k.full_shape):
+    if len(k.reduceops) != 1:
         return None
+    if not all(isinstance(s, int) for s in k.full_shape):
+        return _context_opts(k)
     roles = _product_axes(k)
     if roles is None or (k.full_shape[roles.vector] > VECTOR and k.full_shape[roles.vector] % VECTOR):
         return None
@@ -142,6 +144,59 @@ def choose_opts(ast: UOp, ren) -> tuple[Opt, ...] | None:
         log.debug("kernel choices %s rejected for %s: %s", k.applied_opts, ast.arg.name, e, exc_info=True)
         return None
     return tuple(k.applied_opts)
+
+
+REUSE_MAX = 16  # accumulators a context kernel keeps per loaded key/value
+
+
+def _context_opts(k: Scheduler) -> tuple[Opt, ...] | None:
+    """Choices for a reduction over the cached context, whose length is symbolic (attention scores, the weighted sum
+    of values, softmax statistics). Left to the heuristic they run as scalar chains on one core, which at a 512-token
+    context cost more than all the weight products of a batched step. Three choices, each only where it applies:
+    THREAD over the outermost fixed output axis that splits evenly (the sequences of a batch); UPCAST the fixed
+    output axes that a context-reading input ignores (the query heads of a group and the query tokens: each loaded
+    key or value then serves all of them); UPCAST by 16 an output axis of unit stride in the output and in such an
+    input (the head dimension of the weighted values: one vector of accumulators)."""
+    store = next((u for u in k.ast.toposort() if u.op is Ops.STORE), None)
+    if store is None or store.src[0].op is not Ops.INDEX:
+        return None
+    output = store.src[0]
+    axes = k.axes_of(AxisType.LOOP, AxisType.GLOBAL, AxisType.WEAK)
+    fixed = [a for a in axes if isinstance(k.full_shape[a], int) and k.full_shape[a] > 1]
+    symbolic = [k.rngs[a] for a in range(len(k.full_shape)) if not isinstance(k.full_shape[a], int)]
+    reads = lambda b, a: k.rngs[a] in b.src[1].get_idx().backward_slice_with_self
+    # inputs that walk the context: the cached keys or values, read along the symbolic axis and the reduction (masks
+    # read the symbolic axis too, but not the reduction, and ignore the axes a key serves)
+    reduce_rngs = [k.rngs[a] for a in k.axes_of(AxisType.REDUCE)]
+    walks = lambda b, rngs: any(r in b.src[1].get_idx().backward_slice_with_self for r in rngs)
+    context = [b for b in k.bufs if b is not output and walks(b, symbolic) and walks(b, reduce_rngs)]
+    if not context:
+        return None
+    vector = next((a for a in fixed if _stride(output.src[1].get_idx(), k.rngs[a]) == 1 and k.full_shape[a] % VECTOR == 0
+                   and any(_stride(b.src[1].get_idx(), k.rngs[a]) == 1 for b in context)), None)
+    reuse = [a for a in fixed if a != vector and any(not reads(b, a) for b in context)
+             and any(reads(b, a) for b in k.bufs if b is not output)]
+    threads, work = NUM_THREADS(), 1
+    for a in range(len(k.full_shape)):
+        work *= k.full_shape[a] if isinstance(k.full_shape[a], int) else 256  # a typical context length
+    split = next((a for a in fixed if a not in reuse and a != vector and k.full_shape[a] % threads == 0), None)
+    rngs = {a: k.rngs[a] for a in fixed}
+    try:
+        if threads > 1 and work >= MIN_THREAD_WORK and split is not None:
+            k.apply_opt(Opt(OptOps.THREAD, split, threads))
+        budget = REUSE_MAX if vector is None else REUSE_MAX // 4  # a vector holds 16 accumulators already
+        for a in reuse:  # whole when it fits the budget, else by the largest of 4, 2 that divides it
+            size = int(rngs[a].vmax + 1)
+            amt = size if size <= budget else next((n for n in (4, 2) if n <= budget and size % n == 0), None)
+            if amt is not None:
+                k.apply_opt(Opt(OptOps.UPCAST, k.rngs.index(rngs[a]), amt if amt < size else 0))
+                budget //= amt
+        if vector is not None:
+            k.apply_opt(Opt(OptOps.UPCAST, k.rngs.index(rngs[vector]), VECTOR))
+    except Exception as e:  # as in choose_opts: keep the heuristic rather than fail the compile
+        log.debug("context kernel choices %s rejected: %s", k.applied_opts, e, exc_info=True)
+        return None
+    return tuple(k.applied_opts) or None
 
 
 def NUM_THREADS() -> int:

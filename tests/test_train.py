@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 from tinygrad import Tensor
+from tinygrad.helpers import Context
 
 from exo_tinygrad_medusa.cli import main
 from exo_tinygrad_medusa.generate import Generator
@@ -159,6 +161,31 @@ def test_training_lowers_the_loss_and_checkpoints_reload(random_data, tmp_path):
     heads = load_heads(str(tmp_path), loaded.config, loaded.model.lm_head)
     x = Tensor(np.asarray(store.hidden[:16], dtype=np.float32))
     np.testing.assert_allclose(heads(x).numpy(), trainer.heads(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", ["full", "seen"])
+def test_hand_written_vocabulary_backward_equals_autograd(random_data, vocab):
+    loaded, store = random_data
+    trainer = HeadTrainer(store, loaded.model.lm_head, TrainConfig(num_heads=3, batch_size=32, train_vocab=vocab))
+    for p in trainer.params:  # away from the zero start, so every term of the gradient is exercised
+        p.assign(Tensor(np.random.default_rng(1).standard_normal(p.shape).astype(np.float32) * 0.05)).realize()
+    x, y = trainer._batch(0)
+    y = Tensor(np.where(np.arange(32)[:, None] % 5 == 0, IGNORE, y.numpy()).astype(np.int32))  # some rows masked
+
+    def grads(fn):
+        trainer.opt.zero_grad()
+        with Context(TRAINING=1):
+            per_head = fn(x, y)
+            if fn == trainer._losses:
+                (per_head * trainer.weights).sum().backward()
+            return per_head.numpy(), [p.grad.numpy() for p in trainer.params]
+
+    loss_auto, grad_auto = grads(trainer._losses)
+    loss_hand, grad_hand = grads(trainer._frozen_vocab_backward)
+    np.testing.assert_allclose(loss_hand, loss_auto, rtol=1e-4)
+    assert np.abs(grad_auto[0]).max() > 1e-4
+    for a, b in zip(grad_auto, grad_hand):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6)
 
 
 def test_seen_vocabulary_training_covers_every_target(random_data, tmp_path):
@@ -473,19 +500,23 @@ def test_teacher_forced_features_equal_the_generated_ones(distill_model, tmp_pat
     prompts = _source_prompts(5)
     _distill(distill_model, prompts, tmp_path / "corpus")
     corpus = AnswerCorpus.open(tmp_path / "corpus")
-    corpus_features(distill_model.model, corpus, tmp_path / "feats", batch_size=3)
-    forced = FeatureStore.open(tmp_path / "feats")
+    # the hidden states generation left in the local cache, then (cache gone) one teacher-forced pass
+    cached = corpus_features(distill_model.model, corpus, tmp_path / "cached", batch_size=3)
+    shutil.rmtree(tmp_path / "corpus" / "hidden")
+    forced = corpus_features(distill_model.model, corpus, tmp_path / "feats", batch_size=3)
+    assert (cached["recomputed_samples"], forced["recomputed_samples"]) == (0, 5)
     generate(distill_model, [p.text for p in prompts], tmp_path / "gen", batch_size=2, max_new_tokens=10)
     gen = FeatureStore.open(tmp_path / "gen")
     by_prompt = {s.prompt: (s, np.asarray(gen.hidden[gen.offsets[i]:gen.offsets[i + 1]])) for i, s in enumerate(gen.samples)}
-    assert sorted(by_prompt) == sorted(s.prompt for s in forced.samples)
     lm_head = distill_model.model.lm_head.numpy()
-    for i, sample in enumerate(forced.samples):
-        expected, hidden = by_prompt[sample.prompt]
-        rows = np.asarray(forced.hidden[forced.offsets[i]:forced.offsets[i + 1]], dtype=np.float32)
-        assert sample.answer_ids == expected.answer_ids and sample.prompt_ids == expected.prompt_ids
-        np.testing.assert_allclose(rows, hidden.astype(np.float32), atol=2e-3)
-        assert (rows @ lm_head.T).argmax(-1).tolist() == sample.answer_ids
+    for store in (FeatureStore.open(tmp_path / "cached"), FeatureStore.open(tmp_path / "feats")):
+        assert sorted(by_prompt) == sorted(s.prompt for s in store.samples)
+        for i, sample in enumerate(store.samples):
+            expected, hidden = by_prompt[sample.prompt]
+            rows = np.asarray(store.hidden[store.offsets[i]:store.offsets[i + 1]], dtype=np.float32)
+            assert sample.answer_ids == expected.answer_ids and sample.prompt_ids == expected.prompt_ids
+            np.testing.assert_allclose(rows, hidden.astype(np.float32), atol=2e-3)
+            assert (rows @ lm_head.T).argmax(-1).tolist() == sample.answer_ids
 
 
 def test_cli_build_prompts_drops_the_benchmark_and_duplicates(tmp_path, capsys):

@@ -4,11 +4,14 @@ Generation appends one gzipped JSON-lines chunk per `chunk_prompts` answered pro
 and renamed, so a chunk is either whole or absent: stopping (Ctrl-C, a session limit, a killed machine) loses at
 most the chunk in progress. A later run with the same settings skips every prompt already answered (keyed by a
 hash of its text) and continues; runs on other machines (`shard`) write chunks under distinct names into copies of
-the same directory, which merge by copying the files. Hidden states are not stored: `corpus_features` recomputes
-them with one batched teacher-forced pass, which is what the head trainer reads.
+the same directory, which merge by copying the files. Hidden states are not part of the corpus (hundreds of MB):
+`corpus_features` recomputes them with one batched teacher-forced pass, except where generation left them in the
+local cache hidden/ (float16, one file per chunk, never committed), which saves that pass on the machine that
+generated the chunk.
 
 Layout: corpus.json (settings every chunk was made with) and chunks/*.jsonl.gz, one record per answered prompt:
-key, id, source, prompt, prompt_ids, answer_ids, finish ("stop" or "length")."""
+key, id, source, prompt, prompt_ids, answer_ids, finish ("stop" or "length"); optionally hidden/<chunk>.npy, the
+rows of the chunk's answers in record order."""
 from __future__ import annotations
 
 import gzip
@@ -31,7 +34,7 @@ from .progress import Progress
 from .sources import SourcePrompt
 
 log = logging.getLogger(__name__)
-SETTINGS_FILE, CHUNK_DIR = "corpus.json", "chunks"
+SETTINGS_FILE, CHUNK_DIR, HIDDEN_DIR = "corpus.json", "chunks", "hidden"
 FORMAT = 1
 
 
@@ -120,16 +123,42 @@ class AnswerCorpus:
     def done_keys(self) -> set[str]:
         return {r["key"] for r in self.records()}
 
-    def write_chunk(self, records: list[dict]) -> Path:
-        """Atomically: a chunk is visible only once it is whole."""
+    def write_chunk(self, records: list[dict], hidden: list[np.ndarray] | None = None) -> Path:
+        """Atomically: a chunk is visible only once it is whole. `hidden` (one (len(answer), D) array per record)
+        goes to the local cache first, so a visible chunk's cache file is whole too."""
         name = hashlib.sha256("".join(r["key"] for r in records).encode()).hexdigest()[:16]
         final = self.chunks / f"chunk-{name}.jsonl.gz"
+        if hidden is not None:
+            cache = self.dir / HIDDEN_DIR
+            cache.mkdir(exist_ok=True)
+            tmp = cache / f".tmp-{os.getpid()}-{name}.npy"
+            np.save(tmp, np.concatenate(hidden).astype(np.float16))
+            os.replace(tmp, cache / f"chunk-{name}.npy")
         tmp = self.chunks / f".tmp-{os.getpid()}-{name}"
         with gzip.open(tmp, "wt", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n")
         os.replace(tmp, final)
         return final
+
+    def cached_hidden(self) -> dict[str, np.ndarray]:
+        """Hidden rows left by generation, by record key: only for chunks whose cache file matches their answers."""
+        out: dict[str, np.ndarray] = {}
+        for path in self.chunk_files():
+            cache = self.dir / HIDDEN_DIR / (path.name.removesuffix(".jsonl.gz") + ".npy")
+            if not cache.is_file():
+                continue
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                recs = [json.loads(line) for line in f]
+            rows = np.load(cache, mmap_mode="r")
+            if rows.shape[0] != sum(len(r["answer_ids"]) for r in recs):
+                log.warning("%s does not match its chunk; its hidden states are recomputed", cache)
+                continue
+            at = 0
+            for r in recs:
+                out.setdefault(r["key"], rows[at:at + len(r["answer_ids"])])
+                at += len(r["answer_ids"])
+        return out
 
     def stats(self) -> dict:
         recs = self.records()
@@ -177,10 +206,11 @@ def answer_prompts(model: Transformer, tokenizer, eos_ids, corpus: AnswerCorpus,
         # a chunk's own seed: a resumed run samples what one uninterrupted run would have sampled
         Tensor.manual_seed((s.seed * 1_000_003 + int(part[0][0], 16)) % 2 ** 31)
         encoded.sort(key=lambda e: len(e[2]))  # similar lengths share a batch: less padding
-        records = []
+        records, hidden = [], []
         for b in range(0, len(encoded), decoder.B):
             batch = encoded[b:b + decoder.B]
-            answers, _ = decode_batch(decoder, [ids for _, _, ids in batch], s.max_new_tokens, set(eos_ids))
+            answers, rows = decode_batch(decoder, [ids for _, _, ids in batch], s.max_new_tokens, set(eos_ids))
+            hidden.extend(rows)
             made = tokens
             for (key, p, ids), answer in zip(batch, answers):
                 records.append({"key": key, "id": p.id, "source": p.source, "prompt": p.text, "prompt_ids": ids,
@@ -188,7 +218,7 @@ def answer_prompts(model: Transformer, tokenizer, eos_ids, corpus: AnswerCorpus,
                 tokens += len(answer)
             bar.update(len(batch), rate_units=tokens - made, answer_tokens=tokens)
         if records:
-            corpus.write_chunk(records)
+            corpus.write_chunk(records, hidden)
             written += len(records)
         bar.update(len(part) - len(encoded), rate_units=0)
         if on_chunk:
@@ -277,17 +307,26 @@ def corpus_features(model: Transformer, corpus: AnswerCorpus, out_dir: str | Pat
         log.warning("skipped %d answers longer than the context of %d", len(records) - len(fits), model.max_context)
     fits.sort(key=lambda r: len(r["prompt_ids"]) + len(r["answer_ids"]))  # similar lengths share a batch
     total = sum(len(r["answer_ids"]) for r in fits)
-    forcer = TeacherForcer(model, min(batch_size, len(fits)))
     writer = FeatureWriter(out_dir, model.config.dim, total)
     bar = Progress(total, "features", "tok", enabled=show_progress)
-    for b in range(0, len(fits), forcer.B):
-        batch = fits[b:b + forcer.B]
+    cached = corpus.cached_hidden()
+    n_cached = 0
+    for r in fits:
+        if r["key"] in cached:
+            n_cached += 1
+            writer.add(Sample(r["prompt"], r["prompt_ids"], r["answer_ids"]), cached[r["key"]])
+            bar.update(len(r["answer_ids"]))
+    fits = [r for r in fits if r["key"] not in cached]
+    forcer = TeacherForcer(model, min(batch_size, len(fits))) if fits else None
+    for b in range(0, len(fits), batch_size):
+        batch = fits[b:b + batch_size]
         hidden = forcer.hidden([r["prompt_ids"] + r["answer_ids"][:-1] for r in batch])
         for r, h in zip(batch, hidden):
             n = len(r["answer_ids"])
             writer.add(Sample(r["prompt"], r["prompt_ids"], r["answer_ids"]), h[len(h) - n:])
             bar.update(n)
     bar.close()
-    info = {"samples": len(fits), "answer_tokens": total, "corpus": str(corpus.dir), **asdict(corpus.settings)}
+    info = {"samples": n_cached + len(fits), "answer_tokens": total, "recomputed_samples": len(fits),
+            "corpus": str(corpus.dir), **asdict(corpus.settings)}
     writer.close(**info)
     return info

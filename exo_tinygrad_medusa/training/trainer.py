@@ -19,6 +19,7 @@ from tinygrad.nn.optim import AdamW
 from tinygrad.nn.state import get_state_dict, safe_load, safe_save
 
 from ..medusa.heads import MedusaConfig, MedusaHeads
+from ..model import Linear
 from .features import IGNORE, FeatureStore
 from .progress import Progress
 
@@ -139,6 +140,12 @@ class HeadTrainer:
         self.steps_per_epoch = math.ceil(len(self.train_split.rows) / cfg.batch_size)
         self.total_steps = max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
         self.weights = Tensor([cfg.head_decay ** k for k in range(cfg.num_heads)])
+        self.to_logits = self.to_hidden = None
+        if cfg.fmt == "v2":  # the frozen rows as the two products of _frozen_vocab_backward
+            rows = self.heads._base_rows if self.vocab_ids is not None else self.base
+            V = rows.shape[0]
+            self.to_logits, self.to_hidden = Linear(dim, V), Linear(V, dim)
+            Tensor.realize(*self.to_logits.set(rows), *self.to_hidden.set(rows.T))
         self._train_step = TinyJit(self._step)
         self._predict = TinyJit(self._topk)
         self.step = 0
@@ -153,10 +160,34 @@ class HeadTrainer:
         nll = (logits.logsumexp(-1) - picked) * valid
         return nll.sum(-1) / valid.sum(-1).maximum(1)
 
+    def _frozen_vocab_backward(self, x: Tensor, y: Tensor) -> Tensor:
+        """v2's loss and gradients with the vocabulary products written out. The projection onto the frozen lm_head
+        rows is most of a step's work; autograd would lay out its backward product as tinygrad likes, which runs as
+        scalar chains on one core. Written by hand, both products are model.Linear products (the fast kernels):
+        forward logits = z @ rows.T, backward dz = dlogits @ rows, with dlogits = softmax - onehot (the gradient of
+        the mean cross-entropy), scaled by each head's weight over its valid rows. Autograd then carries dz through
+        the ResBlocks alone: d(sum(z * dz))/dparams is the loss's gradient."""
+        feats = Tensor.stack(*self.heads.features(x))                            # (H, R, D)
+        logits = self.to_logits(feats.detach())                                  # (H, R, V')
+        targets = y.T                                                            # (H, R)
+        valid = targets != IGNORE
+        logp = logits.log_softmax(-1)
+        onehot = valid.where(targets, 0).unsqueeze(-1) == Tensor.arange(logits.shape[-1]).to(logits.device)
+        count = valid.sum(-1).maximum(1)
+        per_head = -(onehot.where(logp, 0.0).sum(-1) * valid).sum(-1) / count   # (H,)
+        coef = (self.weights / count).reshape(-1, 1, 1) * valid.unsqueeze(-1)
+        dlogits = ((logp.exp() - onehot) * coef).contiguous()
+        dz = self.to_hidden(dlogits)
+        (feats * dz.detach()).sum().backward()
+        return per_head
+
     def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.opt.zero_grad()
-        per_head = self._losses(x, y)
-        (per_head * self.weights).sum().backward()
+        if self.to_logits is not None:
+            per_head = self._frozen_vocab_backward(x, y)
+        else:
+            per_head = self._losses(x, y)
+            (per_head * self.weights).sum().backward()
         # contiguous: without these boundaries the norm (a reduction over every gradient) is fused into each
         # element's update and recomputed per element, which made a step ~100x slower
         grads = [p.grad.contiguous() for p in self.params]
