@@ -83,9 +83,12 @@ def test_wheel_carries_every_package_the_cards_heads_and_trees(wheel, source):
     sources = {str(p.relative_to(source)) for p in (source / PACKAGE).rglob("*.py")}
     assert sources and sources - names == set(), "a package is missing from setup.cfg's list"
     models = source / "models"
-    carried = {f"{PACKAGE}/models/{p.relative_to(models)}" for p in models.rglob("*") if p.is_file()}
+    files = [p for p in models.rglob("*") if p.is_file()]
+    carried = {f"{PACKAGE}/models/{p.relative_to(models)}" for p in files if "distill-corpus" not in p.parts}
+    training_data = {f"{PACKAGE}/models/{p.relative_to(models)}" for p in files if "distill-corpus" in p.parts}
     assert any(n.endswith("medusa_lm_head.safetensors") for n in carried) and f"{PACKAGE}/models/smollm2-135m.json" in carried
     assert carried - names == set()
+    assert training_data & names == set(), "the self-distillation corpus is training data: keep it out of the wheel"
     assert {f"{PACKAGE}/data/trees.json", f"{PACKAGE}/data/bench_prompts.jsonl"} <= names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
 

@@ -81,6 +81,9 @@ def test_labels_stay_inside_each_sample(tmp_path):
     rows, labels = store.labels(2)
     assert rows.tolist() == [0, 1, 2, 3, 4]
     assert labels.tolist() == [[10, 11, 12], [11, 12, IGNORE], [12, IGNORE, IGNORE], [20, 21, IGNORE], [21, IGNORE, IGNORE]]
+    # more heads than an answer has tokens: the missing targets are ignored (a 2-token answer used to fail here)
+    _, labels = store.labels(4)
+    assert labels[3:].tolist() == [[20, 21] + [IGNORE] * 3, [21] + [IGNORE] * 4]
 
 
 def test_merged_stores_keep_every_sample_with_its_rows(tmp_path):

@@ -83,7 +83,7 @@ class FeatureStore:
             answer = np.array(self.samples[s].answer_ids, dtype=np.int32)
             n = len(answer)
             lab = np.full((n, num_heads + 1), IGNORE, dtype=np.int32)
-            for k in range(num_heads + 1):
+            for k in range(min(num_heads + 1, n)):  # an answer shorter than the heads reach has fewer targets
                 lab[:n - k, k] = answer[k:]
             rows.append(np.arange(self.offsets[s], self.offsets[s] + n))
             labels.append(lab)
