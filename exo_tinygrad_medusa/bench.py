@@ -103,7 +103,8 @@ def measure_head_cost(model: Transformer, heads: MedusaHeads, top_k: int, reps: 
     device = model.lm_head.device
     row = Tensor(np.random.default_rng(0).standard_normal(model.config.dim).astype(np.float32), device=device)
     row = row.cast(model.lm_head.dtype).contiguous().realize()
-    step = TinyJit(lambda hidden: heads.propose(hidden, top_k).realize())
+    root = Tensor(0, dtype="int32", device=device).contiguous().realize()  # sequential heads continue a root token
+    step = TinyJit(lambda hidden: heads.propose(hidden, top_k, root=root).realize())
     times = []
     for rep in range(reps + 2):  # the first two calls compile and capture
         t0 = time.perf_counter()

@@ -304,10 +304,7 @@ class MedusaInferenceEngine(_EngineBase):
         req.pos, req.step = prompt_len, 1
         if not self.shard.is_last_layer():
             return np.concatenate(outputs, 1), st.to_state()
-        logits, tree_tokens = steps.propose_after_prefill(hidden, Tensor([row], dtype=dtypes.int32))
-        tree_tokens = tree_tokens.numpy().astype(np.int64)
-        if not self.generation.greedy:
-            tree_tokens[0] = sample(probabilities(logits.numpy(), self.generation), req.rng)
+        tree_tokens = steps.first_tree(hidden, row, self.generation, req.rng).astype(np.int64)
         emitted, finish = self._emit(req, [int(tree_tokens[0])])
         if finish:
             self._release(request_id, f"finished: {finish}")

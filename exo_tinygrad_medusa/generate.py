@@ -159,10 +159,7 @@ class Generator:
             _ = self.lookup_chain
         t0 = time.perf_counter()
         hidden, row = self.prefill(prompt_ids)
-        logits, tree_tokens = self.steps.propose_after_prefill(hidden, Tensor([row], dtype="int32"))
-        tree_tokens = tree_tokens.numpy()
-        if not cfg.greedy:
-            tree_tokens[0] = sample(probabilities(logits.numpy(), cfg), rng)
+        tree_tokens = self.steps.first_tree(hidden, row, cfg, rng)
         result.prefill_s = (t1 := time.perf_counter()) - t0
         emit.push([int(tree_tokens[0])])
         start_pos = len(prompt_ids)

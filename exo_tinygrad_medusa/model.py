@@ -71,7 +71,9 @@ class Attention:
         q = self.q_proj(x).reshape(B, T, c.n_heads, c.head_dim).transpose(1, 2)
         k = self.k_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         v = self.v_proj(x).reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # contiguous: left lazy, the rotation of q is recomputed inside the scores kernel for every cached key, and
+        # k and v fuse into one product kernel that gets no good kernel choices
+        q, k, v = apply_rope(q, cos, sin).contiguous(), apply_rope(k, cos, sin).contiguous(), v.contiguous()
 
         cache_kv[:, :, :, start_pos:start_pos + T].assign(Tensor.stack(k, v).cast(cache_kv.dtype)).realize()
         keys = cache_kv[0, :, :, 0:start_pos + T]

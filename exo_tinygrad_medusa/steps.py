@@ -14,7 +14,7 @@ from .medusa.heads import MedusaHeads
 from .medusa.tree import PLAIN, MedusaTree
 from .model import Transformer, causal_mask, compact_layers
 from .ops import take
-from .sampling import GenerationConfig, exact_accept, typical_accept
+from .sampling import GenerationConfig, exact_accept, probabilities, sample, typical_accept
 
 # prefill chunk sizes: a 512-token prompt runs as four 128-token steps, a 50-token one as two padded 32-token steps
 PREFILL_CHUNKS = (128, 32)
@@ -88,10 +88,24 @@ class ShardSteps:
         hidden, logits = self.verify_logits(x, layers, pos)
         accept = exact_accept if cfg.medusa_sampling == "exact" or self.tree.size == 1 else typical_accept
         nodes, bonus = accept(self.tree, tree_tokens, logits.numpy(), cfg, rng)
-        _, next_tree = self.propose_after_verify(hidden, Tensor([nodes[-1]], dtype=dtypes.int32))
-        next_tree = next_tree.numpy()
-        next_tree[0] = bonus
-        return [int(n) for n in nodes], next_tree
+        _, next_tree = self.propose_after_verify(hidden, Tensor([nodes[-1]], dtype=dtypes.int32),
+                                                 Tensor([bonus], dtype=dtypes.int32))
+        return [int(n) for n in nodes], next_tree.numpy()
+
+    def first_tree(self, hidden: Tensor, row: int, cfg: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+        """Last shard, after prefill: the first tree from hidden row `row`; its root is the first generated token
+        (the argmax, or sampled from the base logits), and the heads propose from that root."""
+        logits, tree_tokens = self.propose_after_prefill(hidden, Tensor([row], dtype=dtypes.int32), Tensor([-1], dtype=dtypes.int32))
+        tree_tokens = tree_tokens.numpy()
+        if not cfg.greedy:
+            root = sample(probabilities(logits.numpy(), cfg), rng)
+            if self.heads is not None and self.heads.config.sequential and self.tree.size > 1:
+                # sequential heads continue the root: propose again from the sampled one
+                _, tree_tokens = self.propose_after_prefill(hidden, Tensor([row], dtype=dtypes.int32),
+                                                            Tensor([root], dtype=dtypes.int32))
+                tree_tokens = tree_tokens.numpy()
+            tree_tokens[0] = root
+        return tree_tokens
 
     # -- steps (each captured) -------------------------------------------------------------------------------
     def _prefill(self, depths: Tensor, mask: Tensor, x: Tensor, layers: list[Tensor], start_pos: UOp) -> Tensor:
@@ -123,17 +137,19 @@ class ShardSteps:
         next_tree = self._next_tree(row, take(pred, last_node))
         return Tensor.stack(n_accepted, best).cat(next_tree).realize()
 
-    def _propose(self, hidden: Tensor, node: Tensor) -> tuple[Tensor, Tensor]:
-        """Last shard: from hidden row `node`, the base logits and the greedy next tree (root = argmax)."""
+    def _propose(self, hidden: Tensor, node: Tensor, root: Tensor) -> tuple[Tensor, Tensor]:
+        """Last shard: from hidden row `node`, the base logits and the next tree whose root is `root` (1,), or the
+        argmax where root is negative."""
         row = hidden.reshape(-1, hidden.shape[-1])[node].reshape(-1)
         logits = self.model.logits(row)
-        return logits.realize(), self._next_tree(row, logits.argmax().cast(dtypes.int32)).realize()
+        root = (root[0] < 0).where(logits.argmax().cast(dtypes.int32), root[0])
+        return logits.realize(), self._next_tree(row, root).realize()
 
     def _next_tree(self, row: Tensor, root: Tensor) -> Tensor:
         if self.tree.size == 1:
             return root.reshape(1)
         # each head costs a projection onto its proposal vocabulary: run only as many as the tree is deep
-        candidates = self.heads.propose(row, self.tree.top_k, self.tree.depth)             # (depth, K)
+        candidates = self.heads.propose(row, self.tree.top_k, self.tree.depth, root=root.reshape(()))  # (depth, K)
         return root.reshape(1).cat(take(candidates.flatten(), self.node_pick))
 
     def _compact(self, layers: list[Tensor], start_pos: UOp, keep: Tensor) -> None:

@@ -21,8 +21,9 @@ def register(subparsers, model_args, generation_args) -> None:
     train.add_argument("--out", required=True, help="directory for config.json + medusa_lm_head.safetensors")
     train.add_argument("--num-heads", type=int, default=4)
     train.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
-    train.add_argument("--format", dest="fmt", choices=["v1", "v2"], default="v2",
-                       help="v2: heads share the base lm_head (small); v1: each head trains its own lm_head")
+    train.add_argument("--format", dest="fmt", choices=["v1", "v2", "hydra"], default="v2",
+                       help="v2: heads share the base lm_head (small); v1: each head trains its own lm_head; hydra: v2 "
+                            "heads that also read the token they continue (sequential)")
     train.add_argument("--prompts", default=None,
                        help="JSONL with a 'turns' list or 'prompt' per line (default: prompts the model writes itself)")
     train.add_argument("--num-samples", type=int, default=256, help="prompts to answer")
@@ -294,19 +295,20 @@ def _evaluate(loaded, heads, trees, store, args) -> dict:
 
     # the scores need top-5; replaying a tree needs as many ranks as its widest head
     K = max([5] + [tree.top_k for tree in trees])
-    predict = TinyJit(lambda x: heads.propose(x, K).realize())
+    predict = TinyJit(lambda x, root: heads.propose(x, K, root=root).realize())
     H, chunk = heads.num_heads, 256
     per_sample, all_labels = [], []
     for s in range(len(store.samples)):
         rows = np.arange(store.offsets[s], store.offsets[s + 1])
+        _, labels = store.labels(H, np.array([s]))
         preds = []
         for i in range(0, len(rows), chunk):
-            x = np.zeros((chunk, store.meta["dim"]), dtype=np.float32)
+            x, root = np.zeros((chunk, store.meta["dim"]), dtype=np.float32), np.zeros(chunk, dtype=np.int32)
             part = rows[i:i + chunk]
             x[:len(part)] = store.hidden[part]
-            preds.append(predict(Tensor(x).cast(loaded.model.lm_head.dtype)).numpy()[:, :len(part)])
+            root[:len(part)] = labels[i:i + chunk, 0]  # the base model's own token at each row: the tree's root
+            preds.append(predict(Tensor(x).cast(loaded.model.lm_head.dtype), Tensor(root)).numpy()[:, :len(part)])
         pred = np.concatenate(preds, axis=1)
-        _, labels = store.labels(H, np.array([s]))
         per_sample.append(pred)
         all_labels.append(labels[:, 1:])
     acc = head_accuracy(np.concatenate(per_sample, axis=1)[..., :5], np.concatenate(all_labels))

@@ -111,7 +111,8 @@ class HeadScorer:
     def __init__(self, plain: Generator, heads: MedusaHeads, top_k: int = TOP_K):
         self.plain, self.heads, self.top_k = plain, heads, top_k
         # one capture per prefill chunk size
-        self.rank = {C: TinyJit(lambda hidden: heads.propose(hidden, top_k).realize()) for C in plain.steps.chunks}
+        self.rank = {C: TinyJit(lambda hidden, root: heads.propose(hidden, top_k, root=root).realize())
+                     for C in plain.steps.chunks}
 
     def candidates(self, ids: list[int]) -> np.ndarray:
         steps = self.plain.steps
@@ -121,7 +122,9 @@ class HeadScorer:
             hidden = steps.prefill(Tensor([chunk + [0] * (C - len(chunk))], dtype="int32"), self.plain.cache.layers,
                                    steps.bind(start))
             # a copy: the captured prefill hands back the same buffer on every call
-            out.append(self.rank[C](hidden[0].contiguous().realize()).numpy()[:, :len(chunk)])
+            # the root at each position is the next token of the sequence (sequential heads continue it)
+            root = Tensor((ids[start + 1:start + C + 1] + [0] * C)[:C], dtype="int32")
+            out.append(self.rank[C](hidden[0].contiguous().realize(), root).numpy()[:, :len(chunk)])
         return np.concatenate(out, axis=1)
 
     def accuracies(self, prompts_ids: list[list[int]], cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:

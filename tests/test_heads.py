@@ -307,7 +307,7 @@ def test_bad_proposal_vocabulary(tmp_path, model_config, base_lm_head, ids, mess
 @pytest.mark.parametrize("kwargs,message", [
     (dict(medusa_num_heads=0), "medusa_num_heads must be >= 1"),
     (dict(medusa_num_layers=-1), "medusa_num_layers must be >= 0"),
-    (dict(medusa_format="v3"), "medusa_format must be 'v1' or 'v2'"),
+    (dict(medusa_format="v3"), "medusa_format must be one of v1, v2, hydra, got 'v3'"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -317,3 +317,65 @@ def test_config_validation(kwargs, message):
 def test_v1_needs_base_lm_head():
     with pytest.raises(ValueError, match="pass base_lm_head"):
         MedusaHeads(MedusaConfig(1, 1, DIM, VOCAB, "v1"))
+
+
+# -- sequential (hydra) heads -------------------------------------------------------------------------------------
+def numpy_hydra_propose(state: dict[str, np.ndarray], num_heads: int, base: np.ndarray, h: np.ndarray,
+                        root: np.ndarray, k: int, allowed: np.ndarray) -> np.ndarray:
+    """Independent sequential proposal: head j's input is head j-1's output state (h for head 0) plus its token map
+    of the lm_head row of the token it continues (the root, then head j-1's best candidate)."""
+    out, x, token = [], h.astype(np.float64), root
+    for j in range(num_heads):
+        x = x + base[token] @ state[f"{j}.token.weight"].T
+        z = x @ state[f"{j}.0.linear.weight"].T + state[f"{j}.0.linear.bias"]
+        x = x + z / (1 + np.exp(-z))
+        logits = x @ base[allowed].T
+        ranked = allowed[np.argsort(-logits, axis=-1, kind="stable")[..., :k]]
+        out.append(ranked)
+        token = ranked[..., 0]
+    return np.stack(out)
+
+
+def test_hydra_heads_continue_the_root_then_their_own_best_guess(tmp_path, model_config, base_lm_head, hidden):
+    heads = random_heads(model_config, base_lm_head, num_heads=3, num_layers=1, fmt="hydra", seed=11, scale=0.3)
+    allowed = np.sort(np.random.default_rng(12).choice(VOCAB, size=VOCAB // 2, replace=False))
+    heads.restrict_vocab(allowed)
+    root = np.array([3, 17, 3, 40, 0], dtype=np.int32)
+    expected = numpy_hydra_propose(numpy_state(heads), 3, base_lm_head.numpy(), hidden, root, 4, allowed)
+    np.testing.assert_array_equal(heads.propose(Tensor(hidden), 4, root=Tensor(root)).numpy(), expected)
+    # the token matters: another root changes the proposals of the same hidden states
+    other = heads.propose(Tensor(hidden), 4, root=Tensor(root + 1)).numpy()
+    assert (other[0] != expected[0]).any()
+    heads.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["medusa_format"] == "hydra"
+    assert {f"{j}.token.weight" for j in range(3)} <= set(load_file(str(tmp_path / WEIGHTS_FILE)))
+    loaded = load_heads(str(tmp_path), model_config, base_lm_head)
+    np.testing.assert_array_equal(loaded.propose(Tensor(hidden), 4, root=Tensor(root)).numpy(), expected)
+    # teacher-forced features (training) with the proposal's own tokens reproduce the proposal's logits
+    tokens = np.stack([root, expected[0, :, 0], expected[1, :, 0]], axis=-1).astype(np.int32)
+    logits = loaded(Tensor(hidden), tokens=Tensor(tokens)).numpy()
+    np.testing.assert_array_equal(allowed[logits.argmax(-1)], expected[..., 0])
+
+
+def test_hydra_heads_need_their_tokens(model_config, base_lm_head, hidden):
+    heads = MedusaHeads(MedusaConfig(2, 1, DIM, VOCAB, "hydra"), base_lm_head)
+    with pytest.raises(ValueError, match="sequential \\(hydra\\) heads propose from the root token"):
+        heads.propose(Tensor(hidden), 2)
+    with pytest.raises(ValueError, match="sequential \\(hydra\\) heads need the tokens they continue"):
+        heads(Tensor(hidden))
+    # fresh: zero token maps and ResBlocks, every head starts as a copy of the base lm_head, whatever the tokens
+    base = hidden @ base_lm_head.numpy().T
+    tokens = Tensor(np.ones((5, 2), dtype=np.int32))
+    np.testing.assert_allclose(heads(Tensor(hidden), tokens=tokens).numpy(), np.stack([base, base]), atol=1e-5)
+    assert len(heads.trainable()) == 2 * 2 + 2
+
+
+def test_hydra_heads_missing_token_weights(tmp_path, model_config, base_lm_head):
+    heads = random_heads(model_config, base_lm_head, num_heads=2, num_layers=1, fmt="hydra", seed=3)
+    heads.save(tmp_path)
+    state = load_file(str(tmp_path / WEIGHTS_FILE))
+    del state["1.token.weight"]
+    save_file(state, str(tmp_path / WEIGHTS_FILE))
+    with pytest.raises(ValueError, match="missing tensor '1.token.weight'"):
+        load_heads(str(tmp_path), model_config, base_lm_head)

@@ -162,6 +162,8 @@ LOSSLESS = [
     ("qwen2", "cpu-8", "v1", "random"), ("qwen2", "cpu-8", "v1", "partial"),
     ("qwen2", "chain-3", "v2", "random"), ("qwen2", "cpu-16", "v2", "random"),
     ("qwen2", "mc_sim_7b_63", "v2", "random"),
+    ("llama", "chain-3", "hydra", "random"), ("llama", "cpu-8", "hydra", "random"),
+    ("qwen2", "mc_sim_7b_63", "hydra", "random"),
 ]
 
 
@@ -284,6 +286,41 @@ def test_sampling_near_zero_temperature_is_greedy(kit, mode):
     result = generator.generate(kit.prompt, cfg)
     assert result.generated_ids == kit.greedy["llama"]
     assert result.mean_accepted > 1.4
+
+
+def test_sequential_heads_propose_from_the_sampled_root(kit, monkeypatch):
+    """With sampling, the root of the next tree is drawn on the host; hydra heads must continue that token, not the
+    argmax: after prefill and after every sampled verify step, the tree's candidates are the heads' proposal from
+    the last accepted node's hidden state and the drawn root."""
+    generator = kit.generator("llama", "cpu-8", "hydra", "random")
+    steps, heads, tree = generator.steps, kit.heads["llama", "hydra"], generator.tree
+    hidden_of_step, trees = [], []
+    verify_logits, verify = steps.verify_logits, steps.verify
+
+    def recording_logits(*args):
+        hidden, logits = verify_logits(*args)
+        hidden_of_step.append(hidden.numpy().copy())
+        return hidden, logits
+
+    def recording_verify(*args, **kwargs):
+        nodes, next_tree = verify(*args, **kwargs)
+        trees.append((nodes, next_tree.copy()))
+        return nodes, next_tree
+
+    monkeypatch.setattr(steps, "verify_logits", recording_logits)
+    monkeypatch.setattr(steps, "verify", recording_verify)
+    cfg = GenerationConfig(max_new_tokens=24, temperature=1.0, seed=3, medusa_sampling="exact")
+    generator.generate(kit.prompt, cfg)
+    assert len(trees) >= 3
+    pick = (tree.node_head * tree.top_k + tree.node_rank)[1:]
+    roots_differ = 0
+    for hidden, (nodes, next_tree) in zip(hidden_of_step, trees):
+        row = Tensor(hidden[nodes[-1]].astype(np.float32))
+        root = int(next_tree[0])
+        proposed = heads.propose(row, tree.top_k, tree.depth, root=Tensor(root, dtype="int32")).numpy()
+        np.testing.assert_array_equal(next_tree[1:], proposed.reshape(-1)[pick])
+        roots_differ += root != int((hidden[nodes[-1]] @ kit.models["llama"].lm_head.numpy().T).argmax())
+    assert roots_differ > 0  # temperature 1 on a random model draws non-argmax roots: the check above has teeth
 
 
 # -- TinyJit: one capture per step, reused by later generations -------------------------------------------------------

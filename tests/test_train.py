@@ -166,19 +166,20 @@ def test_training_lowers_the_loss_and_checkpoints_reload(random_data, tmp_path):
     np.testing.assert_allclose(heads(x).numpy(), trainer.heads(x).numpy(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("vocab", ["full", "seen"])
-def test_hand_written_vocabulary_backward_equals_autograd(random_data, vocab):
+@pytest.mark.parametrize("vocab,fmt", [("full", "v2"), ("seen", "v2"), ("seen", "hydra")])
+def test_hand_written_vocabulary_backward_equals_autograd(random_data, vocab, fmt):
     loaded, store = random_data
-    trainer = HeadTrainer(store, loaded.model.lm_head, TrainConfig(num_heads=3, batch_size=32, train_vocab=vocab))
+    trainer = HeadTrainer(store, loaded.model.lm_head, TrainConfig(num_heads=3, batch_size=32, train_vocab=vocab,
+                                                                   fmt=fmt))
     for p in trainer.params:  # away from the zero start, so every term of the gradient is exercised
         p.assign(Tensor(np.random.default_rng(1).standard_normal(p.shape).astype(np.float32) * 0.05)).realize()
-    x, y = trainer._batch(0)
+    x, y, tokens = trainer._batch(0)
     y = Tensor(np.where(np.arange(32)[:, None] % 5 == 0, IGNORE, y.numpy()).astype(np.int32))  # some rows masked
 
     def grads(fn):
         trainer.opt.zero_grad()
         with Context(TRAINING=1):
-            per_head = fn(x, y)
+            per_head = fn(x, y, tokens)
             if fn == trainer._losses:
                 (per_head * trainer.weights).sum().backward()
             return per_head.numpy(), [p.grad.numpy() for p in trainer.params]
@@ -248,9 +249,10 @@ def test_same_seed_same_heads_and_resume_continues_exactly(random_data, tmp_path
             tmp_path / "b")
 
 
-def test_heads_learn_a_predictable_continuation(cyclic_data, tmp_path):
+@pytest.mark.parametrize("fmt", ["v2", "hydra"])
+def test_heads_learn_a_predictable_continuation(cyclic_data, tmp_path, fmt):
     loaded, store = cyclic_data
-    cfg = TrainConfig(num_heads=2, epochs=30, batch_size=128, lr=1e-2, heldout_frac=0.25, eval_every=1000)
+    cfg = TrainConfig(num_heads=2, epochs=30, batch_size=128, lr=1e-2, heldout_frac=0.25, eval_every=1000, fmt=fmt)
     trainer = HeadTrainer(store, loaded.model.lm_head, cfg)
     untrained = trainer.heldout_accuracy()  # zero ResBlocks: each head repeats the base model's next-token guess
     result = trainer.train(tmp_path)
@@ -268,8 +270,8 @@ def test_heads_learn_a_predictable_continuation(cyclic_data, tmp_path):
         sample = store.samples[i]
         assert out == sample.answer_ids
         steps = medusa.generate(sample.prompt_ids, GenerationConfig(max_new_tokens=32, prompt_lookup=False)).accept_lengths
-        replayed = replay_acceptance(tree, trainer.predict(np.arange(store.offsets[i], store.offsets[i + 1])),
-                                     sample.answer_ids)
+        rows = np.arange(store.offsets[i], store.offsets[i + 1])
+        replayed = replay_acceptance(tree, trainer.predict(rows, np.array(sample.answer_ids)), sample.answer_ids)
         assert len(replayed) == len(steps) and replayed[:-1] == steps[:-1]
 
 

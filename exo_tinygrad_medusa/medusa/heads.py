@@ -6,6 +6,13 @@ ResBlocks x + SiLU(W x + b), then its own lm_head ("v1", the published Medusa-1 
 config.json + medusa_lm_head.safetensors with `{head}.{layer}.linear.weight|bias` and, for v1,
 `{head}.{num_layers}.weight`.
 
+"hydra" heads (our format, after Hydra, Ankner et al. 2024) are sequential: head k also reads the token its
+proposal continues, so it knows what it follows. Its input is the previous head's output state (h for head 0)
+plus a learned map of that token's lm_head row; head 0 reads the root, the base model's own next token, which is
+exact, and head k > 0 the best candidate of head k-1. They share the base lm_head as v2 does and add one
+`{head}.token.weight` (D x D) per head. In a tree, every node at depth k gets head k's candidates conditioned on
+the best node at depth k-1 (one head evaluation per depth, like the parallel heads); a chain is exact Hydra.
+
 Heads may also carry a proposal vocabulary (`vocab_ids`, our extension): the token ids they were trained to
 predict. They then propose only from it, which keeps never-trained logits out of the candidates and makes each
 head's vocabulary projection as small as that list. Verification is unchanged, so greedy output stays exact."""
@@ -28,6 +35,7 @@ from ..ops import take, topk_ids
 log = logging.getLogger(__name__)
 WEIGHTS_FILE = "medusa_lm_head.safetensors"
 VOCAB_KEY = "vocab_ids"
+FORMATS = ("v1", "v2", "hydra")
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,8 @@ class MedusaConfig:
     medusa_num_layers: int
     hidden_size: int
     vocab_size: int
-    medusa_format: str = "v2"  # "v1": each head has its own lm_head; "v2": heads share the base model's
+    # "v1": each head has its own lm_head; "v2": heads share the base model's; "hydra": v2 + sequential heads
+    medusa_format: str = "v2"
     base_model_name_or_path: str = ""
 
     def __post_init__(self):
@@ -44,8 +53,16 @@ class MedusaConfig:
             raise ValueError(f"medusa_num_heads must be >= 1, got {self.medusa_num_heads}")
         if self.medusa_num_layers < 0:
             raise ValueError(f"medusa_num_layers must be >= 0, got {self.medusa_num_layers}")
-        if self.medusa_format not in ("v1", "v2"):
-            raise ValueError(f"medusa_format must be 'v1' or 'v2', got {self.medusa_format!r}")
+        if self.medusa_format not in FORMATS:
+            raise ValueError(f"medusa_format must be one of {', '.join(FORMATS)}, got {self.medusa_format!r}")
+
+    @property
+    def sequential(self) -> bool:
+        return self.medusa_format == "hydra"
+
+    @property
+    def shares_lm_head(self) -> bool:
+        return self.medusa_format != "v1"
 
 
 class MedusaHeads:
@@ -57,6 +74,9 @@ class MedusaHeads:
                          for _ in range(c.medusa_num_heads)]
         self.linear_b = [[Tensor.zeros(c.hidden_size).contiguous() for _ in range(c.medusa_num_layers)]
                          for _ in range(c.medusa_num_heads)]
+        # hydra: each head's map of the token it continues (zero: a fresh head ignores it)
+        self.token_w = [Tensor.zeros(c.hidden_size, c.hidden_size).contiguous() for _ in range(c.medusa_num_heads)] \
+            if c.sequential else []
         self.base_lm_head = base_lm_head
         self.lm_heads: list[Tensor] = []
         if c.medusa_format == "v1":
@@ -78,7 +98,7 @@ class MedusaHeads:
                              f"got shape {ids.shape}")
         dev = self.base_lm_head.device if self.base_lm_head is not None else None
         self.vocab_ids = Tensor(np.sort(ids).astype(np.int32), device=dev).realize()
-        if self.config.medusa_format == "v2":
+        if self.config.shares_lm_head:
             self._base_rows = self.base_lm_head[self.vocab_ids].contiguous().realize()
         return self
 
@@ -88,34 +108,60 @@ class MedusaHeads:
 
     def trainable(self) -> list[Tensor]:
         params = [t for head in self.linear_w for t in head] + [t for head in self.linear_b for t in head]
-        return params + self.lm_heads
+        return params + self.token_w + self.lm_heads
 
-    def features(self, hidden: Tensor, num_heads: int | None = None) -> list[Tensor]:
-        """Per head (the first `num_heads`), the hidden state after its ResBlocks: (..., D) -> list of (..., D)."""
-        out = []
-        for ws, bs in list(zip(self.linear_w, self.linear_b))[:num_heads]:
-            x = hidden
-            for w, b in zip(ws, bs):
-                x = x + (x @ w.T + b).silu()
-            # contiguous: otherwise tinygrad fuses the ResBlocks into the vocab projection and recomputes them per token
-            out.append(x.contiguous())
+    def _head(self, h: int, x: Tensor, token: Tensor | None) -> Tensor:
+        """Head h's output state from its input state x (..., D); a sequential head adds the token it continues."""
+        if self.config.sequential:
+            x = x + self.base_lm_head[token] @ self.token_w[h].T
+        for w, b in zip(self.linear_w[h], self.linear_b[h]):
+            x = x + (x @ w.T + b).silu()
+        # contiguous: otherwise tinygrad fuses the ResBlocks into the vocab projection and recomputes them per token
+        return x.contiguous()
+
+    def features(self, hidden: Tensor, num_heads: int | None = None, tokens: Tensor | None = None) -> list[Tensor]:
+        """Per head (the first `num_heads`), its output state: (..., D) -> list of (..., D). Sequential heads need
+        `tokens` (..., num_heads): column k is the token head k continues (teacher forcing in training)."""
+        n = self.num_heads if num_heads is None else num_heads
+        if self.config.sequential and tokens is None:
+            raise ValueError("sequential (hydra) heads need the tokens they continue")
+        out, x = [], hidden
+        for h in range(n):
+            x = self._head(h, x if self.config.sequential else hidden, tokens[..., h] if self.config.sequential else None)
+            out.append(x)
         return out
 
-    def __call__(self, hidden: Tensor, num_heads: int | None = None) -> Tensor:
+    def _vocab_rows(self, h: int) -> Tensor:
+        """The (V', D) rows head h projects onto: its proposal vocabulary of its own or the shared lm_head."""
+        if self.config.shares_lm_head:
+            return self.base_lm_head if self.vocab_ids is None else self._base_rows
+        return self.lm_heads[h] if self.vocab_ids is None else self.lm_heads[h][self.vocab_ids]
+
+    def __call__(self, hidden: Tensor, num_heads: int | None = None, tokens: Tensor | None = None) -> Tensor:
         """hidden (..., D) -> logits (num_heads, ..., V) over the proposal vocabulary (V = its size; the whole
         vocabulary unless restricted); a shallow tree needs only its first heads."""
-        feats = self.features(hidden, num_heads)
-        if self.config.medusa_format == "v2":
-            return Tensor.stack(*feats) @ (self.base_lm_head if self.vocab_ids is None else self._base_rows).T
-        lm_heads = self.lm_heads if self.vocab_ids is None else [w[self.vocab_ids] for w in self.lm_heads]
-        return Tensor.stack(*[f @ w.T for f, w in zip(feats, lm_heads)])
+        feats = self.features(hidden, num_heads, tokens)
+        if self.config.shares_lm_head:
+            return Tensor.stack(*feats) @ self._vocab_rows(0).T
+        return Tensor.stack(*[f @ self._vocab_rows(h).T for h, f in enumerate(feats)])
 
-    def propose(self, hidden: Tensor, k: int, num_heads: int | None = None) -> Tensor:
-        """hidden (..., D) -> (num_heads, ..., k) token ids, each head's k best first."""
-        ranked = topk_ids(self(hidden, num_heads), k)
-        if self.vocab_ids is None:
-            return ranked
-        return take(self.vocab_ids, ranked.flatten()).reshape(ranked.shape)
+    def _to_vocab(self, ranked: Tensor) -> Tensor:
+        return ranked if self.vocab_ids is None else take(self.vocab_ids, ranked.flatten()).reshape(ranked.shape)
+
+    def propose(self, hidden: Tensor, k: int, num_heads: int | None = None, root: Tensor | None = None) -> Tensor:
+        """hidden (..., D) -> (num_heads, ..., k) token ids, each head's k best first. Sequential heads need `root`
+        (...,): the base model's token after `hidden`; head h > 0 continues head h-1's best candidate."""
+        if not self.config.sequential:
+            return self._to_vocab(topk_ids(self(hidden, num_heads), k))
+        if root is None:
+            raise ValueError("sequential (hydra) heads propose from the root token: pass root")
+        out, x, token = [], hidden, root.cast(dtypes.int32)
+        for h in range(self.num_heads if num_heads is None else num_heads):
+            x = self._head(h, x, token)
+            ranked = self._to_vocab(topk_ids(x @ self._vocab_rows(h).T, k))             # (..., k)
+            out.append(ranked)
+            token = ranked[..., 0]
+        return Tensor.stack(*out)
 
     def use_first(self, num_heads: int | None = None, num_layers: int | None = None) -> "MedusaHeads":
         """Keep the first heads/layers only (--medusa-num-heads/--medusa-num-layers)."""
@@ -129,7 +175,7 @@ class MedusaHeads:
         n = num_heads or c.medusa_num_heads
         self.config = MedusaConfig(**{**asdict(c), "medusa_num_heads": n})
         self.linear_w, self.linear_b = self.linear_w[:n], self.linear_b[:n]
-        self.lm_heads = self.lm_heads[:n]
+        self.lm_heads, self.token_w = self.lm_heads[:n], self.token_w[:n]
         return self
 
     # -- checkpoints -----------------------------------------------------------------------------------------
@@ -140,6 +186,8 @@ class MedusaHeads:
                 sd[f"{h}.{l}.linear.weight"], sd[f"{h}.{l}.linear.bias"] = w, b
         for h, w in enumerate(self.lm_heads):
             sd[f"{h}.{self.config.medusa_num_layers}.weight"] = w
+        for h, w in enumerate(self.token_w):
+            sd[f"{h}.token.weight"] = w
         return sd
 
     def checkpoint(self) -> dict[str, Tensor]:
@@ -196,6 +244,8 @@ def load_heads(path_or_repo: str, model_config: ModelConfig, base_lm_head: Tenso
     first = weights.get("0.0.linear.weight")
     hidden = int(raw.get("hidden_size") or (first.shape[0] if first is not None else model_config.dim))
     fmt = raw.get("medusa_format") or ("v1" if f"0.{num_layers}.weight" in weights else "v2")
+    if fmt not in FORMATS:
+        raise ValueError(f"Medusa heads config {cfg_path}: unknown medusa_format {fmt!r} (known: {', '.join(FORMATS)})")
     lm = weights.get(f"0.{num_layers}.weight")
     vocab = int(raw.get("vocab_size") or (lm.shape[0] if lm is not None else model_config.vocab_size))
     if hidden != model_config.dim:
@@ -220,6 +270,8 @@ def load_heads(path_or_repo: str, model_config: ModelConfig, base_lm_head: Tenso
             heads.linear_w[h][l], heads.linear_b[h][l] = loaded[f"{h}.{l}.linear.weight"], loaded[f"{h}.{l}.linear.bias"]
         if fmt == "v1":
             heads.lm_heads[h] = loaded[f"{h}.{num_layers}.weight"]
+        if config.sequential:
+            heads.token_w[h] = loaded[f"{h}.token.weight"]
     if VOCAB_KEY in weights:
         heads.restrict_vocab(weights[VOCAB_KEY].numpy())
     log.info("loaded %d Medusa heads (%s, %d layer(s)%s) from %s", num_heads, fmt, num_layers,
@@ -252,6 +304,9 @@ def random_heads(model_config: ModelConfig, base_lm_head: Tensor, num_heads: int
                                           device=dev).cast(dt).realize()
             heads.linear_b[h][l] = Tensor((rng.standard_normal(model_config.dim) * scale).astype(np.float32),
                                           device=dev).cast(dt).realize()
+        if heads.config.sequential:
+            heads.token_w[h] = Tensor((rng.standard_normal((model_config.dim,) * 2) * scale).astype(np.float32),
+                                      device=dev).cast(dt).realize()
         if fmt == "v1":
             noise = rng.standard_normal(tuple(base_lm_head.shape)).astype(np.float32) * scale
             heads.lm_heads[h] = (base_lm_head + Tensor(noise, device=dev).cast(dt)).contiguous().realize()

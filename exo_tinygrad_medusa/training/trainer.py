@@ -1,6 +1,7 @@
 """Medusa-1 head training on stored hidden states (the base model stays frozen and never runs here).
 
-Head k at row t predicts token t + k + 2; the loss is the cross-entropy of each head weighted by decay**k, with
+Head k at row t predicts token t + k + 2 (a sequential "hydra" head also reads token t + k + 1, the true one:
+teacher forcing); the loss is the cross-entropy of each head weighted by decay**k, with
 rows past a sample's end masked. AdamW with linear warmup then cosine decay and global-norm gradient clipping.
 The whole step (forward, backward, clipping, update) is one TinyJit capture over a fixed batch of rows."""
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tinygrad.helpers import Context
 from tinygrad.nn.optim import AdamW
 from tinygrad.nn.state import get_state_dict, safe_load, safe_save
 
-from ..medusa.heads import MedusaConfig, MedusaHeads
+from ..medusa.heads import FORMATS, MedusaConfig, MedusaHeads
 from ..model import Linear
 from .features import IGNORE, FeatureStore
 from .progress import Progress
@@ -56,8 +57,8 @@ class TrainConfig:
             raise ValueError(f"--num-heads must be >= 1, got {self.num_heads}")
         if self.num_layers < 1:
             raise ValueError(f"--num-layers must be >= 1, got {self.num_layers}")
-        if self.fmt not in ("v1", "v2"):
-            raise ValueError(f"--format must be v1 or v2, got {self.fmt!r}")
+        if self.fmt not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
         if self.train_vocab not in ("full", "seen") and not (self.train_vocab.isdigit() and int(self.train_vocab) > 0):
             raise ValueError(f"--train-vocab must be full, seen or a positive number of tokens, got {self.train_vocab!r}")
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1:
@@ -141,7 +142,7 @@ class HeadTrainer:
         self.total_steps = max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
         self.weights = Tensor([cfg.head_decay ** k for k in range(cfg.num_heads)])
         self.to_logits = self.to_hidden = None
-        if cfg.fmt == "v2":  # the frozen rows as the two products of _frozen_vocab_backward
+        if self.heads.config.shares_lm_head:  # the frozen rows as the two products of _frozen_vocab_backward
             rows = self.heads._base_rows if self.vocab_ids is not None else self.base
             V = rows.shape[0]
             self.to_logits, self.to_hidden = Linear(dim, V), Linear(V, dim)
@@ -151,23 +152,23 @@ class HeadTrainer:
         self.step = 0
 
     # -- captured kernels ------------------------------------------------------------------------------------
-    def _losses(self, x: Tensor, y: Tensor) -> Tensor:
+    def _losses(self, x: Tensor, y: Tensor, tokens: Tensor) -> Tensor:
         """Per-head mean cross-entropy over the rows whose label is not IGNORE: (num_heads,)."""
-        logits = self.heads(x).contiguous()                                      # (H, R, V or |vocab_ids|)
+        logits = self.heads(x, tokens=tokens).contiguous()                                     # (H, R, V or |vocab_ids|)
         targets = y.T                                                            # (H, R)
         valid = targets != IGNORE
         picked = logits.gather(-1, valid.where(targets, 0).unsqueeze(-1)).squeeze(-1)
         nll = (logits.logsumexp(-1) - picked) * valid
         return nll.sum(-1) / valid.sum(-1).maximum(1)
 
-    def _frozen_vocab_backward(self, x: Tensor, y: Tensor) -> Tensor:
+    def _frozen_vocab_backward(self, x: Tensor, y: Tensor, tokens: Tensor) -> Tensor:
         """v2's loss and gradients with the vocabulary products written out. The projection onto the frozen lm_head
         rows is most of a step's work; autograd would lay out its backward product as tinygrad likes, which runs as
         scalar chains on one core. Written by hand, both products are model.Linear products (the fast kernels):
         forward logits = z @ rows.T, backward dz = dlogits @ rows, with dlogits = softmax - onehot (the gradient of
         the mean cross-entropy), scaled by each head's weight over its valid rows. Autograd then carries dz through
         the ResBlocks alone: d(sum(z * dz))/dparams is the loss's gradient."""
-        feats = Tensor.stack(*self.heads.features(x))                            # (H, R, D)
+        feats = Tensor.stack(*self.heads.features(x, tokens=tokens))                          # (H, R, D)
         logits = self.to_logits(feats.detach())                                  # (H, R, V')
         targets = y.T                                                            # (H, R)
         valid = targets != IGNORE
@@ -181,12 +182,13 @@ class HeadTrainer:
         (feats * dz.detach()).sum().backward()
         return per_head
 
-    def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _step(self, x: Tensor, y: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens (R, num_heads): the true token each head continues (read by sequential heads only)."""
         self.opt.zero_grad()
         if self.to_logits is not None:
-            per_head = self._frozen_vocab_backward(x, y)
+            per_head = self._frozen_vocab_backward(x, y, tokens)
         else:
-            per_head = self._losses(x, y)
+            per_head = self._losses(x, y, tokens)
             (per_head * self.weights).sum().backward()
         # contiguous: without these boundaries the norm (a reduction over every gradient) is fused into each
         # element's update and recomputed per element, which made a step ~100x slower
@@ -198,8 +200,8 @@ class HeadTrainer:
         self.opt.step()
         return per_head.realize(), norm.realize()
 
-    def _topk(self, x: Tensor) -> Tensor:
-        return self.heads.propose(x, 5).realize()                               # (H, R, 5)
+    def _topk(self, x: Tensor, root: Tensor) -> Tensor:
+        return self.heads.propose(x, 5, root=root).realize()                    # (H, R, 5)
 
     # -- data ------------------------------------------------------------------------------------------------
     def _batch(self, step: int) -> tuple[Tensor, Tensor]:
@@ -208,25 +210,35 @@ class HeadTrainer:
         epoch, i = divmod(step, self.steps_per_epoch)
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_split.rows))
         pick = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
-        labels = self.train_split.labels[pick, 1:]
-        return self._tensors(self.train_split.rows[pick], np.where(labels == IGNORE, IGNORE, self.remap[labels]))
+        labels = self.train_split.labels[pick]
+        head_labels = labels[:, 1:]
+        return self._tensors(self.train_split.rows[pick], labels[:, :-1],
+                             np.where(head_labels == IGNORE, IGNORE, self.remap[head_labels]))
 
-    def _tensors(self, rows: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]:
+    def _tensors(self, rows: np.ndarray, tokens: np.ndarray, labels: np.ndarray | None = None) -> tuple[Tensor, ...]:
+        """Hidden rows, the tokens each head continues (IGNORE past the end reads token 0, whose target is masked)
+        and, when given, the remapped head labels; padded to the batch size."""
         B, dim = self.cfg.batch_size, self.store.meta["dim"]
         x = np.zeros((B, dim), dtype=np.float32)
-        y = np.full((B, self.cfg.num_heads), IGNORE, dtype=np.int32)
+        tok = np.zeros((B, tokens.shape[1]), dtype=np.int32)
         order = np.argsort(rows)  # memmap reads in file order
         x[:len(rows)][order] = self.store.hidden[rows[order]].astype(np.float32)
+        tok[:len(rows)] = np.maximum(tokens, 0)
+        if labels is None:
+            return Tensor(x), Tensor(tok)
+        y = np.full((B, self.cfg.num_heads), IGNORE, dtype=np.int32)
         y[:len(rows)] = labels
-        return Tensor(x), Tensor(y)
+        return Tensor(x), Tensor(y), Tensor(tok)
 
-    def predict(self, rows: np.ndarray) -> np.ndarray:
-        """Top-5 token ids of every head at the given rows: (num_heads, len(rows), 5)."""
+    def predict(self, rows: np.ndarray, roots: np.ndarray) -> np.ndarray:
+        """Top-5 token ids of every head at the given rows, as generation proposes them (a sequential head continues
+        the previous head's best candidate; head 0 the root, the base model's token at that row):
+        (num_heads, len(rows), 5)."""
         out = []
         for i in range(0, len(rows), self.cfg.batch_size):
             chunk = rows[i:i + self.cfg.batch_size]
-            x, _ = self._tensors(chunk, np.full((len(chunk), self.cfg.num_heads), IGNORE, dtype=np.int32))
-            out.append(self._predict(x).numpy()[:, :len(chunk)])
+            x, root = self._tensors(chunk, roots[i:i + self.cfg.batch_size, None])
+            out.append(self._predict(x, root.reshape(-1).contiguous().realize()).numpy()[:, :len(chunk)])
         return np.concatenate(out, axis=1) if out else np.zeros((self.cfg.num_heads, 0, 5), dtype=np.int32)
 
     def heldout_accuracy(self) -> list[float]:
@@ -234,7 +246,7 @@ class HeadTrainer:
         rows, labels = split.rows[:self.cfg.eval_rows], split.labels[:self.cfg.eval_rows, 1:]
         if len(rows) == 0:
             return []
-        top1 = self.predict(rows)[..., 0]                                       # (H, R)
+        top1 = self.predict(rows, split.labels[:self.cfg.eval_rows, 0])[..., 0]                                     # (H, R)
         return [float((top1[k] == labels[:, k])[labels[:, k] != IGNORE].mean()) for k in range(self.cfg.num_heads)]
 
     # -- checkpoints -----------------------------------------------------------------------------------------
@@ -275,9 +287,8 @@ class HeadTrainer:
         end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
         while self.step < end:
             self.opt.lr.assign(Tensor([lr_at(self.step, self.total_steps, self.cfg)], dtype=self.opt.lr.dtype)).realize()
-            x, y = self._batch(self.step)
             with Context(TRAINING=1):
-                per_head, norm = self._train_step(x, y)
+                per_head, norm = self._train_step(*self._batch(self.step))
             per_head = per_head.numpy()
             loss = float((per_head * self.weights.numpy()).sum())
             self.step += 1
