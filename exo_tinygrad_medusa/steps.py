@@ -99,7 +99,7 @@ class ShardSteps:
         tree_tokens = tree_tokens.numpy()
         if not cfg.greedy:
             root = sample(probabilities(logits.numpy(), cfg), rng)
-            if self.heads is not None and self.heads.config.sequential and self.tree.size > 1:
+            if self.heads is not None and self.heads.sequential and self.tree.size > 1:
                 # sequential heads continue the root: propose again from the sampled one
                 _, tree_tokens = self.propose_after_prefill(hidden, Tensor([row], dtype=dtypes.int32),
                                                             Tensor([root], dtype=dtypes.int32))

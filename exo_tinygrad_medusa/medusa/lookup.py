@@ -158,9 +158,11 @@ class NoProposals:
     """Stands in for Medusa heads when every non-root node of a chain comes from the lookup: the captured steps ask
     for proposals and get placeholders (token 0) that the host overwrites before each verify."""
 
+    sequential = False  # placeholders do not continue the root
+
     def __init__(self, num_heads: int):
         self.num_heads = num_heads
 
-    def propose(self, hidden: Tensor, k: int, num_heads: int | None = None) -> Tensor:
+    def propose(self, hidden: Tensor, k: int, num_heads: int | None = None, root: Tensor | None = None) -> Tensor:
         n = self.num_heads if num_heads is None else num_heads
         return Tensor.zeros(n, k, dtype=dtypes.int32, device=hidden.device).contiguous()
