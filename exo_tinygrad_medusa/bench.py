@@ -96,7 +96,8 @@ def measure_cost_curve(model: Transformer, sizes=COST_SIZES, reps: int = 5, star
     return CostCurve(seconds, start)
 
 
-def measure_head_cost(model: Transformer, heads: MedusaHeads, top_k: int, reps: int = 5) -> float:
+def measure_head_cost(model: Transformer, heads: MedusaHeads, top_k: int, reps: int = 5,
+                      num_heads: int | None = None) -> float:
     """Median seconds to propose a tree's candidates from one hidden row: every head's logits and their top-k.
     Every Medusa step pays it on top of the verify forward; with v2 heads each head is an lm_head matmul over
     its proposal vocabulary (the whole vocabulary unless the heads carry a smaller one)."""
@@ -104,7 +105,7 @@ def measure_head_cost(model: Transformer, heads: MedusaHeads, top_k: int, reps: 
     row = Tensor(np.random.default_rng(0).standard_normal(model.config.dim).astype(np.float32), device=device)
     row = row.cast(model.lm_head.dtype).contiguous().realize()
     root = Tensor(0, dtype="int32", device=device).contiguous().realize()  # sequential heads continue a root token
-    step = TinyJit(lambda hidden: heads.propose(hidden, top_k, root=root).realize())
+    step = TinyJit(lambda hidden: heads.propose(hidden, top_k, num_heads, root=root).realize())
     times = []
     for rep in range(reps + 2):  # the first two calls compile and capture
         t0 = time.perf_counter()
@@ -257,7 +258,8 @@ def markdown_report(report: dict) -> str:
                   "| ms | " + " | ".join(f"{seconds[T] * 1e3:.1f}" for T in curve) + " |"]
     relative = report["head_cost_relative"]
     if report["head_cost_seconds"] is not None:
-        lines += ["", f"Proposing the next tree (heads + top-{s['tree_top_k']} on one row): "
+        heads = f"{s['tree_depth']} head(s)" if s.get("tree_depth") else "heads"  # reports before the depth was kept
+        lines += ["", f"Proposing the next tree ({heads} + top-{s['tree_top_k']} on one row): "
                   f"{report['head_cost_seconds'] * 1e3:.1f} ms"
                   + (f" = {relative:.2f} x t(1), paid by every Medusa step on top of the verify." if relative else ".")]
     return "\n".join(lines)
@@ -369,15 +371,16 @@ def run_bench(args) -> dict:
               f"Medusa {run.medusa_tokens_per_s:.2f} tok/s, accepted {run.mean_accepted:.2f}/step"
               f"{'' if run.identical else ', TOKENS DIFFER'}", file=sys.stderr)
     curve = measure_cost_curve(session.loaded.model, sizes, args.cost_reps) if sizes else None
-    head_s = (measure_head_cost(session.loaded.model, medusa.steps.heads, medusa.tree.top_k, args.cost_reps)
-              if medusa.tree.size > 1 else None)  # a root-only tree proposes nothing
+    # a step runs only as many heads as its tree is deep; a root-only tree proposes nothing
+    head_s = (measure_head_cost(session.loaded.model, medusa.steps.heads, medusa.tree.top_k, args.cost_reps,
+                                medusa.tree.depth) if medusa.tree.size > 1 else None)
     # the prefill measurement fits the context (a 256-token context measures a 255-token prompt)
     prefill_tokens = min(args.prefill_tokens, session.loaded.model.max_context - 1)
     prefill_s = measure_prefill(plain, prefill_tokens, args.cost_reps) if prefill_tokens > 0 else None
     summary, categories = summarize(runs)
     loaded = session.loaded
     summary.update(model=loaded.resolved.model_id, device=loaded.device, dtype=loaded.dtype, tree=medusa.tree.name,
-                   tree_size=medusa.tree.size, tree_top_k=medusa.tree.top_k, heads=heads_note,
+                   tree_size=medusa.tree.size, tree_depth=medusa.tree.depth, tree_top_k=medusa.tree.top_k, heads=heads_note,
                    max_generate_tokens=args.max_generate_tokens, random_heads=bool(args.random_heads),
                    prompts_file=str(args.prompts or default_prompts_path()),
                    kernels={**kernel_mode(), "weights": loaded.weights},

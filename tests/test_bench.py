@@ -80,7 +80,8 @@ def test_summarize_aggregates_per_category():
 def fake_report():
     runs = [run("a", "x", 1.0, 0.5), run("b", "y", 1.0, 0.8)]
     summary, categories = bench.summarize(runs)
-    summary.update(model="tiny", device="CPU", dtype="float32", tree="cpu-8", tree_size=8, tree_top_k=2, heads="random",
+    summary.update(model="tiny", device="CPU", dtype="float32", tree="cpu-8", tree_size=8, tree_depth=3, tree_top_k=2,
+                   heads="random",
                    max_generate_tokens=11, prompts_file="p.jsonl")
     return {"summary": summary, "categories": categories, "prompts": [r.to_json() for r in runs],
             "cost_curve": {"1": 1.0, "2": 1.1, "4": 1.5}, "cost_seconds": {"1": 0.01, "2": 0.011, "4": 0.015},
@@ -92,7 +93,10 @@ def test_markdown_report_has_prompt_category_and_cost_rows():
     assert "| a | x | 20 | 11 | 10.00 | 20.00 | 2.00x | 2.00 | yes |" in text
     assert "| **all** | 2 |" in text
     assert "| t(T)/t(1) | 1.00 | 1.10 | 1.50 |" in text and "| ms | 10.0 | 11.0 | 15.0 |" in text
-    assert "(heads + top-2 on one row): 4.0 ms = 0.40 x t(1)" in text
+    assert "(3 head(s) + top-2 on one row): 4.0 ms = 0.40 x t(1)" in text
+    report = fake_report()
+    del report["summary"]["tree_depth"]  # a report written before the depth was kept still renders
+    assert "(heads + top-2 on one row): 4.0 ms" in bench.markdown_report(report)
 
 
 def test_plot_report_writes_a_png(tmp_path):
