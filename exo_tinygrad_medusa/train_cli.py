@@ -43,6 +43,9 @@ def register(subparsers, model_args, generation_args) -> None:
     train.add_argument("--train-vocab", default="full", metavar="full|seen|N",
                        help="softmax over the whole vocabulary, only the tokens seen as targets, or the N most frequent "
                             "of them (much faster; the heads then propose only from that list)")
+    train.add_argument("--soft-labels", type=float, default=0.0, metavar="W",
+                       help="weight of the base model's own distribution in each head's target next to its greedy token "
+                            "(0..1; v2 and hydra heads; costs one more vocabulary product a step)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from OUT/train-state")
     train.set_defaults(func=cmd_train)
@@ -220,7 +223,7 @@ def cmd_train(args) -> int:
     from .training.trainer import HeadTrainer, TrainConfig, write_heads
     cfg = TrainConfig(num_heads=args.num_heads, num_layers=args.num_layers, fmt=args.fmt, epochs=args.epochs,
                       lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                      train_vocab=args.train_vocab)
+                      train_vocab=args.train_vocab, soft_labels=args.soft_labels)
     prompts = load_prompts(args.prompts) if args.prompts and not args.corpus else None
     out = _writable_dir(args.out)
     data_dir = Path(args.data).expanduser() if args.data else out.parent / f"{out.name}-data"

@@ -166,20 +166,22 @@ def test_training_lowers_the_loss_and_checkpoints_reload(random_data, tmp_path):
     np.testing.assert_allclose(heads(x).numpy(), trainer.heads(x).numpy(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("vocab,fmt", [("full", "v2"), ("seen", "v2"), ("seen", "hydra")])
-def test_hand_written_vocabulary_backward_equals_autograd(random_data, vocab, fmt):
+@pytest.mark.parametrize("vocab,fmt,soft", [("full", "v2", 0.0), ("seen", "v2", 0.0), ("seen", "hydra", 0.0),
+                                            ("seen", "hydra", 0.5)])
+def test_hand_written_vocabulary_backward_equals_autograd(random_data, vocab, fmt, soft):
     loaded, store = random_data
     trainer = HeadTrainer(store, loaded.model.lm_head, TrainConfig(num_heads=3, batch_size=32, train_vocab=vocab,
-                                                                   fmt=fmt))
+                                                                   fmt=fmt, soft_labels=soft))
     for p in trainer.params:  # away from the zero start, so every term of the gradient is exercised
         p.assign(Tensor(np.random.default_rng(1).standard_normal(p.shape).astype(np.float32) * 0.05)).realize()
-    x, y, tokens = trainer._batch(0)
+    x, y, tokens, *x_next = trainer._batch(0)
+    assert len(x_next) == (1 if soft else 0)
     y = Tensor(np.where(np.arange(32)[:, None] % 5 == 0, IGNORE, y.numpy()).astype(np.int32))  # some rows masked
 
     def grads(fn):
         trainer.opt.zero_grad()
         with Context(TRAINING=1):
-            per_head = fn(x, y, tokens)
+            per_head = fn(x, y, tokens, *x_next)
             if fn == trainer._losses:
                 (per_head * trainer.weights).sum().backward()
             return per_head.numpy(), [p.grad.numpy() for p in trainer.params]
@@ -190,6 +192,33 @@ def test_hand_written_vocabulary_backward_equals_autograd(random_data, vocab, fm
     assert np.abs(grad_auto[0]).max() > 1e-4
     for a, b in zip(grad_auto, grad_hand):
         np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6)
+
+
+def test_soft_labels_mix_the_base_distribution_at_the_target_row(random_data):
+    """Head k's soft target at row r is the base model's distribution at row r + k + 1 (whose greedy token is the
+    hard label), over the proposal vocabulary, mixed with the one-hot label."""
+    loaded, store = random_data
+    trainer = HeadTrainer(store, loaded.model.lm_head, TrainConfig(num_heads=2, batch_size=16, train_vocab="seen",
+                                                                   soft_labels=0.3))
+    x, y, tokens, x_next = trainer._batch(0)
+    y_np = y.numpy()
+    target = trainer._targets(y.T, y.T != IGNORE, len(trainer.vocab_ids), x_next).numpy()   # (H, R, V')
+    rows = trainer.train_split.rows[np.random.default_rng([0, 0]).permutation(len(trainer.train_split.rows))[:16]]
+    base = loaded.model.lm_head.numpy()[trainer.vocab_ids]
+    for k in range(2):
+        for r in range(16):
+            if y_np[r, k] == IGNORE:
+                continue
+            logits = np.asarray(store.hidden[rows[r] + k + 1], dtype=np.float64) @ base.T.astype(np.float64)
+            teacher = np.exp(logits - logits.max())
+            expected = 0.3 * teacher / teacher.sum()
+            expected[y_np[r, k]] += 0.7
+            np.testing.assert_allclose(target[k, r], expected, atol=1e-5)
+            assert target[k, r].argmax() == y_np[r, k]
+    with pytest.raises(ValueError, match="--soft-labels needs heads that share the base lm_head"):
+        TrainConfig(fmt="v1", soft_labels=0.5)
+    with pytest.raises(ValueError, match="--soft-labels must be between 0 and 1, got 1.5"):
+        TrainConfig(soft_labels=1.5)
 
 
 def test_seen_vocabulary_training_covers_every_target(random_data, tmp_path):

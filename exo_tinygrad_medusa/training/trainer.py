@@ -51,6 +51,10 @@ class TrainConfig:
     # over the N most frequent of them. A restricted vocabulary is ~10x cheaper for 50k-token vocabularies and is
     # saved with the heads, which then propose only from it: logits they never trained cannot win a proposal
     train_vocab: str = "full"
+    # weight of the base model's own distribution in each head's target, next to the hard label (its greedy token):
+    # head k at row t learns (1 - w) * onehot(token t + k + 2) + w * softmax(lm_head(h_{t+k+1})) over the proposal
+    # vocabulary. The base distribution comes from the stored hidden states, so it costs one more vocabulary product
+    soft_labels: float = 0.0
 
     def __post_init__(self):
         if self.num_heads < 1:
@@ -61,6 +65,10 @@ class TrainConfig:
             raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
         if self.train_vocab not in ("full", "seen") and not (self.train_vocab.isdigit() and int(self.train_vocab) > 0):
             raise ValueError(f"--train-vocab must be full, seen or a positive number of tokens, got {self.train_vocab!r}")
+        if not 0.0 <= self.soft_labels <= 1.0:
+            raise ValueError(f"--soft-labels must be between 0 and 1, got {self.soft_labels}")
+        if self.soft_labels and self.fmt == "v1":
+            raise ValueError("--soft-labels needs heads that share the base lm_head (--format v2 or hydra)")
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1:
             raise ValueError("--epochs and --lr must be > 0 and --batch-size >= 1")
 
@@ -152,41 +160,56 @@ class HeadTrainer:
         self.step = 0
 
     # -- captured kernels ------------------------------------------------------------------------------------
-    def _losses(self, x: Tensor, y: Tensor, tokens: Tensor) -> Tensor:
+    def _losses(self, x: Tensor, y: Tensor, tokens: Tensor, x_next: Tensor | None = None) -> Tensor:
         """Per-head mean cross-entropy over the rows whose label is not IGNORE: (num_heads,)."""
-        logits = self.heads(x, tokens=tokens).contiguous()                                     # (H, R, V or |vocab_ids|)
+        logits = self.heads(x, tokens=tokens).contiguous()                      # (H, R, V or |vocab_ids|)
         targets = y.T                                                            # (H, R)
         valid = targets != IGNORE
+        if x_next is not None:  # soft labels, through autograd: the reference for _frozen_vocab_backward's gradient
+            target = self._targets(targets, valid, logits.shape[-1], x_next)
+            nll = -(target * logits.log_softmax(-1)).sum(-1) * valid
+            return nll.sum(-1) / valid.sum(-1).maximum(1)
         picked = logits.gather(-1, valid.where(targets, 0).unsqueeze(-1)).squeeze(-1)
         nll = (logits.logsumexp(-1) - picked) * valid
         return nll.sum(-1) / valid.sum(-1).maximum(1)
 
-    def _frozen_vocab_backward(self, x: Tensor, y: Tensor, tokens: Tensor) -> Tensor:
+    def _targets(self, targets: Tensor, valid: Tensor, vocab: int, x_next: Tensor | None) -> Tensor:
+        """Each head's target distribution over the proposal vocabulary (H, R, V'): the one-hot hard label, mixed with
+        the base model's distribution at the target's own row (x_next, (R, H, D)) when soft labels are on."""
+        onehot = (valid.where(targets, 0).unsqueeze(-1) == Tensor.arange(vocab).to(targets.device)).float()
+        if x_next is None:
+            return onehot
+        teacher = self.to_logits(x_next.permute(1, 0, 2)).softmax(-1).detach()
+        w = self.cfg.soft_labels
+        return onehot * (1 - w) + teacher * w
+
+    def _frozen_vocab_backward(self, x: Tensor, y: Tensor, tokens: Tensor, x_next: Tensor | None = None) -> Tensor:
         """v2's loss and gradients with the vocabulary products written out. The projection onto the frozen lm_head
         rows is most of a step's work; autograd would lay out its backward product as tinygrad likes, which runs as
         scalar chains on one core. Written by hand, both products are model.Linear products (the fast kernels):
         forward logits = z @ rows.T, backward dz = dlogits @ rows, with dlogits = softmax - onehot (the gradient of
         the mean cross-entropy), scaled by each head's weight over its valid rows. Autograd then carries dz through
         the ResBlocks alone: d(sum(z * dz))/dparams is the loss's gradient."""
-        feats = Tensor.stack(*self.heads.features(x, tokens=tokens))                          # (H, R, D)
+        feats = Tensor.stack(*self.heads.features(x, tokens=tokens))            # (H, R, D)
         logits = self.to_logits(feats.detach())                                  # (H, R, V')
         targets = y.T                                                            # (H, R)
         valid = targets != IGNORE
         logp = logits.log_softmax(-1)
-        onehot = valid.where(targets, 0).unsqueeze(-1) == Tensor.arange(logits.shape[-1]).to(logits.device)
+        target = self._targets(targets, valid, logits.shape[-1], x_next)        # (H, R, V'), rows sum to 1
         count = valid.sum(-1).maximum(1)
-        per_head = -(onehot.where(logp, 0.0).sum(-1) * valid).sum(-1) / count   # (H,)
+        per_head = -((target * logp).sum(-1) * valid).sum(-1) / count           # (H,)
         coef = (self.weights / count).reshape(-1, 1, 1) * valid.unsqueeze(-1)
-        dlogits = ((logp.exp() - onehot) * coef).contiguous()
+        dlogits = ((logp.exp() - target) * coef).contiguous()
         dz = self.to_hidden(dlogits)
         (feats * dz.detach()).sum().backward()
         return per_head
 
-    def _step(self, x: Tensor, y: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """tokens (R, num_heads): the true token each head continues (read by sequential heads only)."""
+    def _step(self, x: Tensor, y: Tensor, tokens: Tensor, x_next: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """tokens (R, num_heads): the true token each head continues (read by sequential heads only); x_next
+        (R, num_heads, D): the hidden row of each head's target (soft labels only)."""
         self.opt.zero_grad()
         if self.to_logits is not None:
-            per_head = self._frozen_vocab_backward(x, y, tokens)
+            per_head = self._frozen_vocab_backward(x, y, tokens, x_next)
         else:
             per_head = self._losses(x, y, tokens)
             (per_head * self.weights).sum().backward()
@@ -210,19 +233,30 @@ class HeadTrainer:
         epoch, i = divmod(step, self.steps_per_epoch)
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_split.rows))
         pick = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
-        labels = self.train_split.labels[pick]
+        labels, rows = self.train_split.labels[pick], self.train_split.rows[pick]
         head_labels = labels[:, 1:]
-        return self._tensors(self.train_split.rows[pick], labels[:, :-1],
-                             np.where(head_labels == IGNORE, IGNORE, self.remap[head_labels]))
+        batch = self._tensors(rows, labels[:, :-1], np.where(head_labels == IGNORE, IGNORE, self.remap[head_labels]))
+        if not self.cfg.soft_labels:
+            return batch
+        # head k's target at row r is the base model's token at row r + k + 1: its distribution is read there
+        # (rows past the answer's end are masked; they read row r itself)
+        target_rows = np.where(head_labels != IGNORE, rows[:, None] + np.arange(1, self.cfg.num_heads + 1), rows[:, None])
+        return (*batch, Tensor(self._hidden_rows(target_rows.ravel(), self.cfg.batch_size * self.cfg.num_heads)
+                               .reshape(self.cfg.batch_size, self.cfg.num_heads, -1)))
+
+    def _hidden_rows(self, rows: np.ndarray, pad_to: int) -> np.ndarray:
+        """Stored hidden rows as float32, zero-padded to pad_to rows (memmap reads in file order)."""
+        x = np.zeros((pad_to, self.store.meta["dim"]), dtype=np.float32)
+        order = np.argsort(rows)
+        x[:len(rows)][order] = self.store.hidden[rows[order]].astype(np.float32)
+        return x
 
     def _tensors(self, rows: np.ndarray, tokens: np.ndarray, labels: np.ndarray | None = None) -> tuple[Tensor, ...]:
         """Hidden rows, the tokens each head continues (IGNORE past the end reads token 0, whose target is masked)
         and, when given, the remapped head labels; padded to the batch size."""
-        B, dim = self.cfg.batch_size, self.store.meta["dim"]
-        x = np.zeros((B, dim), dtype=np.float32)
+        B = self.cfg.batch_size
+        x = self._hidden_rows(rows, B)
         tok = np.zeros((B, tokens.shape[1]), dtype=np.int32)
-        order = np.argsort(rows)  # memmap reads in file order
-        x[:len(rows)][order] = self.store.hidden[rows[order]].astype(np.float32)
         tok[:len(rows)] = np.maximum(tokens, 0)
         if labels is None:
             return Tensor(x), Tensor(tok)
@@ -246,7 +280,7 @@ class HeadTrainer:
         rows, labels = split.rows[:self.cfg.eval_rows], split.labels[:self.cfg.eval_rows, 1:]
         if len(rows) == 0:
             return []
-        top1 = self.predict(rows, split.labels[:self.cfg.eval_rows, 0])[..., 0]                                     # (H, R)
+        top1 = self.predict(rows, split.labels[:self.cfg.eval_rows, 0])[..., 0]  # (H, R)
         return [float((top1[k] == labels[:, k])[labels[:, k] != IGNORE].mean()) for k in range(self.cfg.num_heads)]
 
     # -- checkpoints -----------------------------------------------------------------------------------------
