@@ -46,6 +46,12 @@ def register(subparsers, model_args, generation_args) -> None:
     train.add_argument("--soft-labels", type=float, default=0.0, metavar="W",
                        help="weight of the base model's own distribution in each head's target next to its greedy token "
                             "(0..1; v2 and hydra heads; costs one more vocabulary product a step)")
+    train.add_argument("--heldout-data", default=None, metavar="DIR",
+                       help="a finished feature store of answers to prompts from another source (e.g. made by "
+                            "`eval-heads --prompts OTHER.jsonl --data DIR`), scored instead of 10%% of the training answers")
+    train.add_argument("--patience", type=int, default=0, metavar="N",
+                       help="early stopping: stop after N held-out evaluations (every 50 steps) without a better "
+                            "score and keep the best heads (0: off)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from OUT/train-state")
     train.set_defaults(func=cmd_train)
@@ -220,10 +226,11 @@ def _corpus_store(loaded, args, data_dir: Path):
 def cmd_train(args) -> int:
     from .loader import load_model
     from .training.data import load_prompts, self_prompts
+    from .training.features import FeatureStore
     from .training.trainer import HeadTrainer, TrainConfig, write_heads
     cfg = TrainConfig(num_heads=args.num_heads, num_layers=args.num_layers, fmt=args.fmt, epochs=args.epochs,
                       lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                      train_vocab=args.train_vocab, soft_labels=args.soft_labels)
+                      train_vocab=args.train_vocab, soft_labels=args.soft_labels, patience=args.patience)
     prompts = load_prompts(args.prompts) if args.prompts and not args.corpus else None
     out = _writable_dir(args.out)
     data_dir = Path(args.data).expanduser() if args.data else out.parent / f"{out.name}-data"
@@ -236,13 +243,15 @@ def cmd_train(args) -> int:
             prompts = self_prompts(loaded, args.num_samples, args.gen_batch_size, args.seed)
         prompts = _pick(prompts, args.num_samples, args.seed)
         store = _distill_data(loaded, prompts, data_dir, args, args.seed)
-    trainer = HeadTrainer(store, loaded.model.lm_head, cfg, base_model=loaded.resolved.model_id)
+    heldout = FeatureStore.open(Path(args.heldout_data).expanduser()) if args.heldout_data else None
+    trainer = HeadTrainer(store, loaded.model.lm_head, cfg, base_model=loaded.resolved.model_id, heldout=heldout)
     result = trainer.train(out, resume=args.resume)
     info = {"command": "exo-medusa " + " ".join(sys.argv[1:]), "model": loaded.resolved.model_id,
             "prompts": args.corpus or args.prompts or "self-written by the model", "data": store.meta,
             "train_rows": result.train_rows, "steps": result.steps, "final_loss": result.final_loss,
-            "heldout_top1": result.heldout_top1, "history": result.history,
-            "heldout_prompts": [store.samples[i].prompt for i in result.heldout_samples],
+            "heldout_top1": result.heldout_top1, "history": result.history, "best_step": result.best_step,
+            "heldout_data": args.heldout_data,
+            "heldout_prompts": [trainer.held_split.store.samples[i].prompt for i in result.heldout_samples],
             "train_wall_s": round(result.wall_s, 1), "total_wall_s": round(time.perf_counter() - t0, 1),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, device {loaded.device}"}
     write_heads(trainer, out, info)

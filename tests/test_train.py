@@ -390,9 +390,10 @@ def test_shipped_heads_match_the_default_model(default_model):
     info = json.loads((SHIPPED_HEADS / INFO_FILE).read_text())
     assert len(info["heldout_top1"]) == heads.num_heads == config["medusa_num_heads"]
     x = Tensor(np.random.default_rng(0).standard_normal((3, default_model.config.dim)).astype(np.float32))
-    proposed = heads.propose(x, 2).numpy()
+    root = Tensor(np.array([17, 404, 9000], dtype=np.int32))  # sequential heads continue a root token
+    proposed = heads.propose(x, 2, root=root).numpy()
     assert proposed.shape == (heads.num_heads, 3, 2) and proposed.min() >= 0
-    assert proposed.max() < default_model.config.vocab_size
+    assert set(proposed.ravel().tolist()) <= set(heads.vocab_ids.numpy().tolist())
 
 
 # -- prompt sources, the resumable answer corpus, teacher-forced features ------------------------------------------
@@ -567,3 +568,53 @@ def test_cli_build_prompts_drops_the_benchmark_and_duplicates(tmp_path, capsys):
     assert "needs --sharegpt and/or --prompts" in capsys.readouterr().err
     assert main(["distill", "--prompts", str(out), "--corpus", str(tmp_path / "c"), "--shard", "1-2"]) == 2
     assert "--shard must be I/N" in capsys.readouterr().err
+
+
+# -- held-out data from elsewhere, early stopping ---------------------------------------------------------------
+def scripted_accuracy(trainer, scores):
+    """Replace the held-out scoring with a script of head-0 scores, recording the heads at every evaluation."""
+    seen = {}
+
+    def score():
+        seen[trainer.step] = {k: v.numpy().copy() for k, v in trainer.heads.state_dict().items()}
+        return [scores[len(seen) - 1]] * trainer.cfg.num_heads
+    trainer.heldout_accuracy = score
+    return seen
+
+
+def test_early_stopping_keeps_the_best_heads_and_survives_a_resume(random_data, tmp_path):
+    loaded, store = random_data
+    cfg = TrainConfig(num_heads=2, epochs=40, batch_size=16, lr=1e-2, eval_every=2, patience=2)
+    scores = [0.1, 0.3, 0.2, 0.25, 0.5, 0.6]   # best at the 2nd evaluation (step 4), patience runs out at the 4th
+    first = HeadTrainer(store, loaded.model.lm_head, cfg)
+    scripted_accuracy(first, scores)
+    first.train(tmp_path, stop_after=5)         # after the best, before the stop: the state must carry the best
+    resumed = HeadTrainer(store, loaded.model.lm_head, cfg)
+    seen = scripted_accuracy(resumed, scores[2:])
+    result = resumed.train(tmp_path, resume=True)
+    assert result.steps == 8 < resumed.total_steps and result.best_step == 4
+    assert result.heldout_top1 == [0.3, 0.3] and [h["step"] for h in result.history] == [6, 8]
+    # the kept heads are those of step 4 (an uninterrupted run's, evaluated there), not the step-8 ones
+    reference = HeadTrainer(store, loaded.model.lm_head, cfg)
+    ref_seen = scripted_accuracy(reference, [0.1] * 10)
+    reference.train(tmp_path / "ref", stop_after=4)
+    kept = {name: t.numpy() for name, t in resumed.heads.state_dict().items()}
+    for name in kept:
+        np.testing.assert_array_equal(kept[name], ref_seen[4][name])
+    assert any(not np.array_equal(kept[name], seen[8][name]) for name in kept)
+    with pytest.raises(ValueError, match="--patience must be >= 0"):
+        TrainConfig(patience=-1)
+
+
+def test_heldout_store_from_another_source(random_data, cyclic_data):
+    loaded, store = random_data
+    _, other = cyclic_data  # another model's answers: only the held-out scoring reads them
+    trainer = HeadTrainer(store, loaded.model.lm_head, TrainConfig(num_heads=2, batch_size=32), heldout=other)
+    assert trainer.train_split.samples.tolist() == list(range(len(store.samples)))
+    assert trainer.held_split.store is other and len(trainer.held_split.samples) == len(other.samples)
+    acc = trainer.heldout_accuracy()
+    # zero-initialised heads repeat the base model's guess for the next token, scored on the other store's rows
+    rows, labels = trainer.held_split.rows[:trainer.cfg.eval_rows], trainer.held_split.labels[:trainer.cfg.eval_rows]
+    base = np.asarray(other.hidden[rows], dtype=np.float32) @ loaded.model.lm_head.numpy().T
+    expected = (base.argmax(-1) == labels[:, 1])[labels[:, 1] != IGNORE].mean()
+    assert acc[0] == pytest.approx(expected, abs=1e-6)

@@ -55,6 +55,9 @@ class TrainConfig:
     # head k at row t learns (1 - w) * onehot(token t + k + 2) + w * softmax(lm_head(h_{t+k+1})) over the proposal
     # vocabulary. The base distribution comes from the stored hidden states, so it costs one more vocabulary product
     soft_labels: float = 0.0
+    # early stopping: stop after this many evaluations without a better held-out score (the head_decay-weighted mean
+    # top-1), then keep the best heads seen; 0 trains the whole schedule and keeps the last
+    patience: int = 0
 
     def __post_init__(self):
         if self.num_heads < 1:
@@ -65,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
         if self.train_vocab not in ("full", "seen") and not (self.train_vocab.isdigit() and int(self.train_vocab) > 0):
             raise ValueError(f"--train-vocab must be full, seen or a positive number of tokens, got {self.train_vocab!r}")
+        if self.patience < 0:
+            raise ValueError(f"--patience must be >= 0, got {self.patience}")
         if not 0.0 <= self.soft_labels <= 1.0:
             raise ValueError(f"--soft-labels must be between 0 and 1, got {self.soft_labels}")
         if self.soft_labels and self.fmt == "v1":
@@ -95,24 +100,31 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 @dataclass
 class Split:
+    store: FeatureStore
     rows: np.ndarray      # indices into the store's hidden rows
     labels: np.ndarray    # (rows, 1 + num_heads); column 0 is the base model's next token
     samples: np.ndarray   # sample indices
 
-
-def split_samples(store: FeatureStore, cfg: TrainConfig) -> tuple[Split, Split]:
-    """Held-out split by whole samples; rows whose first head target is past the sample's end are dropped."""
-    n = len(store.samples)
-    order = np.random.default_rng(cfg.seed).permutation(n)
-    n_held = min(n - 1, max(1, round(n * cfg.heldout_frac))) if n > 1 else 0
-    parts = []
-    for ids in (np.sort(order[n_held:]), np.sort(order[:n_held])):
-        rows, labels = store.labels(cfg.num_heads, ids)
+    @classmethod
+    def of(cls, store: FeatureStore, num_heads: int, ids: np.ndarray) -> "Split":
+        """The samples `ids` of a store, without rows whose first head target is past the sample's end."""
+        rows, labels = store.labels(num_heads, ids)
         useful = labels[:, 1] != IGNORE
-        parts.append(Split(rows[useful], labels[useful], ids))
-    if len(parts[0].rows) == 0:
+        return cls(store, rows[useful], labels[useful], ids)
+
+
+def split_samples(store: FeatureStore, cfg: TrainConfig, heldout: FeatureStore | None = None) -> tuple[Split, Split]:
+    """Held-out split by whole samples, or every sample for training when the held-out set is another store."""
+    n = len(store.samples)
+    if heldout is not None:
+        train, held = Split.of(store, cfg.num_heads, np.arange(n)), Split.of(heldout, cfg.num_heads, np.arange(len(heldout.samples)))
+    else:
+        order = np.random.default_rng(cfg.seed).permutation(n)
+        n_held = min(n - 1, max(1, round(n * cfg.heldout_frac))) if n > 1 else 0
+        train, held = (Split.of(store, cfg.num_heads, np.sort(ids)) for ids in (order[n_held:], order[:n_held]))
+    if len(train.rows) == 0:
         raise ValueError("no training rows: answers are too short for the requested number of heads")
-    return parts[0], parts[1]
+    return train, held
 
 
 @dataclass
@@ -124,14 +136,18 @@ class TrainResult:
     train_rows: int
     heldout_samples: list[int] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    best_step: int | None = None   # early stopping: the step whose heads were kept
 
 
 class HeadTrainer:
-    def __init__(self, store: FeatureStore, base_lm_head: Tensor, cfg: TrainConfig, base_model: str = ""):
+    def __init__(self, store: FeatureStore, base_lm_head: Tensor, cfg: TrainConfig, base_model: str = "",
+                 heldout: FeatureStore | None = None):
+        """heldout: a feature store of answers to prompts from another source, scored instead of a share of `store`."""
         self.store, self.cfg = store, cfg
         dim, vocab = base_lm_head.shape[1], base_lm_head.shape[0]
-        if store.meta["dim"] != dim:
-            raise ValueError(f"features have hidden size {store.meta['dim']} but the model's is {dim}")
+        for what, s in (("features", store), ("held-out features", heldout)):
+            if s is not None and s.meta["dim"] != dim:
+                raise ValueError(f"{what} have hidden size {s.meta['dim']} but the model's is {dim}")
         # a detached, float32 lm_head: never updated (v2) and only a starting point for v1's own copies
         self.base = base_lm_head.cast(dtypes.float32).contiguous().realize().detach()
         self.heads = MedusaHeads(MedusaConfig(cfg.num_heads, cfg.num_layers, dim, vocab, cfg.fmt, base_model), self.base)
@@ -139,7 +155,8 @@ class HeadTrainer:
         for p in self.params:
             p.replace(p.contiguous().realize())
         self.opt = AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.train_split, self.held_split = split_samples(store, cfg)
+        self.train_split, self.held_split = split_samples(store, cfg, heldout)
+        self.best: dict | None = None  # early stopping: {"score", "step", "bad", "heads": {name: array}}
         # training logits cover `vocab_ids`; labels are remapped to positions in it (IGNORE outside it)
         self.vocab_ids = proposal_vocab(self.train_split.labels[:, 1:], vocab, cfg.train_vocab)
         self.heads.restrict_vocab(self.vocab_ids)
@@ -236,26 +253,21 @@ class HeadTrainer:
         labels, rows = self.train_split.labels[pick], self.train_split.rows[pick]
         head_labels = labels[:, 1:]
         batch = self._tensors(rows, labels[:, :-1], np.where(head_labels == IGNORE, IGNORE, self.remap[head_labels]))
+        store = self.train_split.store
         if not self.cfg.soft_labels:
             return batch
         # head k's target at row r is the base model's token at row r + k + 1: its distribution is read there
         # (rows past the answer's end are masked; they read row r itself)
         target_rows = np.where(head_labels != IGNORE, rows[:, None] + np.arange(1, self.cfg.num_heads + 1), rows[:, None])
-        return (*batch, Tensor(self._hidden_rows(target_rows.ravel(), self.cfg.batch_size * self.cfg.num_heads)
+        return (*batch, Tensor(_hidden_rows(store, target_rows.ravel(), self.cfg.batch_size * self.cfg.num_heads)
                                .reshape(self.cfg.batch_size, self.cfg.num_heads, -1)))
 
-    def _hidden_rows(self, rows: np.ndarray, pad_to: int) -> np.ndarray:
-        """Stored hidden rows as float32, zero-padded to pad_to rows (memmap reads in file order)."""
-        x = np.zeros((pad_to, self.store.meta["dim"]), dtype=np.float32)
-        order = np.argsort(rows)
-        x[:len(rows)][order] = self.store.hidden[rows[order]].astype(np.float32)
-        return x
-
-    def _tensors(self, rows: np.ndarray, tokens: np.ndarray, labels: np.ndarray | None = None) -> tuple[Tensor, ...]:
-        """Hidden rows, the tokens each head continues (IGNORE past the end reads token 0, whose target is masked)
-        and, when given, the remapped head labels; padded to the batch size."""
+    def _tensors(self, rows: np.ndarray, tokens: np.ndarray, labels: np.ndarray | None = None,
+                 store: FeatureStore | None = None) -> tuple[Tensor, ...]:
+        """Hidden rows (of the training store unless given), the tokens each head continues (IGNORE past the end
+        reads token 0, whose target is masked) and, when given, the remapped head labels; padded to the batch size."""
         B = self.cfg.batch_size
-        x = self._hidden_rows(rows, B)
+        x = _hidden_rows(store or self.train_split.store, rows, B)
         tok = np.zeros((B, tokens.shape[1]), dtype=np.int32)
         tok[:len(rows)] = np.maximum(tokens, 0)
         if labels is None:
@@ -264,14 +276,14 @@ class HeadTrainer:
         y[:len(rows)] = labels
         return Tensor(x), Tensor(y), Tensor(tok)
 
-    def predict(self, rows: np.ndarray, roots: np.ndarray) -> np.ndarray:
+    def predict(self, rows: np.ndarray, roots: np.ndarray, store: FeatureStore | None = None) -> np.ndarray:
         """Top-5 token ids of every head at the given rows, as generation proposes them (a sequential head continues
         the previous head's best candidate; head 0 the root, the base model's token at that row):
         (num_heads, len(rows), 5)."""
         out = []
         for i in range(0, len(rows), self.cfg.batch_size):
             chunk = rows[i:i + self.cfg.batch_size]
-            x, root = self._tensors(chunk, roots[i:i + self.cfg.batch_size, None])
+            x, root = self._tensors(chunk, roots[i:i + self.cfg.batch_size, None], store=store)
             out.append(self._predict(x, root.reshape(-1).contiguous().realize()).numpy()[:, :len(chunk)])
         return np.concatenate(out, axis=1) if out else np.zeros((self.cfg.num_heads, 0, 5), dtype=np.int32)
 
@@ -280,7 +292,7 @@ class HeadTrainer:
         rows, labels = split.rows[:self.cfg.eval_rows], split.labels[:self.cfg.eval_rows, 1:]
         if len(rows) == 0:
             return []
-        top1 = self.predict(rows, split.labels[:self.cfg.eval_rows, 0])[..., 0]  # (H, R)
+        top1 = self.predict(rows, split.labels[:self.cfg.eval_rows, 0], split.store)[..., 0]  # (H, R)
         return [float((top1[k] == labels[:, k])[labels[:, k] != IGNORE].mean()) for k in range(self.cfg.num_heads)]
 
     # -- checkpoints -----------------------------------------------------------------------------------------
@@ -292,8 +304,13 @@ class HeadTrainer:
         d = out / STATE_DIR
         d.mkdir(parents=True, exist_ok=True)
         (d / "progress.json").unlink(missing_ok=True)
-        safe_save({k: v.contiguous().realize() for k, v in self._state().items()}, str(d / "state.safetensors"))
-        (d / "progress.json").write_text(json.dumps({"step": self.step, "config": asdict(self.cfg)}))
+        state = {k: v.contiguous().realize() for k, v in self._state().items()}
+        best = None
+        if self.best is not None:  # early stopping's best heads so far, so that a resumed run still keeps them
+            state.update({f"best.{k}": Tensor(v) for k, v in self.best["heads"].items()})
+            best = {k: v for k, v in self.best.items() if k != "heads"}
+        safe_save(state, str(d / "state.safetensors"))
+        (d / "progress.json").write_text(json.dumps({"step": self.step, "config": asdict(self.cfg), "best": best}))
 
     def load_state(self, out: Path) -> bool:
         d = out / STATE_DIR
@@ -306,6 +323,9 @@ class HeadTrainer:
         for name, t in self._state().items():
             t.assign(saved[name].to(t.device).cast(t.dtype)).realize()
         self.step = int(progress["step"])
+        if progress.get("best"):
+            heads = {k.removeprefix("best."): v.numpy() for k, v in saved.items() if k.startswith("best.")}
+            self.best = {**progress["best"], "heads": heads}
         log.info("resumed at step %d of %d", self.step, self.total_steps)
         return True
 
@@ -319,6 +339,7 @@ class HeadTrainer:
         bar.done = self.step
         acc, loss = [], float("nan")
         end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
+        stopped = False
         while self.step < end:
             self.opt.lr.assign(Tensor([lr_at(self.step, self.total_steps, self.cfg)], dtype=self.opt.lr.dtype)).realize()
             with Context(TRAINING=1):
@@ -326,19 +347,51 @@ class HeadTrainer:
             per_head = per_head.numpy()
             loss = float((per_head * self.weights.numpy()).sum())
             self.step += 1
+            stop = False
             if self.step % self.cfg.eval_every == 0 or self.step == self.total_steps:
                 acc = self.heldout_accuracy()
                 history.append({"step": self.step, "loss": loss, "heldout_top1": acc,
                                 "train_tokens": self.step * self.cfg.batch_size})
+                stop = self._early_stop(acc)
             bar.update(1, loss=loss, **{f"h{k}": a for k, a in enumerate(acc)})
+            if stop:
+                log.info("early stop at step %d: no better held-out score in %d evaluations since step %d",
+                         self.step, self.cfg.patience, self.best["step"])
+                stopped = True
+                break
             if time.perf_counter() - last_ckpt > self.cfg.checkpoint_every_s and self.step < self.total_steps:
                 self.save_state(out)
                 last_ckpt = time.perf_counter()
         bar.close()
-        if self.step < self.total_steps:
+        best_step = None
+        if not stopped and self.step < self.total_steps:  # stopped at stop_after: the state resumes later
             self.save_state(out)
+        elif self.best is not None:  # early stopping: keep the best heads seen
+            for name, t in self.heads.state_dict().items():
+                t.assign(Tensor(self.best["heads"][name]).to(t.device).cast(t.dtype)).realize()
+            best_step, acc = self.best["step"], self.best["acc"]
         return TrainResult(self.step, loss, acc, time.perf_counter() - t0, len(self.train_split.rows),
-                           self.held_split.samples.tolist(), history)
+                           self.held_split.samples.tolist(), history, best_step)
+
+    def _early_stop(self, acc: list[float]) -> bool:
+        """Track the best held-out score (early stopping only); True when patience has run out."""
+        if not self.cfg.patience or not acc:
+            return False
+        score = float(np.dot(acc, self.weights.numpy()) / self.weights.numpy().sum())
+        if self.best is None or score > self.best["score"]:
+            self.best = {"score": score, "step": self.step, "acc": acc, "bad": 0,
+                         "heads": {k: v.numpy() for k, v in self.heads.state_dict().items()}}
+            return False
+        self.best["bad"] += 1
+        return self.best["bad"] >= self.cfg.patience
+
+
+def _hidden_rows(store: FeatureStore, rows: np.ndarray, pad_to: int) -> np.ndarray:
+    """Stored hidden rows as float32, zero-padded to pad_to rows (memmap reads in file order)."""
+    x = np.zeros((pad_to, store.meta["dim"]), dtype=np.float32)
+    order = np.argsort(rows)
+    x[:len(rows)][order] = store.hidden[rows[order]].astype(np.float32)
+    return x
 
 
 def write_heads(trainer: HeadTrainer, out: Path, info: dict) -> Path:
