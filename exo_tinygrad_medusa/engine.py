@@ -385,5 +385,5 @@ class MedusaInferenceEngine(_EngineBase):
         device = self.loaded.device
         if np.issubdtype(x.dtype, np.integer):
             return Tensor(x.astype(np.int32), device=device)
-        weight_dtype = next(iter(self.loaded.model.parameters().values())).dtype
+        weight_dtype = self.loaded.model.float_weight.dtype
         return Tensor(np.ascontiguousarray(x), device=device, dtype=weight_dtype).realize()

@@ -206,16 +206,22 @@ class Transformer:
             obj = getattr(obj, p)
         setattr(obj, parts[-1], value)
 
+    @property
+    def float_weight(self) -> Tensor:
+        """A float weight of this shard, whose dtype and device are the shard's. Cheap, unlike parameters(), which
+        builds a view of every packed weight (~0.25 s of graph building for SmolLM2: too slow for every ring pass)."""
+        return next(iter(self.layers.values())).input_layernorm.weight
+
     def new_cache(self, batch_size: int = 1) -> "KVCache":
         """Zeroed K/V buffers for this shard's layers: one per request (Exo keeps one per request id)."""
-        c, w = self.config, self.lm_head if self.shard.is_last_layer() else next(iter(self.parameters().values()))
+        c, w = self.config, self.float_weight
         layers = [Tensor.zeros(2, batch_size, c.n_kv_heads, self.cache_len, c.head_dim, dtype=w.dtype, device=w.device)
                   .contiguous().realize() for _ in self.layers]
         return KVCache(layers, self.max_context)
 
     def _rope_tables(self) -> tuple[Tensor, Tensor]:
         if self.rope_cos is None:
-            w = next(iter(self.parameters().values()))
+            w = self.float_weight
             angles = np.arange(self.cache_len, dtype=np.float32)[:, None] * rope_inv_freq(self.config)[None, :]
             self.rope_cos = Tensor(np.cos(angles), device=w.device).cast(w.dtype).realize()
             self.rope_sin = Tensor(np.sin(angles), device=w.device).cast(w.dtype).realize()

@@ -39,7 +39,7 @@ class ShardSteps:
                 raise ValueError(f"{what} exceeds the cache slack of {slack}")
         self.model, self.tree, self.heads = model, tree, heads
         self.chunks = tuple(sorted(set(prefill_chunks), reverse=True))
-        dev = next(iter(model.parameters().values())).device
+        dev = model.float_weight.device
         self.start_pos = UOp.variable("start_pos", 0, model.max_context)
         self.tree_mask, self.tree_depths = _const(tree.tree_mask, dev), _const(tree.depths, dev)
         # one capture per chunk size: each has its own causal mask and depths
