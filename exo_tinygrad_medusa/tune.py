@@ -161,6 +161,10 @@ def cmd_tune(args) -> int:
     out = Path(args.out) if args.out else tuned_tree_path(heads_path, loaded.device)
     heads = load_heads(heads_path, loaded.config, loaded.model.lm_head).use_first(args.medusa_num_heads,
                                                                                    args.medusa_num_layers)
+    if heads.sequential:
+        log.warning("%s holds sequential (hydra) heads: the tree model below treats heads as independent, so it "
+                    "overrates nodes under a parent of rank > 0 (their head continues the rank-0 guess); confirm the "
+                    "chosen tree with exo-medusa bench", heads_path)
     scorer = HeadScorer(plain, heads, args.top_k)
     acc, counts = scorer.accuracies([session.prompt_ids(p.text) for p in prompts],
                                     GenerationConfig(max_new_tokens=args.max_generate_tokens))
