@@ -14,7 +14,7 @@ from .medusa.heads import MedusaHeads
 from .medusa.lookup import Grafter, LookupConfig, NgramIndex, NoProposals, SourceScores, common_prefix
 from .medusa.tree import PLAIN, MedusaTree, chain
 from .model import KVCache, Transformer
-from .sampling import GenerationConfig, probabilities, sample
+from .sampling import GenerationConfig
 from .steps import ShardSteps
 
 log = logging.getLogger(__name__)

@@ -117,7 +117,8 @@ def split_samples(store: FeatureStore, cfg: TrainConfig, heldout: FeatureStore |
     """Held-out split by whole samples, or every sample for training when the held-out set is another store."""
     n = len(store.samples)
     if heldout is not None:
-        train, held = Split.of(store, cfg.num_heads, np.arange(n)), Split.of(heldout, cfg.num_heads, np.arange(len(heldout.samples)))
+        train = Split.of(store, cfg.num_heads, np.arange(n))
+        held = Split.of(heldout, cfg.num_heads, np.arange(len(heldout.samples)))
     else:
         order = np.random.default_rng(cfg.seed).permutation(n)
         n_held = min(n - 1, max(1, round(n * cfg.heldout_frac))) if n > 1 else 0
@@ -262,16 +263,13 @@ class HeadTrainer:
         return (*batch, Tensor(_hidden_rows(store, target_rows.ravel(), self.cfg.batch_size * self.cfg.num_heads)
                                .reshape(self.cfg.batch_size, self.cfg.num_heads, -1)))
 
-    def _tensors(self, rows: np.ndarray, tokens: np.ndarray, labels: np.ndarray | None = None,
-                 store: FeatureStore | None = None) -> tuple[Tensor, ...]:
-        """Hidden rows (of the training store unless given), the tokens each head continues (IGNORE past the end
-        reads token 0, whose target is masked) and, when given, the remapped head labels; padded to the batch size."""
+    def _tensors(self, rows: np.ndarray, tokens: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+        """Training rows' hidden states, remapped head labels and the tokens each head continues (IGNORE past the end
+        reads token 0, whose target is masked), padded to the batch size."""
         B = self.cfg.batch_size
-        x = _hidden_rows(store or self.train_split.store, rows, B)
+        x = _hidden_rows(self.train_split.store, rows, B)
         tok = np.zeros((B, tokens.shape[1]), dtype=np.int32)
         tok[:len(rows)] = np.maximum(tokens, 0)
-        if labels is None:
-            return Tensor(x), Tensor(tok)
         y = np.full((B, self.cfg.num_heads), IGNORE, dtype=np.int32)
         y[:len(rows)] = labels
         return Tensor(x), Tensor(y), Tensor(tok)
@@ -283,8 +281,10 @@ class HeadTrainer:
         out = []
         for i in range(0, len(rows), self.cfg.batch_size):
             chunk = rows[i:i + self.cfg.batch_size]
-            x, root = self._tensors(chunk, roots[i:i + self.cfg.batch_size, None], store=store)
-            out.append(self._predict(x, root.reshape(-1).contiguous().realize()).numpy()[:, :len(chunk)])
+            root = np.zeros(self.cfg.batch_size, dtype=np.int32)
+            root[:len(chunk)] = np.maximum(roots[i:i + self.cfg.batch_size], 0)
+            x = Tensor(_hidden_rows(store or self.train_split.store, chunk, self.cfg.batch_size))
+            out.append(self._predict(x, Tensor(root)).numpy()[:, :len(chunk)])
         return np.concatenate(out, axis=1) if out else np.zeros((self.cfg.num_heads, 0, 5), dtype=np.int32)
 
     def heldout_accuracy(self) -> list[float]:
