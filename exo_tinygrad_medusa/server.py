@@ -706,7 +706,11 @@ class ChatServer(ThreadingHTTPServer):
                 request.settimeout(1.0)
                 request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                                 b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-            except OSError:
+                # closing with unread bytes makes the kernel send a reset, which can beat the 503 to the client:
+                # drop what has already arrived (without waiting: this runs on the accepting thread)
+                while request.recv(1 << 16, socket.MSG_DONTWAIT):
+                    pass
+            except OSError:  # BlockingIOError once nothing more is waiting, or the client is gone
                 pass
             self.shutdown_request(request)
             return

@@ -459,8 +459,11 @@ def test_connections_are_bounded(make_server, gen):
         for s in idle:
             s.close()
     for _ in range(100):  # the idle connections' threads notice the close and free their slots
-        if scripted_chat(port)[0] == 200:
-            break
+        try:
+            if scripted_chat(port)[0] == 200:
+                break
+        except (urllib.error.URLError, ConnectionError):  # refused while full: the reply can lose to a reset
+            pass
         time.sleep(0.05)
     else:
         raise AssertionError("the server did not recover its connection slots")
