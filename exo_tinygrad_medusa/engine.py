@@ -40,7 +40,7 @@ from .sampling import GenerationConfig, probabilities, sample
 from .session import MedusaOptions, default_tree_spec, resolve_heads_path
 from .shard import Shard
 from .steps import ShardSteps
-from .tinygrad_hooks import share_kernel_cache
+from .tinygrad_hooks import read_host, share_kernel_cache
 
 try:  # inside classic Exo the engine is a real InferenceEngine; without Exo it stands alone
     from exo.inference.inference_engine import InferenceEngine as _EngineBase
@@ -225,7 +225,7 @@ class MedusaInferenceEngine(_EngineBase):
     def _warm_up(self) -> None:
         if self.tree.is_chain:
             return  # a chain's accepted nodes are always consecutive: it never compacts
-        cache, keep = self.loaded.model.new_cache(), Tensor(np.arange(self.tree.size, dtype=np.int32))
+        cache, keep = self.loaded.model.new_cache(), self.steps.host("keep", np.arange(self.tree.size))
         for _ in range(2):  # TinyJit captures on the second call; an identity move at slot 0 of a scratch cache
             self.steps.compact(cache.layers, self.steps.bind(0), keep)
 
@@ -300,7 +300,7 @@ class MedusaInferenceEngine(_EngineBase):
             padded = np.concatenate([chunk, np.zeros((1, C - chunk.shape[1], *chunk.shape[2:]), chunk.dtype)], 1)
             hidden = steps.prefill(self._tensor(padded), req.cache.layers, steps.bind(start))
             if not self.shard.is_last_layer():
-                outputs.append(hidden.numpy()[:, :row + 1])
+                outputs.append(read_host(hidden)[:, :row + 1])
         req.pos, req.step = prompt_len, 1
         if not self.shard.is_last_layer():
             return np.concatenate(outputs, 1), st.to_state()
@@ -328,7 +328,7 @@ class MedusaInferenceEngine(_EngineBase):
             if keep != list(range(len(keep))):  # accepted nodes must sit in consecutive cache slots
                 padded = np.arange(T, dtype=np.int32)
                 padded[:len(keep)] = keep
-                steps.compact(req.cache.layers, steps.bind(req.pos), Tensor(padded))
+                steps.compact(req.cache.layers, steps.bind(req.pos), steps.host("keep", padded))
             req.pos, req.pending = req.pos + len(keep), False
         if st.start_pos != req.pos:
             raise RingStateError(f"{where}: the ring state writes at position {st.start_pos} but this shard's cache "
@@ -343,7 +343,7 @@ class MedusaInferenceEngine(_EngineBase):
         xt = self._tensor(x)
         req.step, req.pending = req.step + 1, True
         if not self.shard.is_last_layer():
-            return steps.verify_logits(xt, req.cache.layers, steps.bind(req.pos)).numpy(), st.to_state()
+            return read_host(steps.verify_logits(xt, req.cache.layers, steps.bind(req.pos))), st.to_state()
         nodes, next_tree = steps.verify(xt, req.cache.layers, req.pos, np.array(st.tree), self.generation, req.rng)
         emitted, finish = self._emit(req, [st.tree[n] for n in nodes[1:]] + [int(next_tree[0])])
         if finish:  # nothing can follow a finished request: its cache is garbage from now on
@@ -382,8 +382,7 @@ class MedusaInferenceEngine(_EngineBase):
         return x.shape[1]
 
     def _tensor(self, x: np.ndarray) -> Tensor:
-        device = self.loaded.device
+        """A pass's input on the device: token ids, or hidden states in the weights' dtype."""
         if np.issubdtype(x.dtype, np.integer):
-            return Tensor(x.astype(np.int32), device=device)
-        weight_dtype = self.loaded.model.float_weight.dtype
-        return Tensor(np.ascontiguousarray(x), device=device, dtype=weight_dtype).realize()
+            return self.steps.host("tokens", x)
+        return self.steps.host("hidden", x, self.loaded.model.float_weight.dtype)

@@ -87,8 +87,8 @@ class Generator:
         if not (model.shard.is_first_layer() and model.shard.is_last_layer()):
             raise ValueError("Generator needs the whole model; use the engine for sharded models")
         self.model, self.tree, self.eos_ids, self.lookup = model, tree, set(eos_token_ids), lookup
-        self.steps = ShardSteps(model, tree, heads)
         self.cache: KVCache = model.new_cache()
+        self.steps = ShardSteps(model, tree, heads, cache=self.cache)
         self.grafter = Grafter(tree) if tree.size > 1 else None
         self._lookup_chain: ShardSteps | None = None
 
@@ -104,7 +104,7 @@ class Generator:
         if self._lookup_chain is None:
             n = self.lookup.chain_tokens
             try:
-                self._lookup_chain = ShardSteps(self.model, chain(n), NoProposals(n))
+                self._lookup_chain = ShardSteps(self.model, chain(n), NoProposals(n), cache=self.cache)
             except ValueError as e:
                 raise ValueError(f"prompt lookup drafts {n} tokens a step: {e}") from None
         return self._lookup_chain
@@ -142,7 +142,7 @@ class Generator:
         for start, C in self.steps.prefill_plan(len(prompt_ids)):
             chunk = prompt_ids[start:start + C]
             row = len(chunk) - 1
-            tokens = Tensor([chunk + [0] * (C - len(chunk))], dtype="int32")
+            tokens = self.steps.host("tokens", [chunk + [0] * (C - len(chunk))])
             hidden = self.steps.prefill(tokens, self.cache.layers, self.steps.bind(start))
         return hidden, row
 
@@ -169,7 +169,7 @@ class Generator:
             proposed = tree_tokens
             steps, tree_tokens, draft = self._with_draft(proposed, index, scores)
             result.lookup_steps += bool(draft) and tree_tokens is not proposed
-            x = Tensor(tree_tokens.reshape(1, -1).astype(np.int32))
+            x = steps.host("tokens", tree_tokens.reshape(1, -1))
             nodes, next_tree = steps.verify(x, self.cache.layers, start_pos, tree_tokens, cfg, rng)
             result.accept_lengths.append(len(nodes))
             emitted = [int(tree_tokens[n]) for n in nodes[1:]] + [int(next_tree[0])]  # what followed the root
@@ -179,7 +179,7 @@ class Generator:
             if nodes != list(range(len(nodes))):  # accepted nodes must sit in consecutive cache slots
                 keep = np.arange(steps.tree.size, dtype=np.int32)
                 keep[:len(nodes)] = nodes
-                steps.compact(self.cache.layers, steps.bind(start_pos), Tensor(keep))
+                steps.compact(self.cache.layers, steps.bind(start_pos), steps.host("keep", keep))
             start_pos += len(nodes)
             # the lookup-only chain proposes placeholders past its root: the next step starts from the root alone
             tree_tokens = next_tree if steps is self.steps else next_tree[:1]

@@ -12,9 +12,10 @@ from tinygrad import Tensor, TinyJit, UOp, dtypes
 
 from .medusa.heads import MedusaHeads
 from .medusa.tree import PLAIN, MedusaTree
-from .model import Transformer, causal_mask, compact_layers
+from .model import KVCache, Transformer, causal_mask, compact_layers
 from .ops import take
 from .sampling import GenerationConfig, exact_accept, probabilities, sample, typical_accept
+from .tinygrad_hooks import device_buffer, read_host, write_host
 
 # prefill chunk sizes: a 512-token prompt runs as four 128-token steps, a 50-token one as two padded 32-token steps
 PREFILL_CHUNKS = (128, 32)
@@ -24,11 +25,32 @@ def _const(a: np.ndarray, device: str) -> Tensor:
     return Tensor(np.ascontiguousarray(a), device=device).realize()
 
 
+class _OnCache:
+    """A step captured on one KV cache: called like the plain capture (the layers still passed, and checked), it
+    replays with the cache's buffers baked in. TinyJit does per-input bookkeeping on every call, ~2 ms a step for a
+    30-layer cache, which a Generator (one cache for its lifetime) has no use for."""
+
+    def __init__(self, fn, cache: KVCache, layers_at: int):
+        self.layers, self.layers_at = cache.layers, layers_at
+        self.jit = TinyJit(lambda *args: fn(*args[:layers_at], cache.layers, *args[layers_at:]))
+
+    @property
+    def captured(self):
+        return self.jit.captured
+
+    def __call__(self, *args):
+        if args[self.layers_at] is not self.layers:
+            raise ValueError("these steps were captured on another KV cache")
+        return self.jit(*args[:self.layers_at], *args[self.layers_at + 1:])
+
+
 class ShardSteps:
-    """Captured steps for one model shard and one tree (PLAIN for ordinary decoding)."""
+    """Captured steps for one model shard and one tree (PLAIN for ordinary decoding). `cache`: the one KV cache
+    every call will use (a Generator's), baked into the captures; without it, each call passes its cache's layers
+    (the engine keeps one cache per request)."""
 
     def __init__(self, model: Transformer, tree: MedusaTree = PLAIN, heads: MedusaHeads | None = None,
-                 prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS):
+                 prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS, cache: KVCache | None = None):
         if tree.size > 1 and model.shard.is_last_layer():  # only the last shard proposes trees
             if heads is None:
                 raise ValueError("a Medusa tree needs Medusa heads")
@@ -39,12 +61,15 @@ class ShardSteps:
                 raise ValueError(f"{what} exceeds the cache slack of {slack}")
         self.model, self.tree, self.heads = model, tree, heads
         self.chunks = tuple(sorted(set(prefill_chunks), reverse=True))
-        dev = model.float_weight.device
+        self.device = dev = model.float_weight.device
+        self._host: dict[tuple, Tensor] = {}
         self.start_pos = UOp.variable("start_pos", 0, model.max_context)
         self.tree_mask, self.tree_depths = _const(tree.tree_mask, dev), _const(tree.depths, dev)
         # one capture per chunk size: each has its own causal mask and depths
-        self.prefill_steps = {C: TinyJit(functools.partial(self._prefill, _const(np.arange(C, dtype=np.int32), dev),
-                                                       _const(causal_mask(C), dev))) for C in self.chunks}
+        def capture(fn, layers_at: int = 1):
+            return TinyJit(fn) if cache is None else _OnCache(fn, cache, layers_at)
+        self.prefill_steps = {C: capture(functools.partial(self._prefill, _const(np.arange(C, dtype=np.int32), dev),
+                                                        _const(causal_mask(C), dev))) for C in self.chunks}
         if tree.size > 1:
             K = tree.top_k
             self.paths = _const(tree.retrieve_paths, dev)                                     # (P, D+1)
@@ -52,14 +77,25 @@ class ShardSteps:
             self.path_valid = _const(steps[None, :] < tree.path_lengths[:, None], dev)        # (P, D)
             self.path_steps = _const(steps, dev)
             self.node_pick = _const((tree.node_head * K + tree.node_rank)[1:], dev)           # (T-1,) into (H*K,)
-        self.verify_greedy = TinyJit(self._verify_greedy)
-        self.verify_logits = TinyJit(self._verify_logits)
+        self.verify_greedy = capture(self._verify_greedy)
+        self.verify_logits = capture(self._verify_logits)
         self.propose_after_prefill = TinyJit(self._propose)
         self.propose_after_verify = TinyJit(self._propose)
-        self.compact = TinyJit(self._compact)
+        self.compact = capture(self._compact, layers_at=0)
 
     def bind(self, pos: int) -> UOp:
         return self.start_pos.bind(pos)
+
+    def host(self, name: str, values, dtype=dtypes.int32) -> Tensor:
+        """A realized device tensor holding `values`: one buffer per (name, shape, dtype), rewritten on every call, so
+        a step's inputs skip the scheduler (a Tensor made from an ndarray is scheduled when the step realizes it, and
+        the scheduler walks every weight of the model: ~5 ms a decode step on the CPU). Names keep the inputs of one
+        call apart; a tensor returned here holds its values until the next call with the same name and shape."""
+        values = np.asarray(values)
+        key = (name, values.shape, dtype)
+        if (buffer := self._host.get(key)) is None:
+            buffer = self._host[key] = device_buffer(values.shape, dtype, self.device)
+        return write_host(buffer, values)
 
     def prefill_plan(self, n_tokens: int) -> list[tuple[int, int]]:
         """(start, chunk size) for a prompt of n_tokens: the largest chunks while they fill up, then the smallest (the
@@ -81,29 +117,27 @@ class ShardSteps:
         bonus token). Greedy stays on the device; sampling accepts on the host, then proposes from the last node."""
         pos = self.bind(start_pos)
         if cfg.greedy:
-            hidden_input = () if self.model.shard.is_first_layer() else (Tensor(tree_tokens.astype(np.int32)),)
-            summary = self.verify_greedy(x, layers, pos, *hidden_input).numpy()
+            hidden_input = () if self.model.shard.is_first_layer() else (self.host("tree", tree_tokens),)
+            summary = read_host(self.verify_greedy(x, layers, pos, *hidden_input))
             n_accepted, best = int(summary[0]), int(summary[1])
             return self.tree.retrieve_paths[best][:n_accepted + 1].tolist(), summary[2:]
         hidden, logits = self.verify_logits(x, layers, pos)
         accept = exact_accept if cfg.medusa_sampling == "exact" or self.tree.size == 1 else typical_accept
-        nodes, bonus = accept(self.tree, tree_tokens, logits.numpy(), cfg, rng)
-        _, next_tree = self.propose_after_verify(hidden, Tensor([nodes[-1]], dtype=dtypes.int32),
-                                                 Tensor([bonus], dtype=dtypes.int32))
-        return [int(n) for n in nodes], next_tree.numpy()
+        nodes, bonus = accept(self.tree, tree_tokens, read_host(logits), cfg, rng)
+        _, next_tree = self.propose_after_verify(hidden, self.host("node", [nodes[-1]]), self.host("root", [bonus]))
+        return [int(n) for n in nodes], read_host(next_tree)
 
     def first_tree(self, hidden: Tensor, row: int, cfg: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
         """Last shard, after prefill: the first tree from hidden row `row`; its root is the first generated token
         (the argmax, or sampled from the base logits), and the heads propose from that root."""
-        logits, tree_tokens = self.propose_after_prefill(hidden, Tensor([row], dtype=dtypes.int32), Tensor([-1], dtype=dtypes.int32))
-        tree_tokens = tree_tokens.numpy()
+        logits, tree_tokens = self.propose_after_prefill(hidden, self.host("node", [row]), self.host("root", [-1]))
+        tree_tokens = read_host(tree_tokens)
         if not cfg.greedy:
-            root = sample(probabilities(logits.numpy(), cfg), rng)
+            root = sample(probabilities(read_host(logits), cfg), rng)
             if self.heads is not None and self.heads.sequential and self.tree.size > 1:
                 # sequential heads continue the root: propose again from the sampled one
-                _, tree_tokens = self.propose_after_prefill(hidden, Tensor([row], dtype=dtypes.int32),
-                                                            Tensor([root], dtype=dtypes.int32))
-                tree_tokens = tree_tokens.numpy()
+                _, tree_tokens = self.propose_after_prefill(hidden, self.host("node", [row]), self.host("root", [root]))
+                tree_tokens = read_host(tree_tokens)
             tree_tokens[0] = root
         return tree_tokens
 

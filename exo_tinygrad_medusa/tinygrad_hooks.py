@@ -15,6 +15,8 @@ tests/test_tinygrad_hooks.py, which fails loudly when an upgrade moves what this
 4. The kernel cache db opened shareable between threads (`share_kernel_cache`): the engine compiles on its own
    thread while Exo touches tinygrad on others.
 5. GGUF blocks (`gguf_load_blocks`): tinygrad's GGUF reader, plus each tensor's raw codes for packed weights.
+6. Host copies (`device_buffer`, `write_host`, `read_host`): a step's token ids in and its small result out, copied
+   straight to and from realized buffers instead of through the scheduler.
 """
 from __future__ import annotations
 
@@ -28,14 +30,19 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 from pathlib import Path
 
+import numpy as np
 import tinygrad.helpers
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.engine import realize
 from tinygrad.engine.jit import GraphException, GraphRunner
 from tinygrad.uop.ops import AxisType, KernelInfo, Ops, PatternMatcher, UOp, UPat, graph_rewrite
+
+if TYPE_CHECKING:
+    from tinygrad import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -459,6 +466,57 @@ def gguf_load_blocks(path: str) -> tuple[dict, dict, dict]:
     if len(seen) != len(state):
         raise RuntimeError("tinygrad.llm.gguf changed: gguf_load no longer converts each tensor through ggml_data_to_tensor")
     return kv, state, {name: (ggml_type, t) for name, (t, ggml_type) in zip(state, seen)}
+
+
+# -- 6. host values in and out without the scheduler ---------------------------------------------------------------
+# A step's few host values (token ids, a position, a small result) would go through Tensor(ndarray) and .numpy():
+# both schedule a copy, and tinygrad's scheduler walks every live tensor (each weight of the model) on the way, ~5 ms
+# a decode step on the CPU. These copy straight between host memory and a realized buffer.
+def device_buffer(shape: tuple[int, ...], dtype, device: str) -> Tensor:
+    """A realized tensor on `device` whose values write_host replaces in place."""
+    from tinygrad import Tensor
+    return Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize()  # zeros: empty() allocates nothing
+
+
+def _plain_buffer(t: Tensor):
+    """t's buffer when t is exactly a realized buffer (no view, one device), else None."""
+    uop = t.uop
+    if uop.op is Ops.RESHAPE:  # a reshape of a buffer keeps its memory order
+        uop = uop.src[0]
+    if uop.op is not Ops.BUFFER or not isinstance(t.device, str):
+        return None
+    buf = uop.buffer
+    return buf if buf.is_initialized() and buf._base is None and buf.size == t.numel() else None
+
+
+def write_host(t: Tensor, values: np.ndarray) -> Tensor:
+    """Copy `values` (same element count, cast to t's dtype) into t's buffer; returns t."""
+    buf = _plain_buffer(t)
+    if buf is None:
+        raise ValueError("write_host needs a realized buffer from device_buffer")
+    data = np.ascontiguousarray(values, dtype=_np_dtype(t.dtype))
+    if not data.flags.writeable:  # e.g. read from a socket: the CPU copy reads through ctypes, which wants writable
+        data = data.copy()
+    if data.size != buf.size:
+        raise ValueError(f"write_host: {data.size} values for a buffer of {buf.size}")
+    buf.allocator._copyin(buf._buf, memoryview(data).cast("B"))
+    return t
+
+
+def read_host(t: Tensor) -> np.ndarray:
+    """t's values as a new numpy array: copied straight out of its buffer when t is one (a captured step's output),
+    through t.numpy() otherwise."""
+    buf = _plain_buffer(t)
+    if buf is None:
+        return t.numpy()
+    out = np.empty(t.shape, dtype=_np_dtype(t.dtype))
+    buf.allocator._copyout(memoryview(out).cast("B"), buf._buf)  # the allocators synchronize before copying out
+    return out
+
+
+def _np_dtype(dtype) -> np.dtype:
+    from tinygrad.dtype import _to_np_dtype
+    return np.dtype(_to_np_dtype(dtype))
 
 
 # -- installing ----------------------------------------------------------------------------------------------------

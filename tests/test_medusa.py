@@ -16,6 +16,7 @@ from exo_tinygrad_medusa.medusa.heads import MedusaHeads, load_heads, random_hea
 from exo_tinygrad_medusa.medusa.tree import PLAIN, load_tree
 from exo_tinygrad_medusa.sampling import GenerationConfig
 from exo_tinygrad_medusa.session import MedusaOptions, default_tree_spec, resolve_heads_path
+from exo_tinygrad_medusa.steps import ShardSteps
 from helpers_models import write_tiny_checkpoint
 
 MAX_CONTEXT, PROMPT_LEN, NEW_TOKENS = 160, 40, 80
@@ -48,7 +49,7 @@ class TinyKit:
 
     def _hidden_states(self, arch: str, ids: list[int]) -> np.ndarray:
         """Final normed hidden state at every position of `ids`, from the captured prefill on a scratch cache."""
-        steps, cache, rows = self.plain[arch].steps, self.models[arch].new_cache(), []
+        steps, cache, rows = ShardSteps(self.models[arch]), self.models[arch].new_cache(), []
         for start, C in steps.prefill_plan(len(ids)):
             chunk = ids[start:start + C]
             x = Tensor([chunk + [0] * (C - len(chunk))], dtype="int32")
@@ -324,6 +325,17 @@ def test_sequential_heads_propose_from_the_sampled_root(kit, monkeypatch):
 
 
 # -- TinyJit: one capture per step, reused by later generations -------------------------------------------------------
+def test_a_generators_steps_refuse_another_cache(kit):
+    generator = kit.generator("llama", "cpu-8", "v1", "partial")
+    generator.generate(kit.prompt, greedy(4))
+    other = kit.model("llama").new_cache()
+    x = generator.steps.host("tokens", [[1] * generator.tree.size])
+    with pytest.raises(ValueError, match="captured on another KV cache"):
+        generator.steps.verify_greedy(x, other.layers, generator.steps.bind(0))
+    with pytest.raises(ValueError, match="captured on another KV cache"):
+        generator.steps.compact(other.layers, generator.steps.bind(0), generator.steps.host("keep", range(generator.tree.size)))
+
+
 def test_second_generation_compiles_nothing(kit):
     generator = kit.generator("llama", "cpu-16", "v1", "partial")
     configs = [greedy(48), GenerationConfig(max_new_tokens=12, temperature=0.8, seed=1, medusa_sampling="exact"),

@@ -42,6 +42,9 @@ def test_tinygrad_internals_the_hooks_rely_on_are_still_there():
     assert "runtimevars" in source and "self.addr" in source and "core_id" in source
     assert "ggml_data_to_tensor(" in inspect.getsource(gguf._gguf_parse)
     assert hasattr(tinygrad.helpers, "_db_connection") and hasattr(tinygrad.helpers, "db_connection")
+    for allocator in (ops_cpu.CPUAllocator, tinygrad.device.Allocator):
+        assert hasattr(allocator, "_copyin") and hasattr(allocator, "_copyout"), "allocator copies moved"
+    assert "is_realized" in inspect.getsource(jit._prepare_jit_inputs), "the JIT no longer skips realized inputs"
 
 
 def _product_step(linear: Linear):
@@ -94,6 +97,35 @@ def test_captured_steps_replay_through_one_c_call_with_new_inputs_and_positions(
     graphs = [c for c in step.captured._linear.src if c.src[0].op.name == "CUSTOM_FUNCTION" and c.src[0].arg == "graph"]
     assert graphs, "the capture did not batch its kernels into a graph"
     assert isinstance(next(iter(step.captured.linear.src)), UOp)
+
+
+def test_host_copies_reach_a_captured_step_without_scheduling(monkeypatch):
+    """write_host rewrites a step's input in place and read_host copies a result out: the captured step sees every
+    new value, and nothing is scheduled (tinygrad's scheduler walks every live tensor, a model's weights included)."""
+    import tinygrad.tensor
+    tokens = hooks.device_buffer((1, 3), dtypes.int32, "CPU")
+    step = TinyJit(lambda x: (x * 2 + 1).realize())
+    walks = []
+    for i in range(5):
+        if i == 2:  # captured by now: count the scheduler's walks over live tensors from here on
+            walk = tinygrad.tensor._apply_map_to_tensors
+            monkeypatch.setattr(tinygrad.tensor, "_apply_map_to_tensors", lambda *a, **k: walks.append(a) or walk(*a, **k))
+        values = np.array([[i, 10 * i, -i]])
+        out = hooks.read_host(step(hooks.write_host(tokens, values)))
+        np.testing.assert_array_equal(out, values * 2 + 1)
+        assert out.dtype == np.int32 and out.shape == (1, 3)
+    frozen = np.array([[7, 8, 9]], dtype=np.int32)
+    frozen.flags.writeable = False  # values read from a socket
+    np.testing.assert_array_equal(hooks.read_host(step(hooks.write_host(tokens, frozen))), frozen * 2 + 1)
+    assert walks == []
+    step(Tensor([[1, 2, 3]], dtype=dtypes.int32)).numpy()  # the usual way schedules: the count above can fail
+    assert walks
+    np.testing.assert_array_equal(hooks.read_host(tokens.reshape(3)), [7, 8, 9])
+    np.testing.assert_array_equal(hooks.read_host(tokens[0, 1:]), [8, 9])  # a view: read through numpy()
+    with pytest.raises(ValueError, match="realized buffer"):
+        hooks.write_host(tokens[0, 1:], np.zeros(2))
+    with pytest.raises(ValueError, match="2 values for a buffer of 3"):
+        hooks.write_host(tokens, np.zeros(2))
 
 
 def _q4_1_blocks(rng, rows: int, cols: int) -> np.ndarray:
