@@ -33,7 +33,7 @@ from tinygrad import Tensor, dtypes
 from tinygrad.nn.state import safe_load, safe_save
 
 from .loader import LoadedModel, load_model
-from .medusa.heads import load_heads
+from .medusa.heads import load_heads_for
 from .medusa.tree import PLAIN, MedusaTree, load_tree
 from .model import KVCache
 from .sampling import GenerationConfig, probabilities, sample
@@ -209,7 +209,7 @@ class MedusaInferenceEngine(_EngineBase):
             heads_path = resolve_heads_path(loaded, self.medusa)
             tree = load_tree(self.medusa.choices or default_tree_spec(loaded.device, heads_path))
             if shard.is_last_layer():
-                heads = load_heads(heads_path, loaded.config, loaded.model.lm_head).use_first(
+                heads = load_heads_for(heads_path, loaded.model).use_first(
                     self.medusa.num_heads, self.medusa.num_layers)
         self.steps = ShardSteps(loaded.model, tree, heads)
         return tree, heads

@@ -212,6 +212,13 @@ class Transformer:
         builds a view of every packed weight (~0.25 s of graph building for SmolLM2: too slow for every ring pass)."""
         return next(iter(self.layers.values())).input_layernorm.weight
 
+    @property
+    def packed_logits(self) -> PackedWeight | None:
+        """The logits product's weight when it is packed (a GGUF's codes), else None. Heads that share the lm_head
+        read their proposal rows from it: ~3x fewer bytes a step than the float rows."""
+        weight = self.output.weight if self.shard.is_last_layer() else None
+        return weight if isinstance(weight, PackedWeight) else None
+
     def new_cache(self, batch_size: int = 1) -> "KVCache":
         """Zeroed K/V buffers for this shard's layers: one per request (Exo keeps one per request id)."""
         c, w = self.config, self.float_weight

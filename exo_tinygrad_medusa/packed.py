@@ -42,6 +42,18 @@ class PackedWeight:
         moved = (None if t is None else t.to(device).contiguous() for t in (self.words, self.scale, self.minimum))
         return PackedWeight(*moved, offset=self.offset)
 
+    def rows(self, ids: np.ndarray) -> "PackedWeight":
+        """The matrix's rows `ids` (output features), still packed: the same codes and scales re-laid as panels."""
+        ids = np.asarray(ids)
+        if len(ids) % 4:
+            raise ValueError(f"packed panels need a multiple of 4 output rows, got {len(ids)}")
+        words = self.words.numpy()
+        panels, rows, quarter = words.shape
+        lanes = (words[:, :, None, :] >> (8 * np.arange(4, dtype=np.uint32))[None, None, :, None]) & 0xFF
+        codes = _unpanel(lanes.reshape(panels, rows, 4 * quarter).astype(np.uint8))      # [out, in]
+        pick = lambda t: None if t is None else _panels(_unpanel(t.numpy())[ids])
+        return PackedWeight(_words(codes[ids]), pick(self.scale), pick(self.minimum), self.offset)
+
     def dequantize(self) -> Tensor:
         """The float32 panels, lazily: used inside a product it fuses into the product's kernel."""
         panels, rows, words = self.words.shape
@@ -87,6 +99,12 @@ def _panel_array(a: np.ndarray) -> np.ndarray:
     out, n = a.shape
     p = panel_width(out)
     return np.ascontiguousarray(a.reshape(out // p, p, n).transpose(0, 2, 1))
+
+
+def _unpanel(panels: np.ndarray) -> np.ndarray:
+    """[out / P, n, P] -> [out, n] (the inverse of _panel_array)."""
+    n_panels, n, p = panels.shape
+    return np.ascontiguousarray(panels.transpose(0, 2, 1).reshape(n_panels * p, n))
 
 
 def _panels(a: np.ndarray) -> Tensor:

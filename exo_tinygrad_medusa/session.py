@@ -8,7 +8,7 @@ from tinygrad import Device
 
 from .generate import Generator
 from .loader import LoadedModel, load_model
-from .medusa.heads import MedusaHeads, load_heads
+from .medusa.heads import MedusaHeads, load_heads_for
 from .medusa.tree import PLAIN, MedusaTree, load_tree
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def open_session(model: str | None = None, *, device: str | None = None, dtype: 
     heads, tree = None, PLAIN
     if medusa.enabled:
         heads_path = resolve_heads_path(loaded, medusa)
-        heads = load_heads(heads_path, loaded.config, loaded.model.lm_head).use_first(medusa.num_heads, medusa.num_layers)
+        heads = load_heads_for(heads_path, loaded.model).use_first(medusa.num_heads, medusa.num_layers)
         tree = load_tree(medusa.choices or default_tree_spec(loaded.device or Device.DEFAULT, heads_path))
         tree.check_heads(heads.num_heads)
         log.info("Medusa: %d heads, tree %s (%d nodes)", heads.num_heads, tree.name, tree.size)

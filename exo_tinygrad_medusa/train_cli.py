@@ -262,7 +262,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .loader import load_model
-    from .medusa.heads import load_heads
+    from .medusa.heads import load_heads_for
     from .medusa.tree import load_tree
     from .training.data import load_prompts
     from .training.trainer import INFO_FILE
@@ -270,7 +270,7 @@ def cmd_eval(args) -> int:
     heads_path = args.medusa_heads or (loaded.resolved.card.heads_path() if loaded.resolved.card else None)
     if heads_path is None:
         raise ValueError("eval-heads needs --medusa-heads DIR (the model card names no default heads)")
-    heads = load_heads(heads_path, loaded.config, loaded.model.lm_head)
+    heads = load_heads_for(heads_path, loaded.model)
     trees = [load_tree(t.strip()) for t in args.trees.split(",") if t.strip()]
     for tree in trees:
         tree.check_heads(heads.num_heads)

@@ -21,7 +21,7 @@ from tinygrad import Tensor, TinyJit
 
 from .bench import COST_SIZES, load_prompts, measure_cost_curve, measure_head_cost, package_prompts_path, parse_sizes
 from .generate import Generator
-from .medusa.heads import MedusaHeads, load_heads
+from .medusa.heads import MedusaHeads, load_heads_for
 from .sampling import GenerationConfig
 from .session import MedusaOptions, open_session, resolve_heads_path
 
@@ -159,8 +159,7 @@ def cmd_tune(args) -> int:
     loaded, plain = session.loaded, session.generator
     heads_path = resolve_heads_path(loaded, MedusaOptions(True, args.medusa_heads))
     out = Path(args.out) if args.out else tuned_tree_path(heads_path, loaded.device)
-    heads = load_heads(heads_path, loaded.config, loaded.model.lm_head).use_first(args.medusa_num_heads,
-                                                                                   args.medusa_num_layers)
+    heads = load_heads_for(heads_path, loaded.model).use_first(args.medusa_num_heads, args.medusa_num_layers)
     if heads.sequential:
         log.warning("%s holds sequential (hydra) heads: the tree model below treats heads as independent, so it "
                     "overrates nodes under a parent of rank > 0 (their head continues the rank-0 guess); confirm the "

@@ -12,7 +12,8 @@ from tinygrad import Tensor
 from exo_tinygrad_medusa.config import ModelConfig
 from exo_tinygrad_medusa.medusa.heads import WEIGHTS_FILE, MedusaConfig, MedusaHeads, load_heads, random_heads
 from exo_tinygrad_medusa.medusa.tree import load_tree
-from exo_tinygrad_medusa.model import Transformer
+from exo_tinygrad_medusa.model import Linear, Transformer
+from exo_tinygrad_medusa.packed import Q8_0, PackedWeight, pack_ggml
 from exo_tinygrad_medusa.shard import Shard
 from exo_tinygrad_medusa.steps import ShardSteps
 from helpers_models import TINY
@@ -280,6 +281,30 @@ def test_restricted_heads_propose_only_their_vocabulary(tmp_path, model_config, 
     loaded = load_heads(str(tmp_path), model_config, base_lm_head)
     np.testing.assert_array_equal(loaded.vocab_ids.numpy(), allowed)
     np.testing.assert_array_equal(loaded.propose(Tensor(hidden), 4).numpy(), expected)
+
+
+@pytest.mark.parametrize("fmt", ["v2", "hydra"])
+def test_proposals_read_a_packed_lm_head_as_its_float_values(tmp_path, model_config, hidden, fmt):
+    """Heads on a GGUF model read their proposal rows from the packed logits weight: the same tokens and logits as
+    from the float lm_head those codes stand for."""
+    rng = np.random.default_rng(11)
+    blocks = np.zeros((VOCAB, DIM // 32, 34), np.uint8)  # Q8_0
+    blocks[..., 0:2] = rng.uniform(0.001, 0.02, (VOCAB, DIM // 32, 1)).astype(np.float16).view(np.uint8)
+    blocks[..., 2:] = rng.integers(0, 256, (VOCAB, DIM // 32, 32), dtype=np.uint8)
+    packed = pack_ggml(blocks.reshape(-1), Q8_0, (VOCAB, DIM))
+    logits_product = Linear(DIM, VOCAB)
+    Tensor.realize(*logits_product.set(packed))
+    dense = logits_product.matrix().contiguous().realize()
+    random_heads(model_config, dense, num_heads=2, num_layers=1, fmt=fmt, seed=3, scale=0.3) \
+        .restrict_vocab(np.random.default_rng(12).choice(VOCAB, size=VOCAB // 4, replace=False)).save(tmp_path)
+    on_floats = load_heads(str(tmp_path), model_config, dense)
+    on_codes = load_heads(str(tmp_path), model_config, dense, packed_lm_head=logits_product.weight)
+    assert on_floats._vocab_product.weight.__class__ is Tensor and on_codes._vocab_product.weight.__class__ is PackedWeight
+    root = Tensor(np.arange(5, dtype=np.int32) * 7)
+    np.testing.assert_array_equal(on_codes.propose(Tensor(hidden), 4, root=root).numpy(),
+                                  on_floats.propose(Tensor(hidden), 4, root=root).numpy())
+    if fmt == "v2":
+        np.testing.assert_allclose(on_codes(Tensor(hidden)).numpy(), on_floats(Tensor(hidden)).numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_unrestricted_proposals_are_the_top_k_of_the_full_vocabulary(model_config, base_lm_head, hidden):

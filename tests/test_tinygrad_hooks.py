@@ -158,6 +158,22 @@ def test_packed_weights_hold_exactly_the_loaders_float32_values(ggml_type):
     np.testing.assert_allclose(linear(Tensor(x)).numpy(), x @ dense[order].T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("ggml_type", [Q4_1, Q8_0])
+def test_packed_rows_are_the_same_rows_still_packed(ggml_type):
+    """A proposal vocabulary's rows taken from a packed lm_head: bit for bit the dense rows, in the order asked."""
+    rng = np.random.default_rng(4)
+    rows, cols = 64, 64
+    raw = (_q4_1_blocks if ggml_type == Q4_1 else _q8_0_blocks)(rng, rows, cols)
+    full = Linear(cols, rows)
+    Tensor.realize(*full.set(pack_ggml(raw, ggml_type, (rows, cols))))
+    ids = np.array([3, 60, 0, 17, 18, 19, 44, 2])
+    part = Linear(cols, len(ids))
+    Tensor.realize(*part.set(full.weight.rows(ids)))
+    assert np.array_equal(part.matrix().numpy(), full.matrix().numpy()[ids])
+    with pytest.raises(ValueError, match="multiple of 4 output rows, got 3"):
+        full.weight.rows(ids[:3])
+
+
 def test_unpackable_types_are_refused_by_name():
     with pytest.raises(ValueError, match="GGML type 12 has no packed form"):
         pack_ggml(np.zeros(1 << 12, np.uint8), 12, (32, 64))
