@@ -119,7 +119,7 @@ class HeadScorer:
         out = []
         for start, C in steps.prefill_plan(len(ids)):
             chunk = ids[start:start + C]
-            hidden = steps.prefill(Tensor([chunk + [0] * (C - len(chunk))], dtype="int32"), self.plain.cache.layers,
+            hidden = steps.prefill(steps.host("tokens", [chunk + [0] * (C - len(chunk))]), self.plain.cache.layers,
                                    steps.bind(start))
             # a copy: the captured prefill hands back the same buffer on every call
             # the root at each position is the next token of the sequence (sequential heads continue it)
