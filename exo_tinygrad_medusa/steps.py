@@ -65,9 +65,9 @@ class ShardSteps:
         self._host: dict[tuple, Tensor] = {}
         self.start_pos = UOp.variable("start_pos", 0, model.max_context)
         self.tree_mask, self.tree_depths = _const(tree.tree_mask, dev), _const(tree.depths, dev)
-        # one capture per chunk size: each has its own causal mask and depths
-        def capture(fn, layers_at: int = 1):
+        def capture(fn, layers_at: int = 1):  # layers_at: where fn takes the cache's layers
             return TinyJit(fn) if cache is None else _OnCache(fn, cache, layers_at)
+        # one capture per chunk size: each has its own causal mask and depths
         self.prefill_steps = {C: capture(functools.partial(self._prefill, _const(np.arange(C, dtype=np.int32), dev),
                                                         _const(causal_mask(C), dev))) for C in self.chunks}
         if tree.size > 1:
