@@ -336,7 +336,11 @@ def test_a_generators_steps_refuse_another_cache(kit):
         generator.steps.compact(other.layers, generator.steps.bind(0), generator.steps.host("keep", range(generator.tree.size)))
 
 
-def test_second_generation_compiles_nothing(kit):
+def test_second_generation_compiles_nothing(kit, monkeypatch):
+    """Once every step is captured, later generations compile nothing and schedule nothing: host values go in and
+    out through ShardSteps.host/read_host (tinygrad's scheduler walks every live tensor: ~5 ms a step on a real
+    model)."""
+    import tinygrad.tensor
     generator = kit.generator("llama", "cpu-16", "v1", "partial")
     configs = [greedy(48), GenerationConfig(max_new_tokens=12, temperature=0.8, seed=1, medusa_sampling="exact"),
                GenerationConfig(max_new_tokens=12, temperature=0.8, seed=1, medusa_sampling="typical")]
@@ -349,12 +353,14 @@ def test_second_generation_compiles_nothing(kit):
     jits["prefill"] = generator.steps.prefill_steps[min(generator.steps.chunks)]  # these prompts fit small chunks
     captured = {name: jit.captured for name, jit in jits.items()}
     assert all(c is not None for c in captured.values()), "every step should have been captured by now"
-    kernels = len(to_program_cache)
+    kernels, walks, walk = len(to_program_cache), [], tinygrad.tensor._apply_map_to_tensors
+    monkeypatch.setattr(tinygrad.tensor, "_apply_map_to_tensors", lambda *a, **k: walks.append(a[1:]) or walk(*a, **k))
     for cfg in configs:
         for prompt in prompts:
             result = generator.generate(prompt, cfg)
             assert len(result.generated_ids) == cfg.max_new_tokens
     assert len(to_program_cache) == kernels
+    assert walks == [], "a decode step went through tinygrad's scheduler"
     assert {name: jit.captured for name, jit in jits.items()} == captured
 
 
