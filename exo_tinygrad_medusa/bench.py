@@ -23,7 +23,7 @@ from .generate import GenerationResult, Generator
 from .medusa.heads import MedusaHeads, random_heads
 from .medusa.tree import PLAIN, MedusaTree, load_tree
 from .prompts import Prompt, load_prompts
-from .model import Transformer, causal_mask
+from .model import KVCache, Transformer, causal_mask
 from .registry import resolve
 from .sampling import GenerationConfig
 from .session import Session, default_tree_spec, open_session
@@ -83,12 +83,12 @@ def measure_cost_curve(model: Transformer, sizes=COST_SIZES, reps: int = 5, star
     pos = UOp.variable("start_pos", 0, model.max_context).bind(start)
     seconds = {}
     for T in sizes:
-        step = _forward_step(model, T, device)
+        step = _forward_step(model, T, device, cache)
         x = Tensor.zeros(1, T, dtype="int32", device=device).contiguous().realize()
         times = []
         for rep in range(reps + 2):  # the first two calls compile and capture
             t0 = time.perf_counter()
-            read_host(step(x, cache.layers, pos))  # as decoding reads a step's result: no scheduling
+            read_host(step(x, pos))  # as decoding reads a step's result: no scheduling
             if rep >= 2:
                 times.append(time.perf_counter() - t0)
         seconds[T] = statistics.median(times)
@@ -130,12 +130,13 @@ def measure_prefill(generator: Generator, prompt_tokens: int, reps: int = 3) -> 
     return statistics.median(times)
 
 
-def _forward_step(model: Transformer, T: int, device: str) -> TinyJit:
+def _forward_step(model: Transformer, T: int, device: str, cache: KVCache) -> TinyJit:
+    """A T-token forward and its argmax, captured on `cache` as a Generator's steps are."""
     depths = Tensor(np.arange(T, dtype=np.int32), device=device).realize()
     mask = Tensor(causal_mask(T), device=device).realize()
 
-    def step(x: Tensor, layers: list[Tensor], start_pos: UOp) -> Tensor:
-        _, logits = model.forward(x, layers, start_pos, depths, mask)
+    def step(x: Tensor, start_pos: UOp) -> Tensor:
+        _, logits = model.forward(x, cache.layers, start_pos, depths, mask)
         return logits[0].argmax(-1).realize()
     return TinyJit(step)
 
