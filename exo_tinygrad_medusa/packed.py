@@ -52,7 +52,7 @@ class PackedWeight:
         lanes = (words[:, :, None, :] >> (8 * np.arange(4, dtype=np.uint32))[None, None, :, None]) & 0xFF
         codes = _unpanel(lanes.reshape(panels, rows, 4 * quarter).astype(np.uint8))      # [out, in]
         pick = lambda t: None if t is None else _panels(_unpanel(t.numpy())[ids])
-        return PackedWeight(_words(codes[ids]), pick(self.scale), pick(self.minimum), self.offset)
+        return PackedWeight(_words(codes[ids]), pick(self.scale), pick(self.minimum), self.offset).to(self.words.device)
 
     def dequantize(self) -> Tensor:
         """The float32 panels, lazily: used inside a product it fuses into the product's kernel."""
