@@ -106,13 +106,17 @@ class MedusaHeads:
         if ids.ndim != 1 or len(ids) == 0 or ids.min() < 0 or ids.max() >= V or len(np.unique(ids)) != len(ids):
             raise ValueError(f"Medusa proposal vocabulary must be 1..{V} distinct token ids below {V}, "
                              f"got shape {ids.shape}")
+        ids = np.sort(ids).astype(np.int32)
         dev = self.base_lm_head.device if self.base_lm_head is not None else None
-        self.vocab_ids = Tensor(np.sort(ids).astype(np.int32), device=dev).realize()
+        self.vocab_ids = Tensor(ids, device=dev).realize()
         if self.config.shares_lm_head:
-            self._base_rows = self.base_lm_head[self.vocab_ids].contiguous().realize()
             self._vocab_product = Linear(self.config.hidden_size, len(ids))
-            packed = self.packed_lm_head is not None and len(ids) % 4 == 0  # packed panels hold 4 rows to a word
-            Tensor.realize(*self._vocab_product.set(self.packed_lm_head.rows(np.sort(ids)) if packed else self._base_rows))
+            if self.packed_lm_head is not None and len(ids) % 4 == 0:  # packed panels hold 4 rows to a word
+                self._base_rows = None  # only training reads the float rows, and training heads are never packed
+                Tensor.realize(*self._vocab_product.set(self.packed_lm_head.rows(ids)))
+            else:
+                self._base_rows = self.base_lm_head[self.vocab_ids].contiguous().realize()
+                Tensor.realize(*self._vocab_product.set(self._base_rows))
         return self
 
     @property
