@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from tinygrad import Tensor, UOp, nn
 
+from . import tinygrad_hooks
 from .config import ModelConfig, rope_inv_freq
 from .packed import PackedWeight, panel_width
 from .shard import Shard
@@ -52,8 +53,22 @@ class Linear:
         return [self.weight]
 
     def __call__(self, x: Tensor) -> Tensor:
-        y = (x.unsqueeze(-2).unsqueeze(-1) * self.panels()).sum(-2).reshape(*x.shape[:-1], self.out_features)
+        if isinstance(self.weight, PackedWeight) and tinygrad_hooks.hand_kernels(x.device if isinstance(x.device, str) else ""):
+            # a kernel of its own, so that it is exactly the announced one and compiles from hand-written C
+            # (tinygrad_hooks section 7): the input made contiguous (a norm is not fused in), the output too
+            x = x.contiguous()
+            tinygrad_hooks.expect_packed_product(x, self.weight, panel_product)
+            y = panel_product(x, self.weight).contiguous()
+        else:
+            y = panel_product(x, self.weight)
         return y if self.bias is None else y + self.bias
+
+
+def panel_product(x: Tensor, weight: "Tensor | PackedWeight") -> Tensor:
+    """x [..., in] @ the matrix held as panels [out / P, in, P] (float, or packed and dequantized inside the product)."""
+    panels = weight if isinstance(weight, Tensor) else weight.dequantize()
+    n_panels, _, width = panels.shape
+    return (x.unsqueeze(-2).unsqueeze(-1) * panels).sum(-2).reshape(*x.shape[:-1], n_panels * width)
 
 
 class Attention:

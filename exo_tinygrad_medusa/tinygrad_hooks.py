@@ -224,8 +224,10 @@ def _with_choices(ctx, call: UOp, sink: UOp) -> UOp | None:
         return None
     # the same kernel recurs (every layer, every load-time copy): decide once per AST; kernels without a reduction
     # (copies, elementwise) keep the heuristic without the cost of the pre-opt rewrites
+    from tinygrad import Device
+    if (program := _hand_program(sink, Device[dev].renderer)) is not None:
+        return call.replace(src=(program, *call.src[1:]))
     if (opts := _choices.get(sink.key, False)) is False:
-        from tinygrad import Device
         has_reduce = any(u.op is Ops.REDUCE for u in sink.toposort())
         opts = _choices[sink.key] = choose_opts(sink, Device[dev].renderer) if has_reduce else None
     if opts is None:
@@ -519,6 +521,87 @@ def _np_dtype(dtype) -> np.dtype:
     return np.dtype(_to_np_dtype(dtype))
 
 
+# -- 7. hand-written kernels for packed products ---------------------------------------------------------------------
+# model.Linear announces each product with packed weights it builds (`expect_packed_product`): the kernel AST that
+# tinygrad will schedule for it is derived once per shape from the same expression on empty buffers, and remembered
+# with what each of its buffers holds. A kernel whose AST is one of those compiles from product_kernels' C instead of
+# tinygrad's rendering (`_hand_program`). Matching whole ASTs, not patterns, means a kernel that computes anything
+# else (a fused norm, another layout) keeps tinygrad's code. EXO_MEDUSA_KERNELS=tuned turns this off.
+_packed_products: dict[bytes, tuple["PackedProduct", tuple[str, ...]]] = {}
+_announced: set[tuple] = set()
+
+
+def hand_kernels(device: str) -> bool:
+    """Whether products on `device` run the hand-written kernels: the C pool is up, the device renders C (clang)."""
+    if _pool is None or os.environ.get("EXO_MEDUSA_KERNELS", "hand") != "hand" or not device.startswith("CPU"):
+        return False
+    from tinygrad import Device
+    from tinygrad.renderer.cstyle import ClangRenderer
+    import sys
+    return sys.byteorder == "little" and isinstance(Device[device].renderer, ClangRenderer)
+
+
+def expect_packed_product(x: "Tensor", weight, product) -> None:
+    """Remember the kernel of `product(x, weight).contiguous()` (x contiguous [..., rows], weight a PackedWeight).
+    `product` builds the expression; it is run once per shape on empty buffers, scheduled, never executed."""
+    from tinygrad import Tensor
+    from .product_kernels import PackedProduct, WIDTH
+    from .packed import PackedWeight
+    panels, rows, quarter = weight.words.shape
+    tokens = 1
+    for s in x.shape[:-1]:
+        tokens *= s
+    key = (tuple(x.shape), str(x.device), tuple(weight.words.shape), weight.minimum is not None, weight.offset)
+    if key in _announced:
+        return
+    _announced.add(key)
+    if 4 * quarter != WIDTH or rows % 32 or not all(isinstance(s, int) for s in x.shape):
+        return
+    empty = lambda t: Tensor.empty(*t.shape, dtype=t.dtype, device=t.device)
+    ref_x = empty(x)
+    ref_w = PackedWeight(*(None if t is None else empty(t) for t in (weight.words, weight.scale, weight.minimum)), offset=weight.offset)
+    out = product(ref_x, ref_w).contiguous()
+    calls = [c for c in out.schedule_linear().src if c.op is Ops.CALL]
+    if len(calls) != 1:
+        return
+    call = calls[0]
+    named = {"out": out, "x": ref_x, "words": ref_w.words, "scale": ref_w.scale, "minimum": ref_w.minimum}
+    roles = []
+    for buf in call.src[1:]:
+        role = next((r for r, t in named.items() if t is not None and t.uop.base is buf), None)
+        if role is None:
+            return
+        roles.append(role)
+    work = tokens * rows * panels * WIDTH
+    threads = NUM_THREADS() if work >= MIN_THREAD_WORK and panels >= NUM_THREADS() else 1
+    spec = PackedProduct(tokens, rows, panels, weight.minimum is not None, weight.offset, threads)
+    _packed_products[call.src[0].key] = (spec, tuple(roles))
+
+
+def _hand_program(sink: UOp, renderer) -> UOp | None:
+    """A PROGRAM with product_kernels' source for a kernel announced by expect_packed_product, else None."""
+    from tinygrad import dtypes
+    from tinygrad.uop.ops import ProgramInfo
+    found = _packed_products.get(sink.key)
+    if found is None:
+        return None
+    spec, roles = found
+    suffix = "m" if spec.minimum else f"o{spec.offset}"
+    name = f"packed_{suffix}_{spec.tokens}_{spec.rows}_{spec.panels * 16}"
+    core = None
+    if spec.threads > 1:  # the slice argument comes after the buffers: its slot is its position among the arguments
+        core = UOp.variable("core_id", 0, spec.threads - 1, dtypes.int, param=True)
+        core = core.replace(arg=replace(core.arg, slot=len(roles)))
+    info = ProgramInfo(name, (spec.threads, 1, 1), (1, 1, 1), (core,) if core is not None else (), tuple(range(len(roles))),
+                       (roles.index("out"),), tuple(i for i, r in enumerate(roles) if r != "out"), renderer.target)
+    params = [*roles, *(["core_id"] if core is not None else [])]
+    source = spec.source(info.function_name, params)
+    named = sink.replace(arg=replace(sink.arg, name=name))
+    buffers = tuple(sorted((u for u in sink.toposort() if u.op is Ops.PARAM), key=lambda u: u.arg.slot))
+    # the LINEAR lists the arguments (the loader's signature reads them); SOURCE makes tinygrad compile our C
+    return UOp(Ops.PROGRAM, src=(named, UOp(Ops.LINEAR, src=buffers), UOp(Ops.SOURCE, arg=source)), arg=info)
+
+
 # -- installing ----------------------------------------------------------------------------------------------------
 _installed = False
 
@@ -531,7 +614,7 @@ def install() -> None:
         return
     _installed = True
     share_kernel_cache()
-    if os.environ.get("EXO_MEDUSA_KERNELS", "tuned") == "default":
+    if os.environ.get("EXO_MEDUSA_KERNELS", "hand") == "default":
         log.info("kernels: tinygrad's default choices, one core")
         return
     from tinygrad.runtime import ops_cpu
@@ -559,7 +642,8 @@ def install() -> None:
 
 
 def kernel_mode() -> dict:
-    """What bench reports: which kernel choices ran and on how many cores."""
-    tuned = _installed and os.environ.get("EXO_MEDUSA_KERNELS", "tuned") != "default"
+    """What bench reports: which kernel choices ran, on how many cores, and whether packed products are hand-written."""
+    mode = os.environ.get("EXO_MEDUSA_KERNELS", "hand")
+    tuned = _installed and mode != "default"
     return {"choices": "products" if tuned else "default", "cores": _pool.threads if (tuned and _pool) else 1,
-            "graph": bool(tuned and _pool)}
+            "graph": bool(tuned and _pool), "packed_products": "hand" if (tuned and _pool and mode == "hand") else "tinygrad"}

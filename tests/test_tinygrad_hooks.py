@@ -45,6 +45,9 @@ def test_tinygrad_internals_the_hooks_rely_on_are_still_there():
     for allocator in (ops_cpu.CPUAllocator, tinygrad.device.Allocator):
         assert hasattr(allocator, "_copyin") and hasattr(allocator, "_copyout"), "allocator copies moved"
     assert "is_realized" in inspect.getsource(jit._prepare_jit_inputs), "the JIT no longer skips realized inputs"
+    # hand-written kernels: a PROGRAM carrying SOURCE compiles that source; its signature lists LINEAR's PARAMs
+    assert "Ops.SOURCE, name=\"source\")), name=\"prg\"), do_compile" in inspect.getsource(codegen).replace("'", '"')
+    assert "self.src[1].src" in inspect.getsource(UOp.to_elf) and "if ast.op is Ops.PROGRAM: prg = ast" in inspect.getsource(codegen)
 
 
 def _product_step(linear: Linear):
@@ -172,6 +175,53 @@ def test_packed_rows_are_the_same_rows_still_packed(ggml_type):
     assert np.array_equal(part.matrix().numpy(), full.matrix().numpy()[ids])
     with pytest.raises(ValueError, match="multiple of 4 output rows, got 3"):
         full.weight.rows(ids[:3])
+
+
+def _hand_programs() -> set[str]:
+    from tinygrad.engine.realize import to_program_cache
+    return {p.arg.name for p in to_program_cache.values() if p.arg.name.startswith("packed_")}
+
+
+@pytest.mark.parametrize("ggml_type", [Q4_1, Q8_0])
+def test_packed_products_run_the_hand_written_kernel_and_match_the_float_product(ggml_type):
+    """Products with packed weights compile from product_kernels' C (one or several cores, any token count, batches)
+    and equal the product with the dequantized matrix."""
+    assert hooks.hand_kernels("CPU") and hooks.kernel_mode()["packed_products"] == "hand"
+    rng = np.random.default_rng(5)
+    for rows, cols in ((1024, 576), (48, 64)):   # split over the cores, and on one core
+        raw = (_q4_1_blocks if ggml_type == Q4_1 else _q8_0_blocks)(rng, rows, cols)
+        linear = Linear(cols, rows)
+        Tensor.realize(*linear.set(pack_ggml(raw, ggml_type, (rows, cols))))
+        dense = linear.matrix().numpy()
+        for shape in ((1, 1, cols), (1, 2, cols), (1, 7, cols), (3, 4, cols)):
+            before = _hand_programs()
+            x = rng.standard_normal(shape).astype(np.float32)
+            got = linear(Tensor(x)).numpy()
+            np.testing.assert_allclose(got, x @ dense.T, rtol=2e-5, atol=2e-5 * np.abs(x @ dense.T).max())
+            tokens = shape[0] * shape[1]
+            suffix = "m" if ggml_type == Q4_1 else "o128"
+            assert f"packed_{suffix}_{tokens}_{cols}_{rows}" in _hand_programs() - before or \
+                f"packed_{suffix}_{tokens}_{cols}_{rows}" in before, f"{shape}: tinygrad's kernel ran, not the hand-written one"
+
+
+@pytest.mark.parametrize("ggml_type", [Q4_1, Q8_0])
+def test_a_tokens_outputs_do_not_depend_on_the_other_tokens_of_the_step(ggml_type):
+    """Bit for bit: the outputs for a token are the same alone (a decode step) and among 2, 5 or 8 tokens (a verify
+    step), so a product never makes Medusa's logits differ from plain decoding's."""
+    rng = np.random.default_rng(6)
+    rows, cols = 512, 576
+    raw = (_q4_1_blocks if ggml_type == Q4_1 else _q8_0_blocks)(rng, rows, cols)
+    linear = Linear(cols, rows)
+    Tensor.realize(*linear.set(pack_ggml(raw, ggml_type, (rows, cols))))
+    x = rng.standard_normal((1, 8, cols)).astype(np.float32)
+    alone = np.concatenate([linear(Tensor(x[:, i:i + 1])).numpy() for i in range(8)], axis=1)
+    for n in (2, 5, 8):
+        np.testing.assert_array_equal(linear(Tensor(x[:, :n])).numpy(), alone[:, :n])
+
+
+def test_hand_kernels_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("EXO_MEDUSA_KERNELS", "tuned")
+    assert not hooks.hand_kernels("CPU") and hooks.kernel_mode()["packed_products"] == "tinygrad"
 
 
 def test_unpackable_types_are_refused_by_name():

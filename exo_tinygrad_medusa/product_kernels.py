@@ -1,0 +1,103 @@
+"""C source of the CPU kernel for a product with packed weights (packed.PackedWeight), written by hand.
+
+tinygrad renders a product as scalar C over 4-wide loads; clang then vectorises it 4 floats at a time and spends
+most of the time unpacking codes (shift, mask, convert, one lane at a time). Here one panel row (16 codes, 16 bytes)
+is widened to 16 floats in two instructions (zero-extend bytes, convert), dequantized with one multiply-add against the
+block's scales and minimums, and then serves every token of a group with one multiply-add each: 16 floats per
+instruction where the CPU has them (AVX-512), split by clang into what it has elsewhere (AVX2, NEON).
+
+Numerics: every token accumulates its products in the same order whatever the number of tokens in the step (two
+running sums, even and odd rows, added at the end), so a token's outputs are bit for bit the same in a one-token
+decode step and in a many-token verify step. The dequantized weight is q * d + m in one rounding (fused), as clang
+contracts tinygrad's own kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BLOCK = 32          # rows sharing one scale and minimum (a GGML block)
+WIDTH = 16          # outputs of one panel: one vector of 16 floats
+# byte k of a panel row holds the code of output 4 * (k % 4) + k // 4 (packed._words: output 4 * lane + w sits in
+# byte `lane` of word w); the kernel keeps its vectors in byte order and puts outputs back in order once per panel
+BYTE_OUTPUT = [4 * (k % 4) + k // 4 for k in range(WIDTH)]
+OUTPUT_BYTE = [BYTE_OUTPUT.index(j) for j in range(WIDTH)]
+
+
+@dataclass(frozen=True)
+class PackedProduct:
+    """out[n, p * 16 + j] = sum_r x[n, r] * w[p, r, j] for n < tokens, with w dequantized from a PackedWeight."""
+    tokens: int             # rows of x (batch x sequence), fixed per captured step
+    rows: int               # the input features (the reduction), a multiple of 32
+    panels: int             # output features / 16
+    minimum: bool           # Q4_1: w = q * d + m; else Q8_0: w = d * (q - offset)
+    offset: int = 0
+    threads: int = 1        # slices of the panels, one per core (the pool passes the slice as core_id)
+
+    def source(self, name: str, params: list[str]) -> str:
+        """The kernel `name`; params: the C parameter list in the order tinygrad passes arguments ("out", "x",
+        "words", "scale", "minimum" for the buffers, "core_id" for the slice)."""
+        c_params = {"out": "float* restrict out", "x": "const float* restrict x", "words": "const unsigned int* restrict words",
+                    "scale": "const float* restrict scale", "minimum": "const float* restrict minimum", "core_id": "const int core_id"}
+        outputs = self.panels * WIDTH
+        perm, inv = ",".join(map(str, BYTE_OUTPUT)), ",".join(map(str, OUTPUT_BYTE))
+        if self.minimum:
+            shift = f"const f16v m = __builtin_shufflevector(*(const f16v*)(minimum + sb), *(const f16v*)(minimum + sb), {perm});"
+        else:  # d * (q - offset) as one multiply-add: q * d + (-offset * d)
+            shift = f"const f16v m = d * (float)-{self.offset};"
+        group = group_size()
+        sizes = sorted({min(self.tokens, group), self.tokens % group} - {0})
+        full = self.tokens - self.tokens % group
+        first, last = ("0", str(self.panels)) if self.threads == 1 else \
+            (f"core_id * {self.panels} / {self.threads}", f"(core_id + 1) * {self.panels} / {self.threads}")
+        lines = [PRELUDE, *(_group_function(size, self.rows, outputs, perm, inv, shift) for size in sizes),
+                 f"void {name}({', '.join(c_params[p] for p in params)}) {{"]
+        if "minimum" not in params:
+            lines.append("  const float* minimum = 0;")
+        lines.append(f"  for (int p = {first}; p < {last}; p++) {{")
+        if full:
+            lines.append(f"    for (int n = 0; n < {full}; n += {group}) group{group}(out, x, words, scale, minimum, p, n);")
+        if self.tokens % group:
+            lines.append(f"    group{self.tokens % group}(out, x, words, scale, minimum, p, {full});")
+        return "\n".join([*lines, "  }", "}"])
+
+
+def group_size() -> int:
+    """Tokens sharing each dequantized row: 4 keeps their 8 vectors of sums in registers where the CPU has 32 of 16
+    floats (AVX-512); 2 elsewhere. A token's sums do not depend on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return 4 if " avx512f" in f.read() else 2
+    except OSError:
+        return 2
+
+
+PRELUDE = r"""typedef float f16v __attribute__((aligned(4), ext_vector_type(16)));
+typedef unsigned char u8x16 __attribute__((aligned(1), ext_vector_type(16)));"""
+
+
+def _group_function(size: int, rows: int, outputs: int, perm: str, inv: str, shift: str) -> str:
+    """static void group<size>: `size` consecutive tokens from n, one panel p."""
+    blocks = rows // BLOCK
+    lines = [f"static inline __attribute__((always_inline)) void group{size}(float* restrict out, const float* restrict x, "
+             "const unsigned int* restrict words, const float* restrict scale, const float* restrict minimum, int p, int n) {"]
+    for t in range(size):
+        lines.append(f"  f16v even{t} = 0, odd{t} = 0;")
+    lines.append(f"  const unsigned char* codes = (const unsigned char*)(words + (long)p * {rows * 4});")
+    lines.append(f"  const float* xs = x + (long)n * {rows};")
+    lines.append(f"  for (int b = 0; b < {blocks}; b++) {{")
+    lines.append(f"    const int sb = (p * {blocks} + b) * 16;")
+    lines.append(f"    const f16v d = __builtin_shufflevector(*(const f16v*)(scale + sb), *(const f16v*)(scale + sb), {perm});")
+    lines.append(f"    {shift}")
+    lines.append(f"    for (int r = b * {BLOCK}; r < b * {BLOCK} + {BLOCK}; r += 2) {{")
+    lines.append("      const f16v w0 = __builtin_convertvector(*(const u8x16*)(codes + r * 16), f16v) * d + m;")
+    lines.append("      const f16v w1 = __builtin_convertvector(*(const u8x16*)(codes + r * 16 + 16), f16v) * d + m;")
+    for t in range(size):
+        lines.append(f"      even{t} += xs[{t * rows} + r] * w0;")
+        lines.append(f"      odd{t} += xs[{t * rows} + r + 1] * w1;")
+    lines.append("    }")
+    lines.append("  }")
+    for t in range(size):
+        lines.append(f"  {{ const f16v s = even{t} + odd{t}; *(f16v*)(out + (long)(n + {t}) * {outputs} + p * 16) = "
+                     f"__builtin_shufflevector(s, s, {inv}); }}")
+    lines.append("}")
+    return "\n".join(lines)
