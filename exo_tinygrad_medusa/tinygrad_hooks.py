@@ -248,6 +248,7 @@ SPIN_ROUNDS = 1 << 14  # pause instructions a pool thread spins for a next slice
 _POOL_SRC = r"""
 #include <pthread.h>
 #include <stdint.h>
+#include <time.h>
 #include <stdatomic.h>
 #if defined(__x86_64__)
 #define RELAX() __builtin_ia32_pause()
@@ -321,12 +322,16 @@ void pool_run(u64 fn, u64 n, u64 core, PARAMS) {
   u64 in[NARGS] = {ARGS};
   dispatch((kernel_t)fn, (int)n, (int)core, in);
 }
-/* a captured graph: count commands of CMD words each: kernel, slices (0: not split), core_id index, arguments */
-void run_graph(const u64 *cmds, u64 count) {
+/* a captured graph: count commands of CMD words each: kernel, slices (0: not split), core_id index, arguments;
+   with `ns` set, each command's wall time in nanoseconds is added to ns[i] (profiling) */
+void run_graph(const u64 *cmds, u64 count, u64 *ns) {
+  struct timespec t0, t1;
   for (u64 i = 0; i < count; i++) {
     const u64 *c = cmds + i * CMDW;
+    if (ns) clock_gettime(CLOCK_MONOTONIC, &t0);
     if (c[1] > 1) dispatch((kernel_t)c[0], (int)c[1], (int)c[2], c + 3);
     else { const u64 *a = c + 3; CALL(((kernel_t)c[0]), a); }
+    if (ns) { clock_gettime(CLOCK_MONOTONIC, &t1); ns[i] += (u64)((t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec)); }
   }
 }
 """
@@ -353,7 +358,7 @@ class ParallelSlices:
         self.run.argtypes = [ctypes.c_uint64] * (3 + MAX_ARGS)
         self.run.restype = None
         self.run_graph = self.lib.run_graph
-        self.run_graph.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+        self.run_graph.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p]
         self.run_graph.restype = None
 
 
@@ -397,6 +402,7 @@ class CPUGraph(GraphRunner):
     def __init__(self, linear, input_uops=()):
         super().__init__(linear, input_uops)
         self.table = (ctypes.c_uint64 * (GRAPH_CMD_WORDS * len(self.calls)))()
+        self.profile = None                      # per command accumulated ns, when profiling
         self.arg_slot: list[dict[int, int]] = []   # per command: call argument position -> kernel argument index
         self.var_slot: list[int] = []             # per command: kernel argument index of its first variable
         for j, ((_, prg, bufs, device_vars), runtime) in enumerate(zip(self.calls, self.runtimes)):
@@ -427,8 +433,16 @@ class CPUGraph(GraphRunner):
         for j, i, v in self.updated_vars(var_vals):
             t[j * GRAPH_CMD_WORDS + 3 + self.var_slot[j] + i] = v
         st = time.perf_counter()
-        _pool.run_graph(ctypes.addressof(t), len(self.calls))
+        _pool.run_graph(ctypes.addressof(t), len(self.calls), None if self.profile is None else ctypes.addressof(self.profile))
         return time.perf_counter() - st if wait else None
+
+    def start_profile(self) -> None:
+        """Add each kernel's wall time (ns) to `profile` on every replay from now on (see kernel_times)."""
+        self.profile = (ctypes.c_uint64 * len(self.calls))()
+
+    def kernel_times(self) -> list[tuple[str, float]]:
+        """(kernel name, accumulated µs) per command since start_profile."""
+        return [(prg.arg.name, self.profile[j] / 1e3) for j, (_, prg, _, _) in enumerate(self.calls)]
 
 
 # -- 4. the kernel cache db, shareable between threads -------------------------------------------------------------

@@ -102,6 +102,25 @@ def test_captured_steps_replay_through_one_c_call_with_new_inputs_and_positions(
     assert isinstance(next(iter(step.captured.linear.src)), UOp)
 
 
+def test_captured_graphs_time_each_kernel_when_profiling(monkeypatch):
+    graphs = []
+    init = hooks.CPUGraph.__init__
+    monkeypatch.setattr(hooks.CPUGraph, "__init__", lambda self, *a, **k: (init(self, *a, **k), graphs.append(self))[0])
+    rng = np.random.default_rng(7)
+    linear = Linear(256, 512)
+    Tensor.realize(*linear.set(Tensor(rng.standard_normal((512, 256)).astype(np.float32))))
+    step = TinyJit(lambda x: (linear(x).contiguous().relu().contiguous() * 2).sum().realize())  # kernels enough for a graph
+    x = Tensor(rng.standard_normal((1, 1, 256)).astype(np.float32)).realize()
+    for _ in range(3):
+        step(x)
+    assert graphs, "the capture did not replay through CPUGraph"
+    graphs[-1].start_profile()
+    for _ in range(5):
+        step(x)
+    times = graphs[-1].kernel_times()
+    assert len(times) == len(graphs[-1].calls) and all(us > 0 for _, us in times)
+
+
 def test_host_copies_reach_a_captured_step_without_scheduling(monkeypatch):
     """write_host rewrites a step's input in place and read_host copies a result out: the captured step sees every
     new value, and nothing is scheduled (tinygrad's scheduler walks every live tensor, a model's weights included)."""
