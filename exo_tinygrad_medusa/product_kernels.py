@@ -71,6 +71,9 @@ def group_size() -> int:
         return 2
 
 
+# codes are read this many bytes ahead (128 rows): the hardware prefetcher alone left a 1-token step ~20% slower
+# (interleaved A/B: 12.7 -> 10.2 ms at position 128; 4 tokens 14.0 -> 13.0)
+PREFETCH = 2048
 PRELUDE = r"""typedef float f16v __attribute__((aligned(4), ext_vector_type(16)));
 typedef unsigned char u8x16 __attribute__((aligned(1), ext_vector_type(16)));"""
 
@@ -89,6 +92,7 @@ def _group_function(size: int, rows: int, outputs: int, perm: str, inv: str, shi
     lines.append(f"    const f16v d = __builtin_shufflevector(*(const f16v*)(scale + sb), *(const f16v*)(scale + sb), {perm});")
     lines.append(f"    {shift}")
     lines.append(f"    for (int r = b * {BLOCK}; r < b * {BLOCK} + {BLOCK}; r += 2) {{")
+    lines.append(f"      __builtin_prefetch(codes + r * 16 + {PREFETCH}, 0, 0);")
     lines.append("      const f16v w0 = __builtin_convertvector(*(const u8x16*)(codes + r * 16), f16v) * d + m;")
     lines.append("      const f16v w1 = __builtin_convertvector(*(const u8x16*)(codes + r * 16 + 16), f16v) * d + m;")
     for t in range(size):
