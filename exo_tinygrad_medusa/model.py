@@ -11,6 +11,7 @@ import numpy as np
 from tinygrad import Tensor, UOp, nn
 
 from . import tinygrad_hooks
+from .attention_kernel import decode_attention
 from .config import ModelConfig, rope_inv_freq
 from .packed import PackedWeight, panel_width
 from .shard import Shard
@@ -94,6 +95,8 @@ class Attention:
         keys = cache_kv[0, :, :, 0:start_pos + T]
         values = cache_kv[1, :, :, 0:start_pos + T]
 
+        if key_mask is None and (hand := decode_attention(q, cache_kv, start_pos, mask, c.n_heads // c.n_kv_heads)) is not None:
+            return self.o_proj(hand)  # the CPU's hand-written kernel (attention_kernel.py)
         # grouped-query attention without materialising repeated K/V: (B, kv, group, T, S). Written as broadcast
         # products rather than matmuls: a matmul's reshapes merge the symbolic length S into other axes, and every
         # load then pays a division by start_pos + T

@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 from pathlib import Path
 
 import numpy as np
@@ -216,11 +216,14 @@ _choices: dict[bytes, tuple[Opt, ...] | None] = {}
 
 def _with_choices(ctx, call: UOp, sink: UOp) -> UOp | None:
     info = sink.arg
-    if not isinstance(info, KernelInfo) or info.opts_to_apply is not None or info.beam or info.applied_opts:
-        return None
     device = call.src[1].device if len(call.src) > 1 else None
     dev = device if isinstance(device, str) else (device[0] if device else None)
     if dev is None or not dev.startswith("CPU"):
+        return None
+    if isinstance(info, KernelInfo) and info.name in _hand_named:
+        from tinygrad import Device
+        return call.replace(src=(_named_program(sink, Device[dev].renderer), *call.src[1:]))
+    if not isinstance(info, KernelInfo) or info.opts_to_apply is not None or info.beam or info.applied_opts:
         return None
     # the same kernel recurs (every layer, every load-time copy): decide once per AST; kernels without a reduction
     # (copies, elementwise) keep the heuristic without the cost of the pre-opt rewrites
@@ -590,6 +593,34 @@ def expect_packed_product(x: "Tensor", weight, product) -> None:
     threads = NUM_THREADS() if work >= MIN_THREAD_WORK and panels >= NUM_THREADS() else 1
     spec = PackedProduct(tokens, rows, panels, weight.minimum is not None, weight.offset, threads)
     _packed_products[call.src[0].key] = (spec, tuple(roles))
+
+
+_hand_named: dict[str, "Callable[[str], str]"] = {}
+
+
+def expect_hand_kernel(name: str, source) -> None:
+    """A kernel requested through Tensor.custom_kernel with KernelInfo name `name` compiles from source(function
+    name) instead of its placeholder body. The C function takes the buffers in slot order, then the placeholder's
+    variables, then core_id when the name's last field (its slice count) is over 1."""
+    _hand_named[name] = source
+
+
+def _named_program(sink: UOp, renderer) -> UOp | None:
+    from tinygrad import dtypes
+    from tinygrad.uop.ops import AddrSpace, ProgramInfo
+    source = _hand_named.get(sink.arg.name) if isinstance(sink.arg, KernelInfo) else None
+    if source is None:
+        return None
+    params = [u for u in sink.toposort() if u.op is Ops.PARAM]
+    buffers = sorted((u for u in params if u.arg.addrspace != AddrSpace.ALU), key=lambda u: u.arg.slot)
+    variables = [u for u in params if u.arg.addrspace == AddrSpace.ALU]
+    threads = int(sink.arg.name.rsplit("_", 1)[1])
+    if threads > 1:
+        core = UOp.variable("core_id", 0, threads - 1, dtypes.int, param=True)
+        variables.append(core.replace(arg=replace(core.arg, slot=len(buffers) + len(variables))))
+    slots = tuple(u.arg.slot for u in buffers)
+    info = ProgramInfo(sink.arg.name, (threads, 1, 1), (1, 1, 1), tuple(variables), slots, (slots[0],), slots[1:], renderer.target)
+    return UOp(Ops.PROGRAM, src=(sink, UOp(Ops.LINEAR, src=tuple(buffers)), UOp(Ops.SOURCE, arg=source(info.function_name))), arg=info)
 
 
 def _hand_program(sink: UOp, renderer) -> UOp | None:
