@@ -20,6 +20,21 @@ from tinygrad.uop.ops import KernelInfo
 from . import tinygrad_hooks
 
 
+# e^x for x <= 0 in the kernel itself: a call out to libm's expf goes through the ELF loader's relocations, and one
+# 32-bit call displacement cannot reach libm from wherever the kernel's code was mapped (it jumped into nowhere).
+# 2^(x log2 e) = 2^n 2^f with n the nearest integer and |f| <= 1/2; 2^f from its Taylor series to degree 7 (relative
+# error < 1e-8, below float32's rounding); 2^n written into the exponent bits.
+EXP_NEG = r"""static inline float exp_neg(float x) {
+  if (x < -87.0f) return 0.0f;
+  const float t = x * 1.4426950408889634f;
+  const int n = -(int)(0.5f - t);
+  const float f = (t - (float)n) * 0.6931471805599453f;
+  const float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 + f * (1.0f / 720 + f * (1.0f / 5040)))))));
+  union { float f; int i; } scale = { .i = (n + 127) << 23 };
+  return p * scale.f;
+}"""
+
+
 @dataclass(frozen=True)
 class DecodeAttention:
     """out[b, t, h * D + d] = softmax_s(q[b, h, t] . K[b, h // G, s] / sqrt(D) + bias[t, s]) V[b, h // G, s, d] over
@@ -48,7 +63,7 @@ class DecodeAttention:
             "typedef float f16v __attribute__((aligned(4), ext_vector_type(16)));",
             "typedef float f8v __attribute__((ext_vector_type(8)));",
             "typedef float f4v __attribute__((ext_vector_type(4)));",
-            "float expf(float);",
+            EXP_NEG,
             f"void {name}(float* restrict out, const float* restrict q, const float* restrict cache, "
             f"const float* restrict mask, const int* restrict position{', const int core_id' if self.threads > 1 else ''}) {{",
             "  const int start_pos = position[0];",
@@ -83,7 +98,7 @@ class DecodeAttention:
             "      }",
             "    }",
             f"    for (int g = 0; g < {G}; g++)",
-            "      for (int s = 0; s < S; s++) { scores[g][s] = expf(scores[g][s] - top[g]); total[g] += scores[g][s]; }",
+            "      for (int s = 0; s < S; s++) { scores[g][s] = exp_neg(scores[g][s] - top[g]); total[g] += scores[g][s]; }",
             f"    f16v o[{G}][{V}];",
             f"    for (int g = 0; g < {G}; g++) for (int i = 0; i < {V}; i++) o[g][i] = 0;",
             "    for (int s = 0; s < S; s++) {",

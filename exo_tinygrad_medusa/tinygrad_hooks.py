@@ -263,35 +263,45 @@ _POOL_SRC = r"""
 typedef uint64_t u64;
 typedef void (*kernel_t)(PARAMS);
 static kernel_t job_fn; static u64 job_args[NARGS]; static int job_core, pool_size;
-static atomic_ulong job_gen; static atomic_int job_next, job_done, job_n, sleepers;
+static atomic_int job_n;
+/* the job's generation (high 32 bits) and its next free slice (low 32 bits), in one word: a pool thread takes a slice
+   only of the job it saw published, so one that wakes late can never run a slice of a newer job with stale
+   arguments, nor count one as done */
+static atomic_ulong ticket;
+static atomic_int job_done, sleepers;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t job_mu = PTHREAD_MUTEX_INITIALIZER;
 #define CALL(fn, a) fn(ARRAY_ARGS)
+#define GEN(v) ((v) >> 32)
 /* slices are taken from a shared counter, not assigned: when a pool thread is descheduled (a busy machine), the
    caller runs its slices itself instead of waiting for it */
-static void run_slices(void) {
-  int n = atomic_load(&job_n), t;
-  while ((t = atomic_fetch_add(&job_next, 1)) < n) {
+static void run_slices(u64 gen) {
+  for (;;) {
+    u64 v = atomic_load(&ticket);
+    if (GEN(v) != gen || (v & 0xffffffffu) >= (u64)atomic_load(&job_n)) return;
+    if (!atomic_compare_exchange_weak(&ticket, &v, v + 1)) continue;
+    /* slice v of job `gen` is ours; the caller waits for it, so the job's fields stay as they are until we are done */
     u64 a[NARGS];
     for (int i = 0; i < NARGS; i++) a[i] = job_args[i];
-    a[job_core] = (u64)t;
+    a[job_core] = v & 0xffffffffu;
     CALL(job_fn, a);
     atomic_fetch_add(&job_done, 1);
   }
 }
 static void *worker(void *arg) {
-  unsigned long seen = 0;
+  u64 seen = 0;
   (void)arg;
   for (;;) {
-    for (int i = 0; i < SPIN && atomic_load(&job_gen) == seen; i++) RELAX();
-    if (atomic_load(&job_gen) == seen) {  /* idle: sleep until the next job rather than burn a core */
+    for (int i = 0; i < SPIN && GEN(atomic_load(&ticket)) == seen; i++) RELAX();
+    if (GEN(atomic_load(&ticket)) == seen) {  /* idle: sleep until the next job rather than burn a core */
       pthread_mutex_lock(&mu);
       atomic_fetch_add(&sleepers, 1);
-      while (atomic_load(&job_gen) == seen) pthread_cond_wait(&cv, &mu);
+      while (GEN(atomic_load(&ticket)) == seen) pthread_cond_wait(&cv, &mu);
       atomic_fetch_sub(&sleepers, 1);
       pthread_mutex_unlock(&mu);
     }
-    seen = atomic_load(&job_gen);
-    run_slices();
+    seen = GEN(atomic_load(&ticket));
+    run_slices(seen);
   }
   return 0;
 }
@@ -311,15 +321,19 @@ static void dispatch(kernel_t fn, int n, int core, const u64 *args) {
     for (int t = 0; t < (n < 1 ? 1 : n); t++) { a[core] = (u64)t; CALL(fn, a); }
     return;
   }
+  /* one job at a time: two Python threads (two engines in one process) may launch split kernels at once, and ctypes
+     releases the GIL around this call */
+  pthread_mutex_lock(&job_mu);
   job_fn = fn; job_core = core;
-  for (int i = 0; i < NARGS; i++) job_args[i] = args[i];
   atomic_store(&job_n, n);
+  for (int i = 0; i < NARGS; i++) job_args[i] = args[i];
   atomic_store(&job_done, 0);
-  atomic_store(&job_next, 0);
-  atomic_fetch_add(&job_gen, 1);
+  u64 gen = GEN(atomic_load(&ticket)) + 1;
+  atomic_store(&ticket, gen << 32);  /* publishes the fields above (sequentially consistent) */
   if (atomic_load(&sleepers)) { pthread_mutex_lock(&mu); pthread_cond_broadcast(&cv); pthread_mutex_unlock(&mu); }
-  run_slices();
+  run_slices(gen);
   while (atomic_load(&job_done) < n) RELAX();
+  pthread_mutex_unlock(&job_mu);
 }
 void pool_run(u64 fn, u64 n, u64 core, PARAMS) {
   u64 in[NARGS] = {ARGS};

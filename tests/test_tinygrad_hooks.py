@@ -83,6 +83,38 @@ def test_split_kernels_run_on_the_pool_and_match_numpy():
         np.testing.assert_allclose(step(Tensor(x)).numpy(), x @ w.T, rtol=1e-4, atol=1e-4)
 
 
+def test_split_kernels_from_two_threads_at_once_stay_correct():
+    """Two engines in one process launch split kernels from two threads (ctypes releases the GIL): each job's slices
+    run with its own arguments."""
+    import threading
+    rng = np.random.default_rng(9)
+    raw = _q4_1_blocks(rng, 4096, 576)  # large enough that the two threads' C calls overlap
+    linears = [Linear(576, 4096) for _ in range(2)]
+    for linear in linears:
+        Tensor.realize(*linear.set(pack_ggml(raw, Q4_1, (4096, 576))))
+    dense = linears[0].matrix().numpy()
+    steps = [_product_step(linear) for linear in linears]
+    xs = [rng.standard_normal((1, 8, 576)).astype(np.float32) for _ in range(2)]
+    inputs = [Tensor(x).realize() for x in xs]
+    for step, x in zip(steps, inputs):
+        for _ in range(3):
+            step(x)
+    errors = []
+
+    def hammer(i):
+        for _ in range(200):
+            got = hooks.read_host(steps[i](inputs[i]))
+            if not np.allclose(got, xs[i] @ dense.T, rtol=1e-4, atol=1e-3):
+                errors.append(i)
+                return
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, f"wrong products from thread(s) {errors}"
+
+
 def test_captured_steps_replay_through_one_c_call_with_new_inputs_and_positions():
     buf = Tensor.zeros(64, dtype=dtypes.float32).contiguous().realize()
     pos = UOp.variable("pos", 0, 48)
