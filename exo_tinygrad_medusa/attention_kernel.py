@@ -35,6 +35,10 @@ EXP_NEG = r"""static inline float exp_neg(float x) {
 }"""
 
 
+# the kernel keeps a unit's scores on its thread's stack (G x (C + T) floats); longer contexts keep tinygrad's attention
+MAX_SCORES_BYTES = 1 << 20
+
+
 @dataclass(frozen=True)
 class DecodeAttention:
     """out[b, t, h * D + d] = softmax_s(q[b, h, t] . K[b, h // G, s] / sqrt(D) + bias[t, s]) V[b, h // G, s, d] over
@@ -126,8 +130,10 @@ def decode_attention(q: Tensor, cache_kv: Tensor, start_pos: UOp, mask: Tensor, 
     if not isinstance(start_pos, UOp) or D % 16 or not isinstance(q.device, str) or not tinygrad_hooks.hand_kernels(q.device) \
             or q.dtype != dtypes.float32 or cache_kv.dtype != dtypes.float32 or mask.dtype != dtypes.float32:
         return None
+    if group * (C + T) * 4 > MAX_SCORES_BYTES:
+        return None
     spec = DecodeAttention(B, T, KVH, group, D, C, tinygrad_hooks.NUM_THREADS())
-    tinygrad_hooks.expect_hand_kernel(spec.name, spec.source)
+    tinygrad_hooks.expect_hand_kernel(spec.name, spec.source, spec.threads)
 
     def placeholder_body(out: UOp, qs: UOp, cache: UOp, masks: UOp, position: UOp) -> UOp:
         # never compiled: the hooks swap in spec.source; it names the buffers the kernel reads

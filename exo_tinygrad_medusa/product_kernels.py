@@ -13,6 +13,7 @@ contracts tinygrad's own kernel.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 BLOCK = 32          # rows sharing one scale and minimum (a GGML block)
@@ -41,15 +42,15 @@ class PackedProduct:
         outputs = self.panels * WIDTH
         perm, inv = ",".join(map(str, BYTE_OUTPUT)), ",".join(map(str, OUTPUT_BYTE))
         if self.minimum:
-            shift = f"const f16v m = __builtin_shufflevector(*(const f16v*)(minimum + sb), *(const f16v*)(minimum + sb), {perm});"
+            minimum_line = f"const f16v m = __builtin_shufflevector(*(const f16v*)(minimum + sb), *(const f16v*)(minimum + sb), {perm});"
         else:  # d * (q - offset) as one multiply-add: q * d + (-offset * d)
-            shift = f"const f16v m = d * (float)-{self.offset};"
+            minimum_line = f"const f16v m = d * (float)-{self.offset};"
         group = group_size()
         sizes = sorted({min(self.tokens, group), self.tokens % group} - {0})
         full = self.tokens - self.tokens % group
         first, last = ("0", str(self.panels)) if self.threads == 1 else \
             (f"core_id * {self.panels} / {self.threads}", f"(core_id + 1) * {self.panels} / {self.threads}")
-        lines = [PRELUDE, *(_group_function(size, self.rows, outputs, perm, inv, shift) for size in sizes),
+        lines = [PRELUDE, *(_group_function(size, self.rows, outputs, perm, inv, minimum_line) for size in sizes),
                  f"void {name}({', '.join(c_params[p] for p in params)}) {{"]
         if "minimum" not in params:
             lines.append("  const float* minimum = 0;")
@@ -61,6 +62,7 @@ class PackedProduct:
         return "\n".join([*lines, "  }", "}"])
 
 
+@functools.cache
 def group_size() -> int:
     """Tokens sharing each dequantized row: 4 keeps their 8 vectors of sums in registers where the CPU has 32 of 16
     floats (AVX-512); 2 elsewhere. A token's sums do not depend on it."""
@@ -78,7 +80,7 @@ PRELUDE = r"""typedef float f16v __attribute__((aligned(4), ext_vector_type(16))
 typedef unsigned char u8x16 __attribute__((aligned(1), ext_vector_type(16)));"""
 
 
-def _group_function(size: int, rows: int, outputs: int, perm: str, inv: str, shift: str) -> str:
+def _group_function(size: int, rows: int, outputs: int, perm: str, inv: str, minimum_line: str) -> str:
     """static void group<size>: `size` consecutive tokens from n, one panel p."""
     blocks = rows // BLOCK
     lines = [f"static inline __attribute__((always_inline)) void group{size}(float* restrict out, const float* restrict x, "
@@ -90,7 +92,7 @@ def _group_function(size: int, rows: int, outputs: int, perm: str, inv: str, shi
     lines.append(f"  for (int b = 0; b < {blocks}; b++) {{")
     lines.append(f"    const int sb = (p * {blocks} + b) * 16;")
     lines.append(f"    const f16v d = __builtin_shufflevector(*(const f16v*)(scale + sb), *(const f16v*)(scale + sb), {perm});")
-    lines.append(f"    {shift}")
+    lines.append(f"    {minimum_line}")
     lines.append(f"    for (int r = b * {BLOCK}; r < b * {BLOCK} + {BLOCK}; r += 2) {{")
     lines.append(f"      __builtin_prefetch(codes + r * 16 + {PREFETCH}, 0, 0);")
     lines.append("      const f16v w0 = __builtin_convertvector(*(const u8x16*)(codes + r * 16), f16v) * d + m;")

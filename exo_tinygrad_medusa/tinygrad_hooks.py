@@ -17,6 +17,8 @@ tests/test_tinygrad_hooks.py, which fails loudly when an upgrade moves what this
 5. GGUF blocks (`gguf_load_blocks`): tinygrad's GGUF reader, plus each tensor's raw codes for packed weights.
 6. Host copies (`device_buffer`, `write_host`, `read_host`): a step's token ids in and its small result out, copied
    straight to and from realized buffers instead of through the scheduler.
+7. Hand-written C kernels (`_hand_program`): packed products (product_kernels.py) matched by their whole AST, and
+   kernels requested by name through Tensor.custom_kernel (attention_kernel.py), compiled from our C source.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import sqlite3
 import subprocess
@@ -220,16 +223,13 @@ def _with_choices(ctx, call: UOp, sink: UOp) -> UOp | None:
     dev = device if isinstance(device, str) else (device[0] if device else None)
     if dev is None or not dev.startswith("CPU"):
         return None
-    if isinstance(info, KernelInfo) and info.name in _hand_named:
-        from tinygrad import Device
-        return call.replace(src=(_named_program(sink, Device[dev].renderer), *call.src[1:]))
+    from tinygrad import Device
+    if (program := _hand_program(sink, Device[dev].renderer)) is not None:
+        return call.replace(src=(program, *call.src[1:]))
     if not isinstance(info, KernelInfo) or info.opts_to_apply is not None or info.beam or info.applied_opts:
         return None
     # the same kernel recurs (every layer, every load-time copy): decide once per AST; kernels without a reduction
     # (copies, elementwise) keep the heuristic without the cost of the pre-opt rewrites
-    from tinygrad import Device
-    if (program := _hand_program(sink, Device[dev].renderer)) is not None:
-        return call.replace(src=(program, *call.src[1:]))
     if (opts := _choices.get(sink.key, False)) is False:
         has_reduce = any(u.op is Ops.REDUCE for u in sink.toposort())
         opts = _choices[sink.key] = choose_opts(sink, Device[dev].renderer) if has_reduce else None
@@ -552,18 +552,20 @@ def _np_dtype(dtype) -> np.dtype:
     return np.dtype(_to_np_dtype(dtype))
 
 
-# -- 7. hand-written kernels for packed products ---------------------------------------------------------------------
+# -- 7. hand-written kernels: packed products, captured steps' attention ---------------------------------------------
 # model.Linear announces each product with packed weights it builds (`expect_packed_product`): the kernel AST that
 # tinygrad will schedule for it is derived once per shape from the same expression on empty buffers, and remembered
 # with what each of its buffers holds. A kernel whose AST is one of those compiles from product_kernels' C instead of
 # tinygrad's rendering (`_hand_program`). Matching whole ASTs, not patterns, means a kernel that computes anything
-# else (a fused norm, another layout) keeps tinygrad's code. EXO_MEDUSA_KERNELS=tuned turns this off.
+# else (a fused norm, another layout) keeps tinygrad's code. attention_kernel.py instead requests its kernel by name
+# through Tensor.custom_kernel (`expect_hand_kernel`). EXO_MEDUSA_KERNELS=tuned turns both off.
 _packed_products: dict[bytes, tuple["PackedProduct", tuple[str, ...]]] = {}
 _announced: set[tuple] = set()
 
 
 def hand_kernels(device: str) -> bool:
-    """Whether products on `device` run the hand-written kernels: the C pool is up, the device renders C (clang)."""
+    """Whether packed products and captured steps' attention on `device` run hand-written C: the C pool is up and the
+    device renders C (clang)."""
     if _pool is None or os.environ.get("EXO_MEDUSA_KERNELS", "hand") != "hand" or not device.startswith("CPU"):
         return False
     from tinygrad import Device
@@ -579,9 +581,7 @@ def expect_packed_product(x: "Tensor", weight, product) -> None:
     from .product_kernels import PackedProduct, WIDTH
     from .packed import PackedWeight
     panels, rows, quarter = weight.words.shape
-    tokens = 1
-    for s in x.shape[:-1]:
-        tokens *= s
+    tokens = math.prod(x.shape[:-1])
     key = (tuple(x.shape), str(x.device), tuple(weight.words.shape), weight.minimum is not None, weight.offset)
     if key in _announced:
         return
@@ -603,62 +603,54 @@ def expect_packed_product(x: "Tensor", weight, product) -> None:
         if role is None:
             return
         roles.append(role)
+    if roles[0] != "out":  # the kernel's arguments put the output first (_c_program)
+        return
     work = tokens * rows * panels * WIDTH
     threads = NUM_THREADS() if work >= MIN_THREAD_WORK and panels >= NUM_THREADS() else 1
     spec = PackedProduct(tokens, rows, panels, weight.minimum is not None, weight.offset, threads)
     _packed_products[call.src[0].key] = (spec, tuple(roles))
 
 
-_hand_named: dict[str, "Callable[[str], str]"] = {}
+_hand_named: dict[str, tuple[Callable[[str], str], int]] = {}
 
 
-def expect_hand_kernel(name: str, source) -> None:
+def expect_hand_kernel(name: str, source: Callable[[str], str], threads: int) -> None:
     """A kernel requested through Tensor.custom_kernel with KernelInfo name `name` compiles from source(function
-    name) instead of its placeholder body. The C function takes the buffers in slot order, then the placeholder's
-    variables, then core_id when the name's last field (its slice count) is over 1."""
-    _hand_named[name] = source
-
-
-def _named_program(sink: UOp, renderer) -> UOp | None:
-    from tinygrad import dtypes
-    from tinygrad.uop.ops import AddrSpace, ProgramInfo
-    source = _hand_named.get(sink.arg.name) if isinstance(sink.arg, KernelInfo) else None
-    if source is None:
-        return None
-    params = [u for u in sink.toposort() if u.op is Ops.PARAM]
-    buffers = sorted((u for u in params if u.arg.addrspace != AddrSpace.ALU), key=lambda u: u.arg.slot)
-    variables = [u for u in params if u.arg.addrspace == AddrSpace.ALU]
-    threads = int(sink.arg.name.rsplit("_", 1)[1])
-    if threads > 1:
-        core = UOp.variable("core_id", 0, threads - 1, dtypes.int, param=True)
-        variables.append(core.replace(arg=replace(core.arg, slot=len(buffers) + len(variables))))
-    slots = tuple(u.arg.slot for u in buffers)
-    info = ProgramInfo(sink.arg.name, (threads, 1, 1), (1, 1, 1), tuple(variables), slots, (slots[0],), slots[1:], renderer.target)
-    return UOp(Ops.PROGRAM, src=(sink, UOp(Ops.LINEAR, src=tuple(buffers)), UOp(Ops.SOURCE, arg=source(info.function_name))), arg=info)
+    name) instead of its placeholder body, split into `threads` slices. The C function takes the buffers in slot
+    order, then core_id when threads > 1."""
+    _hand_named[name] = (source, threads)
 
 
 def _hand_program(sink: UOp, renderer) -> UOp | None:
-    """A PROGRAM with product_kernels' source for a kernel announced by expect_packed_product, else None."""
+    """A PROGRAM compiling hand-written C for a kernel announced by expect_packed_product (by its AST) or
+    expect_hand_kernel (by its name), else None."""
+    if (found := _packed_products.get(sink.key)) is not None:
+        spec, roles = found
+        suffix = "m" if spec.minimum else f"o{spec.offset}"
+        name = f"packed_{suffix}_{spec.tokens}_{spec.rows}_{spec.panels * 16}"
+        params = [*roles, *(["core_id"] if spec.threads > 1 else [])]
+        return _c_program(sink.replace(arg=replace(sink.arg, name=name)), spec.threads, lambda fn: spec.source(fn, params), renderer)
+    if isinstance(sink.arg, KernelInfo) and (named := _hand_named.get(sink.arg.name)) is not None:
+        source, threads = named
+        return _c_program(sink, threads, source, renderer)
+    return None
+
+
+def _c_program(sink: UOp, threads: int, source: Callable[[str], str], renderer) -> UOp:
+    """PROGRAM(sink, LINEAR(its buffers), SOURCE(C)): tinygrad compiles the SOURCE as it would its own rendering. The
+    arguments are the sink's buffers in slot order (slot 0 the output), then core_id when split."""
     from tinygrad import dtypes
-    from tinygrad.uop.ops import ProgramInfo
-    found = _packed_products.get(sink.key)
-    if found is None:
-        return None
-    spec, roles = found
-    suffix = "m" if spec.minimum else f"o{spec.offset}"
-    name = f"packed_{suffix}_{spec.tokens}_{spec.rows}_{spec.panels * 16}"
-    core = None
-    if spec.threads > 1:  # the slice argument comes after the buffers: its slot is its position among the arguments
-        core = UOp.variable("core_id", 0, spec.threads - 1, dtypes.int, param=True)
-        core = core.replace(arg=replace(core.arg, slot=len(roles)))
-    info = ProgramInfo(name, (spec.threads, 1, 1), (1, 1, 1), (core,) if core is not None else (), tuple(range(len(roles))),
-                       (roles.index("out"),), tuple(i for i, r in enumerate(roles) if r != "out"), renderer.target)
-    params = [*roles, *(["core_id"] if core is not None else [])]
-    source = spec.source(info.function_name, params)
-    named = sink.replace(arg=replace(sink.arg, name=name))
-    buffers = tuple(sorted((u for u in sink.toposort() if u.op is Ops.PARAM), key=lambda u: u.arg.slot))
-    # the LINEAR lists the arguments (the loader's signature reads them); SOURCE makes tinygrad compile our C
-    return UOp(Ops.PROGRAM, src=(named, UOp(Ops.LINEAR, src=buffers), UOp(Ops.SOURCE, arg=source)), arg=info)
+    from tinygrad.uop.ops import AddrSpace, ProgramInfo
+    buffers = tuple(sorted((u for u in sink.toposort() if u.op is Ops.PARAM and u.arg.addrspace != AddrSpace.ALU),
+                           key=lambda u: u.arg.slot))
+    variables = ()
+    if threads > 1:  # the slice argument comes after the buffers: its slot is its position among the arguments
+        core = UOp.variable("core_id", 0, threads - 1, dtypes.int, param=True)
+        variables = (core.replace(arg=replace(core.arg, slot=len(buffers))),)
+    slots = tuple(u.arg.slot for u in buffers)
+    info = ProgramInfo(sink.arg.name, (threads, 1, 1), (1, 1, 1), variables, slots, slots[:1], slots[1:], renderer.target)
+    # the LINEAR lists the arguments (the loader's signature reads them)
+    return UOp(Ops.PROGRAM, src=(sink, UOp(Ops.LINEAR, src=buffers), UOp(Ops.SOURCE, arg=source(info.function_name))), arg=info)
 
 
 # -- installing ----------------------------------------------------------------------------------------------------
