@@ -235,7 +235,8 @@ def markdown_report(report: dict) -> str:
              f"{s['prompts']} prompts from {s['prompts_file']}, up to {s['max_generate_tokens']} new tokens each, greedy.",
              f"Kernels: {k.get('choices', '?')} choices, {k.get('cores', '?')} core(s), "
              f"{'one C call per captured step' if k.get('graph') else 'one launch per kernel'}, "
-             f"{k.get('weights', '?')} weights."
+             f"{k.get('weights', '?')} weights"
+             + (", hand-written C for packed products and attention." if k.get("packed_products") == "hand" else ".")
              + (f" Prefill of a {s['prefill_tokens']}-token prompt: {s['prefill_tokens_per_s']:.1f} tok/s."
                 if s.get("prefill_tokens_per_s") else ""),
              "", "| prompt | category | prompt tok | new tok | plain tok/s | Medusa tok/s | speedup | accepted/step "
