@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from exo_tinygrad_medusa.generate import Generator
-from exo_tinygrad_medusa.medusa.heads import load_heads
-from exo_tinygrad_medusa.medusa.tree import load_tree
+from exo_tinygrad_medusa.decoding.generate import Generator
+from exo_tinygrad_medusa.decoding.heads import load_heads
+from exo_tinygrad_medusa.decoding.tree import load_tree
 from exo_tinygrad_medusa.prompts import load_prompts
-from exo_tinygrad_medusa.sampling import GenerationConfig
-from exo_tinygrad_medusa.session import MedusaOptions, open_session, resolve_heads_path
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+from exo_tinygrad_medusa.decoding.session import MedusaOptions, open_session, resolve_heads_path
 
 HERE = Path(__file__).resolve().parent
 

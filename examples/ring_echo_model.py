@@ -15,8 +15,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers_models import write_tiny_checkpoint  # noqa: E402
 
-from exo_tinygrad_medusa.loader import load_model  # noqa: E402
-from exo_tinygrad_medusa.medusa.heads import random_heads  # noqa: E402
+from exo_tinygrad_medusa.model.loader import load_model  # noqa: E402
+from exo_tinygrad_medusa.decoding.heads import random_heads  # noqa: E402
 
 out = Path(sys.argv[1])
 model = write_tiny_checkpoint(out / "model", "llama", tie=True)

@@ -10,7 +10,7 @@ import logging
 import sys
 
 from .options import USER_ERRORS, first_run_notice, generation_args, generation_config, model_args, session_from_args
-from .tokenizer import StreamDecoder
+from .model.tokenizer import StreamDecoder
 
 
 def cmd_run(args) -> int:
@@ -58,14 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _subcommand_modules() -> list:
-    from . import bench, bench_ring, server, train_cli
-    return [server, train_cli, bench, bench_ring]
+    from .bench import bench, bench_ring, tune
+    from .serving import server
+    from .training import cli as train_cli
+    return [server, train_cli, bench, tune, bench_ring]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--inference-engine" or a.startswith("--inference-engine=") for a in argv):  # Exo's own command line
-        from .exo_patch import run_exo
+        from .serving.exo_patch import run_exo
         return run_exo(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .registry import DEFAULT_MODEL, ModelNotFound
-from .sampling import GenerationConfig
-from .session import MedusaOptions, Session, open_session
+from .model.registry import DEFAULT_MODEL, ModelNotFound
+from .decoding.sampling import GenerationConfig
+from .decoding.session import MedusaOptions, Session, open_session
 
 USER_ERRORS = (ValueError, FileNotFoundError, ModelNotFound, PermissionError, NotADirectoryError)
 # below this, sampling is the argmax in all but float ties, and logits / temperature overflows float64 near 1e-306

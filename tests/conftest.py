@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from tinygrad import Tensor, TinyJit, UOp
 
-from exo_tinygrad_medusa.loader import LoadedModel, load_model
-from exo_tinygrad_medusa.model import KVCache, Transformer, causal_mask
-from exo_tinygrad_medusa.registry import cards
+from exo_tinygrad_medusa.model.loader import LoadedModel, load_model
+from exo_tinygrad_medusa.model.transformer import KVCache, Transformer, causal_mask
+from exo_tinygrad_medusa.model.registry import cards
 from helpers_models import write_tiny_checkpoint
 
 

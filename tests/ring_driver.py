@@ -5,7 +5,7 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-from exo_tinygrad_medusa.engine import StepState
+from exo_tinygrad_medusa.serving.engine import StepState
 
 Hop = Callable[[str, np.ndarray, dict | None], Awaitable[tuple[np.ndarray, dict | None]]]
 

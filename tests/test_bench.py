@@ -7,7 +7,7 @@ import pytest
 
 from exo_tinygrad_medusa.prompts import Prompt
 
-from exo_tinygrad_medusa import bench
+from exo_tinygrad_medusa.bench import bench
 from exo_tinygrad_medusa.cli import main
 
 PROMPTS = [{"question_id": 7, "category": "greeting", "turns": ["hi there", "and a second turn"]},

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from exo_tinygrad_medusa.cli import main
-from exo_tinygrad_medusa.medusa.heads import random_heads
-from exo_tinygrad_medusa.loader import load_model
+from exo_tinygrad_medusa.decoding.heads import random_heads
+from exo_tinygrad_medusa.model.loader import load_model
 
 REPORT_KEYS = {"model", "prompt_ids", "generated_ids", "text", "prefill_tokens_per_s", "decode_tokens_per_s", "steps",
                "mean_accepted", "accept_histogram", "tree_size", "finish_reason"}

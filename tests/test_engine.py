@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exo_tinygrad_medusa.engine import MedusaInferenceEngine, RingStateError, StepState
-from exo_tinygrad_medusa.medusa.heads import random_heads
-from exo_tinygrad_medusa.sampling import GenerationConfig
-from exo_tinygrad_medusa.session import MedusaOptions, open_session
-from exo_tinygrad_medusa.shard import Shard
+from exo_tinygrad_medusa.serving.engine import MedusaInferenceEngine, RingStateError, StepState
+from exo_tinygrad_medusa.decoding.heads import random_heads
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+from exo_tinygrad_medusa.decoding.session import MedusaOptions, open_session
+from exo_tinygrad_medusa.model.shard import Shard
 from ring_driver import local_hop, one_pass, run_ring
 
 LAYERS = 4

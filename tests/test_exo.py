@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from exo_tinygrad_medusa.exo_patch import exo_available
-from exo_tinygrad_medusa.medusa.heads import random_heads
-from exo_tinygrad_medusa.sampling import GenerationConfig
-from exo_tinygrad_medusa.session import MedusaOptions, open_session
+from exo_tinygrad_medusa.serving.exo_patch import exo_available
+from exo_tinygrad_medusa.decoding.heads import random_heads
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+from exo_tinygrad_medusa.decoding.session import MedusaOptions, open_session
 
 requires_exo = pytest.mark.skipif(not exo_available(), reason="classic Exo is not importable")
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ def generated_text(stdout: str) -> str:
 def test_engine_is_an_exo_inference_engine():
     from exo.inference.inference_engine import InferenceEngine
 
-    from exo_tinygrad_medusa.engine import MedusaInferenceEngine
+    from exo_tinygrad_medusa.serving.engine import MedusaInferenceEngine
     assert issubclass(MedusaInferenceEngine, InferenceEngine)
     engine = MedusaInferenceEngine(shard_downloader=object())
     assert engine.shard is None and engine.tokenizer is None
@@ -94,8 +94,8 @@ def test_in_process_ring_of_exo_nodes(model, tmp_path):
     from exo.orchestration.node import Node
     from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
 
-    from exo_tinygrad_medusa.engine import MedusaInferenceEngine
-    from exo_tinygrad_medusa.exo_patch import apply_patches, register_model
+    from exo_tinygrad_medusa.serving.engine import MedusaInferenceEngine
+    from exo_tinygrad_medusa.serving.exo_patch import apply_patches, register_model
 
     apply_patches()
     register_model(model["dir"])

@@ -3,9 +3,9 @@ streaming, seeded sampling, and the errors bad prompts and bad sampling settings
 import numpy as np
 import pytest
 
-from exo_tinygrad_medusa.generate import Generator
-from exo_tinygrad_medusa.sampling import GenerationConfig
-from exo_tinygrad_medusa.shard import Shard
+from exo_tinygrad_medusa.decoding.generate import Generator
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+from exo_tinygrad_medusa.model.shard import Shard
 from helpers_models import reference_logits
 
 PROMPT = [5, 17, 200, 33, 9, 100, 250, 3, 64, 120]

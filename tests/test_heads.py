@@ -9,13 +9,13 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from tinygrad import Tensor
 
-from exo_tinygrad_medusa.config import ModelConfig
-from exo_tinygrad_medusa.medusa.heads import WEIGHTS_FILE, MedusaConfig, MedusaHeads, load_heads, random_heads
-from exo_tinygrad_medusa.medusa.tree import load_tree
-from exo_tinygrad_medusa.model import Linear, Transformer
-from exo_tinygrad_medusa.packed import Q8_0, PackedWeight, pack_ggml
-from exo_tinygrad_medusa.shard import Shard
-from exo_tinygrad_medusa.steps import ShardSteps
+from exo_tinygrad_medusa.model.config import ModelConfig
+from exo_tinygrad_medusa.decoding.heads import WEIGHTS_FILE, MedusaConfig, MedusaHeads, load_heads, random_heads
+from exo_tinygrad_medusa.decoding.tree import load_tree
+from exo_tinygrad_medusa.model.transformer import Linear, Transformer
+from exo_tinygrad_medusa.kernels.packed import Q8_0, PackedWeight, pack_ggml
+from exo_tinygrad_medusa.model.shard import Shard
+from exo_tinygrad_medusa.decoding.steps import ShardSteps
 from helpers_models import TINY
 
 DIM, VOCAB = TINY["hidden_size"], TINY["vocab_size"]

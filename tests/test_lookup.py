@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from tinygrad.codegen import to_program_cache
 
-from exo_tinygrad_medusa.generate import Generator
-from exo_tinygrad_medusa.medusa.heads import random_heads
-from exo_tinygrad_medusa.medusa.lookup import Grafter, LookupConfig, NgramIndex, SourceScores, common_prefix
-from exo_tinygrad_medusa.medusa.tree import PLAIN, MedusaTree, chain, load_tree
-from exo_tinygrad_medusa.sampling import GenerationConfig, exact_accept
+from exo_tinygrad_medusa.decoding.generate import Generator
+from exo_tinygrad_medusa.decoding.heads import random_heads
+from exo_tinygrad_medusa.decoding.lookup import Grafter, LookupConfig, NgramIndex, SourceScores, common_prefix
+from exo_tinygrad_medusa.decoding.tree import PLAIN, MedusaTree, chain, load_tree
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig, exact_accept
 from test_sampling import SIGNIFICANCE, ToyModel, goodness_of_fit
 
 

@@ -10,13 +10,13 @@ import pytest
 from tinygrad import Tensor
 from tinygrad.codegen import to_program_cache
 
-from exo_tinygrad_medusa.generate import Generator
-from exo_tinygrad_medusa.loader import load_model
-from exo_tinygrad_medusa.medusa.heads import MedusaHeads, load_heads, random_heads
-from exo_tinygrad_medusa.medusa.tree import PLAIN, load_tree
-from exo_tinygrad_medusa.sampling import GenerationConfig
-from exo_tinygrad_medusa.session import MedusaOptions, default_tree_spec, resolve_heads_path
-from exo_tinygrad_medusa.steps import ShardSteps
+from exo_tinygrad_medusa.decoding.generate import Generator
+from exo_tinygrad_medusa.model.loader import load_model
+from exo_tinygrad_medusa.decoding.heads import MedusaHeads, load_heads, random_heads
+from exo_tinygrad_medusa.decoding.tree import PLAIN, load_tree
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+from exo_tinygrad_medusa.decoding.session import MedusaOptions, default_tree_spec, resolve_heads_path
+from exo_tinygrad_medusa.decoding.steps import ShardSteps
 from helpers_models import write_tiny_checkpoint
 
 MAX_CONTEXT, PROMPT_LEN, NEW_TOKENS = 160, 40, 80

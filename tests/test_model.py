@@ -5,9 +5,9 @@ import pytest
 from tinygrad import GlobalCounters, Tensor, TinyJit
 from tinygrad.codegen import to_program_cache
 
-from exo_tinygrad_medusa.loader import load_model
-from exo_tinygrad_medusa.medusa.tree import load_tree
-from exo_tinygrad_medusa.shard import Shard
+from exo_tinygrad_medusa.model.loader import load_model
+from exo_tinygrad_medusa.decoding.tree import load_tree
+from exo_tinygrad_medusa.model.shard import Shard
 from helpers_models import reference_logits
 
 PROMPT = [5, 17, 200, 33, 9, 100, 250, 3]

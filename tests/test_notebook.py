@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from exo_tinygrad_medusa.registry import DEFAULT_MODEL, cards, embedded_gguf
+from exo_tinygrad_medusa.model.registry import DEFAULT_MODEL, cards, embedded_gguf
 
 pytestmark = pytest.mark.slow
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "medusa_quickstart.ipynb"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from exo_tinygrad_medusa.generate import Generator
-from exo_tinygrad_medusa.sampling import GenerationConfig
+from exo_tinygrad_medusa.decoding.generate import Generator
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
 
 ORACLE = json.loads((Path(__file__).parent / "data" / "smollm2_oracle.json").read_text())
 
@@ -29,7 +29,7 @@ def test_default_model_reproduces_the_oracle(default_model):
 @pytest.mark.slow
 def test_float32_weights_reproduce_the_oracle_too(default_model):
     """--weights float32 (dequantized on load) multiplies the same values as the packed default: same tokens."""
-    from exo_tinygrad_medusa.loader import load_model
+    from exo_tinygrad_medusa.model.loader import load_model
     assert default_model.weights == "compact"
     dense = load_model("smollm2-135m", dtype="float32", weights="float32")
     assert dense.weights == "float32"
@@ -39,7 +39,7 @@ def test_float32_weights_reproduce_the_oracle_too(default_model):
 
 
 def test_compact_weights_need_a_gguf_in_float32(tiny_checkpoint):
-    from exo_tinygrad_medusa.loader import load_model
+    from exo_tinygrad_medusa.model.loader import load_model
     with pytest.raises(ValueError, match="--weights compact needs a GGUF checkpoint and --dtype float32"):
         load_model(str(tiny_checkpoint()), weights="compact")
     with pytest.raises(ValueError, match="unknown weight format 'int4'"):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from exo_tinygrad_medusa.medusa.heads import random_heads
-from exo_tinygrad_medusa.registry import cards, embedded_gguf
+from exo_tinygrad_medusa.decoding.heads import random_heads
+from exo_tinygrad_medusa.model.registry import cards, embedded_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "exo_tinygrad_medusa"
@@ -94,7 +94,7 @@ def test_wheel_carries_every_package_the_cards_heads_and_trees(wheel, source):
 
 
 def test_installed_wheel_finds_its_cards_from_another_folder(venv, tmp_path):
-    probe = ("import json, exo_tinygrad_medusa.registry as r; c = r.cards()['smollm2-135m']; "
+    probe = ("import json, exo_tinygrad_medusa.model.registry as r; c = r.cards()['smollm2-135m']; "
              "print(json.dumps({'file': r.__file__, 'models': str(r.MODELS_DIR), 'cards': sorted(r.cards()), "
              "'heads': c.heads_path()}))")
     done = in_venv(venv, tmp_path, str(venv / "bin" / "python"), "-c", probe)

@@ -10,14 +10,14 @@ import time
 import numpy as np
 import pytest
 
-from exo_tinygrad_medusa.exo_patch import exo_available
-from exo_tinygrad_medusa.engine import MedusaInferenceEngine, RingStateError, StepState
-from exo_tinygrad_medusa.medusa.heads import random_heads
-from exo_tinygrad_medusa.ring import (LinkConfig, LocalRing, RemoteShard, Ring, ShardRefused, ShardSpec,
+from exo_tinygrad_medusa.serving.exo_patch import exo_available
+from exo_tinygrad_medusa.serving.engine import MedusaInferenceEngine, RingStateError, StepState
+from exo_tinygrad_medusa.decoding.heads import random_heads
+from exo_tinygrad_medusa.serving.ring import (LinkConfig, LocalRing, RemoteShard, Ring, ShardRefused, ShardSpec,
                                       ShardUnavailable, StaleReply, send_frame, recv_frame, split_layers)
-from exo_tinygrad_medusa.sampling import GenerationConfig
-from exo_tinygrad_medusa.session import MedusaOptions, open_session
-from exo_tinygrad_medusa.shard import Shard
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+from exo_tinygrad_medusa.decoding.session import MedusaOptions, open_session
+from exo_tinygrad_medusa.model.shard import Shard
 from ring_driver import local_hop, one_pass
 
 LAYERS = 4

@@ -11,9 +11,9 @@ import urllib.request
 
 import pytest
 
-from exo_tinygrad_medusa.exo_patch import exo_available
-from exo_tinygrad_medusa.sampling import GenerationConfig
-from exo_tinygrad_medusa.session import open_session
+from exo_tinygrad_medusa.serving.exo_patch import exo_available
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+from exo_tinygrad_medusa.decoding.session import open_session
 from test_exo import ROOT, exo_node, free_ports, model, ring_config  # noqa: F401 (model: the fixture)
 
 requires_exo = pytest.mark.skipif(not exo_available(), reason="classic Exo is not importable")

@@ -9,12 +9,12 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from tinygrad import Tensor
 
-import exo_tinygrad_medusa.steps as steps_module
-from exo_tinygrad_medusa.generate import Generator
-from exo_tinygrad_medusa.loader import load_model
-from exo_tinygrad_medusa.medusa.heads import MedusaConfig, MedusaHeads
-from exo_tinygrad_medusa.medusa.tree import PLAIN, MedusaTree, load_tree
-from exo_tinygrad_medusa.sampling import GenerationConfig, exact_accept, probabilities, sample, typical_accept
+import exo_tinygrad_medusa.decoding.steps as steps_module
+from exo_tinygrad_medusa.decoding.generate import Generator
+from exo_tinygrad_medusa.model.loader import load_model
+from exo_tinygrad_medusa.decoding.heads import MedusaConfig, MedusaHeads
+from exo_tinygrad_medusa.decoding.tree import PLAIN, MedusaTree, load_tree
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig, exact_accept, probabilities, sample, typical_accept
 from helpers_models import reference_logits, write_tiny_checkpoint
 
 SIGNIFICANCE = 1e-3

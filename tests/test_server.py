@@ -19,10 +19,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from exo_tinygrad_medusa.medusa.heads import random_heads
-from exo_tinygrad_medusa.sampling import GenerationConfig
-from exo_tinygrad_medusa.server import ServerLimits, StopMatcher, start
-from exo_tinygrad_medusa.tokenizer import Tokenizer
+from exo_tinygrad_medusa.decoding.heads import random_heads
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+from exo_tinygrad_medusa.serving.server import ServerLimits, StopMatcher, start
+from exo_tinygrad_medusa.model.tokenizer import Tokenizer
 from helpers_tokenizer import BYTE_OFFSET, write_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from tinygrad import Tensor, TinyJit, UOp, dtypes
 
-from exo_tinygrad_medusa import tinygrad_hooks as hooks
-from exo_tinygrad_medusa.model import Linear
-from exo_tinygrad_medusa.packed import Q4_1, Q8_0, pack_ggml
+from exo_tinygrad_medusa.kernels import tinygrad_hooks as hooks
+from exo_tinygrad_medusa.model.transformer import Linear
+from exo_tinygrad_medusa.kernels.packed import Q4_1, Q8_0, pack_ggml
 
 hooks.install()
 
@@ -289,8 +289,8 @@ def _attention_reference(q, cache, start, mask):
 def test_decode_attention_runs_the_hand_written_kernel_and_matches_numpy(T):
     """Captured steps' attention compiles from attention_kernel's C, agrees with a float64 reference, and a query's
     output is bit for bit the same whatever the other new tokens of the step."""
-    from exo_tinygrad_medusa.attention_kernel import decode_attention
-    from exo_tinygrad_medusa.model import causal_mask
+    from exo_tinygrad_medusa.kernels.attention import decode_attention
+    from exo_tinygrad_medusa.model.transformer import causal_mask
     rng = np.random.default_rng(8 + T)
     B, kvh, group, D, C = 2, 2, 3, 64, 48
     cache = Tensor(rng.standard_normal((2, B, kvh, C, D)).astype(np.float32)).realize()

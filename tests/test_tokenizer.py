@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from tinygrad.llm.gguf import gguf_load
 
-from exo_tinygrad_medusa.tokenizer import StreamDecoder, Tokenizer
+from exo_tinygrad_medusa.model.tokenizer import StreamDecoder, Tokenizer
 from helpers_tokenizer import BYTE_OFFSET, CHATML_TEMPLATE, bytes_to_unicode, write_tiny_tokenizer
 
 ORACLE = json.loads((Path(__file__).parent / "data" / "smollm2_oracle.json").read_text())

@@ -12,12 +12,12 @@ from tinygrad import Tensor
 from tinygrad.helpers import Context
 
 from exo_tinygrad_medusa.cli import main
-from exo_tinygrad_medusa.generate import Generator
-from exo_tinygrad_medusa.loader import load_model
-from exo_tinygrad_medusa.medusa.heads import load_heads
-from exo_tinygrad_medusa.medusa.tree import chain, load_tree
-from exo_tinygrad_medusa.registry import cards
-from exo_tinygrad_medusa.sampling import GenerationConfig
+from exo_tinygrad_medusa.decoding.generate import Generator
+from exo_tinygrad_medusa.model.loader import load_model
+from exo_tinygrad_medusa.decoding.heads import load_heads
+from exo_tinygrad_medusa.decoding.tree import chain, load_tree
+from exo_tinygrad_medusa.model.registry import cards
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
 from exo_tinygrad_medusa.training.batched import BatchedDecoder
 from exo_tinygrad_medusa.training.data import (ModelSpec, decode_batch, generate, generate_from_ids,
                                                    generate_in_workers, load_prompts)
@@ -318,7 +318,7 @@ def test_replay_acceptance_follows_the_tree():
     preds[1, :, 0] = [3, 0, 0, 0, 0, 0]  # head 1 rank 0 right only at row 0 (answer[2])
     tree = load_tree("chain-2")                               # ranks (0,), (0, 0): head 0 rank 0 is always wrong
     assert replay_acceptance(tree, preds, answer) == [1, 1, 1, 1, 1]
-    from exo_tinygrad_medusa.medusa.tree import MedusaTree
+    from exo_tinygrad_medusa.decoding.tree import MedusaTree
     tree = MedusaTree(((1,), (1, 0)))
     # root 1: accepts 2 (head 0) and 3 (head 1): 3 tokens; then root 4: accepts 5 only; then root 6 ends
     assert replay_acceptance(tree, preds, answer) == [3, 2]

@@ -5,12 +5,12 @@ import random
 import numpy as np
 import pytest
 
-from exo_tinygrad_medusa.config import ModelConfig
-from exo_tinygrad_medusa.medusa.heads import MedusaConfig, MedusaHeads
-from exo_tinygrad_medusa.medusa.tree import PLAIN, MedusaTree, chain, load_tree, presets
-from exo_tinygrad_medusa.model import Transformer
-from exo_tinygrad_medusa.shard import Shard
-from exo_tinygrad_medusa.steps import ShardSteps
+from exo_tinygrad_medusa.model.config import ModelConfig
+from exo_tinygrad_medusa.decoding.heads import MedusaConfig, MedusaHeads
+from exo_tinygrad_medusa.decoding.tree import PLAIN, MedusaTree, chain, load_tree, presets
+from exo_tinygrad_medusa.model.transformer import Transformer
+from exo_tinygrad_medusa.model.shard import Shard
+from exo_tinygrad_medusa.decoding.steps import ShardSteps
 from helpers_models import TINY
 
 

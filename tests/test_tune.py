@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from exo_tinygrad_medusa.cli import main
-from exo_tinygrad_medusa.generate import Generator
-from exo_tinygrad_medusa.medusa.heads import load_heads, random_heads
-from exo_tinygrad_medusa.medusa.tree import PLAIN, MedusaTree, load_tree
-from exo_tinygrad_medusa.sampling import GenerationConfig
-from exo_tinygrad_medusa.session import default_tree_spec
-from exo_tinygrad_medusa.tune import build_tree, count_hits, grow_order
+from exo_tinygrad_medusa.decoding.generate import Generator
+from exo_tinygrad_medusa.decoding.heads import load_heads, random_heads
+from exo_tinygrad_medusa.decoding.tree import PLAIN, MedusaTree, load_tree
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+from exo_tinygrad_medusa.decoding.session import default_tree_spec
+from exo_tinygrad_medusa.bench.tune import build_tree, count_hits, grow_order
 
 # path probabilities: (0,) .6, (0,0) .3, (1,) .25, (1,0) .125, (2,) .1, (0,1) .072, (2,0) .05, (1,1) .03, ...
 ACC = np.array([[0.6, 0.25, 0.1], [0.5, 0.12, 0.04]])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from exo_tinygrad_medusa.config import ModelConfig, rope_inv_freq
-from exo_tinygrad_medusa.loader import load_model
-from exo_tinygrad_medusa.registry import ModelNotFound, cards
+from exo_tinygrad_medusa.model.config import ModelConfig, rope_inv_freq
+from exo_tinygrad_medusa.model.loader import load_model
+from exo_tinygrad_medusa.model.registry import ModelNotFound, cards
 from helpers_models import reference_logits
 
 IDS = [5, 17, 200, 33, 9, 100, 250, 3]

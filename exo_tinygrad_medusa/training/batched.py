@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp, dtypes
 
-from ..model import Transformer, causal_mask
+from ..model.transformer import Transformer, causal_mask
 
 HIDDEN = -1e9  # additive score for keys a query must not see
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp, dtypes
 
-from ..model import Transformer
+from ..model.transformer import Transformer
 from .batched import HIDDEN, BatchedDecoder, batched_forward
 from .data import ModelSpec, decode_batch, run_worker_processes
 from .features import FeatureWriter, Sample
@@ -231,7 +231,7 @@ def answer_prompts(model: Transformer, tokenizer, eos_ids, corpus: AnswerCorpus,
 
 
 def _worker(spec: ModelSpec, corpus_dir: str, todo: list[tuple[str, SourcePrompt]], run: RunConfig, show: bool) -> None:
-    from ..loader import load_model
+    from ..model.loader import load_model
     logging.basicConfig(level=logging.WARNING)
     loaded = load_model(spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context)
     answer_prompts(loaded.model, loaded.tokenizer, loaded.tokenizer.eos_token_ids, AnswerCorpus.open(corpus_dir), todo,
@@ -251,7 +251,7 @@ def distill(spec: ModelSpec, prompts: list[SourcePrompt], corpus_dir: str | Path
     workers = max(1, min(workers, len(chunks)))
     if workers == 1:
         if loaded is None:
-            from ..loader import load_model
+            from ..model.loader import load_model
             loaded = load_model(spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context)
         info = answer_prompts(loaded.model, loaded.tokenizer, loaded.tokenizer.eos_token_ids, corpus, todo, run)
     else:

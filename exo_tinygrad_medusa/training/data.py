@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor
 
-from ..loader import LoadedModel
-from ..model import Transformer
+from ..model.loader import LoadedModel
+from ..model.transformer import Transformer
 from ..prompts import load_prompts as read_prompt_file
 from .batched import BatchedDecoder
 from .features import FeatureWriter, Sample, merge_stores
@@ -123,7 +123,7 @@ def run_worker_processes(ctx, target, args_per_worker: list[tuple], on_failure: 
 
 
 def _worker(spec: ModelSpec, prompts: list[str], out_dir: str, kwargs: dict) -> None:
-    from ..loader import load_model
+    from ..model.loader import load_model
     logging.basicConfig(level=logging.WARNING)
     loaded = load_model(spec.model, device=spec.device, dtype=spec.dtype, max_context=spec.max_context)
     generate(loaded, prompts, out_dir, **kwargs)

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..generate import Generator
-from ..medusa.heads import MedusaHeads
-from ..medusa.tree import MedusaTree
-from ..model import Transformer
-from ..sampling import GenerationConfig
+from ..decoding.generate import Generator
+from ..decoding.heads import MedusaHeads
+from ..decoding.tree import MedusaTree
+from ..model.transformer import Transformer
+from ..decoding.sampling import GenerationConfig
 from .features import IGNORE
 
 

@@ -19,8 +19,8 @@ from tinygrad.helpers import Context
 from tinygrad.nn.optim import AdamW
 from tinygrad.nn.state import get_state_dict, safe_load, safe_save
 
-from ..medusa.heads import FORMATS, MedusaConfig, MedusaHeads
-from ..model import Linear
+from ..decoding.heads import FORMATS, MedusaConfig, MedusaHeads
+from ..model.transformer import Linear
 from .features import IGNORE, FeatureStore
 from .progress import Progress
 

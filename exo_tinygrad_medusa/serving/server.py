@@ -35,10 +35,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from urllib.parse import urlsplit
 
-from .options import check_seed, effective_temperature
-from .sampling import GenerationConfig
-from .session import Session
-from .tokenizer import StreamDecoder
+from ..options import check_seed, effective_temperature
+from ..decoding.sampling import GenerationConfig
+from ..decoding.session import Session
+from ..model.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 52415
@@ -771,7 +771,7 @@ def start(open_session: Callable[[], Session], defaults: GenerationConfig, host:
 
 
 def cmd_serve(args) -> int:
-    from .options import generation_config, session_from_args
+    from ..options import generation_config, session_from_args
     limits = ServerLimits(args.queue_size, args.timeout, args.max_connections, tuple(args.allow_origin),
                           tuple(args.allow_host))
     server = start(lambda: session_from_args(args), generation_config(args), args.host, args.port, limits)

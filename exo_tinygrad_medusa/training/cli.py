@@ -132,8 +132,8 @@ def _pick(prompts: list[str], n: int, seed: int) -> list[str]:
 
 
 def _distill_data(loaded, prompts: list[str], data_dir: Path, args, seed: int):
-    from .training.data import ModelSpec, generate, generate_in_workers
-    from .training.features import FeatureStore
+    from .data import ModelSpec, generate, generate_in_workers
+    from .features import FeatureStore
     if (data_dir / "meta.json").is_file():
         store = FeatureStore.open(data_dir)
         if sorted(s.prompt for s in store.samples) != sorted(prompts):
@@ -154,12 +154,12 @@ def _distill_data(loaded, prompts: list[str], data_dir: Path, args, seed: int):
 
 def _default_workers(device: str) -> int:
     """tinygrad's CPU device uses one core per process: answer prompts in one process per core there."""
-    from .session import is_cpu_device
+    from ..decoding.session import is_cpu_device
     return max(1, min(os.cpu_count() or 1, 8)) if is_cpu_device(device) else 1
 
 
 def cmd_build_prompts(args) -> int:
-    from .training.sources import Exclusion, PromptFilter, read_prompt_file, read_sharegpt, select_prompts, write_prompt_file
+    from .sources import Exclusion, PromptFilter, read_prompt_file, read_sharegpt, select_prompts, write_prompt_file
     if args.sharegpt is None and not args.prompts:
         raise ValueError("build-prompts needs --sharegpt and/or --prompts FILE")
     keep = PromptFilter(max_chars=args.max_chars, min_ascii_letters=args.min_ascii_letters)
@@ -180,10 +180,10 @@ def cmd_build_prompts(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .loader import load_model
-    from .training.corpus import DistillConfig, RunConfig, distill
-    from .training.data import ModelSpec
-    from .training.sources import Exclusion, PromptFilter, read_prompt_file, select_prompts
+    from ..model.loader import load_model
+    from .corpus import DistillConfig, RunConfig, distill
+    from .data import ModelSpec
+    from .sources import Exclusion, PromptFilter, read_prompt_file, select_prompts
     try:
         shard = tuple(int(x) for x in args.shard.split("/"))
         assert len(shard) == 2
@@ -209,8 +209,8 @@ def cmd_distill(args) -> int:
 
 
 def _corpus_store(loaded, args, data_dir: Path):
-    from .training.corpus import AnswerCorpus, corpus_features
-    from .training.features import FeatureStore
+    from .corpus import AnswerCorpus, corpus_features
+    from .features import FeatureStore
     if args.prompts or args.distill_temperature:
         raise ValueError("--corpus trains on the corpus's answers: --prompts and --distill-temperature do not apply")
     corpus = AnswerCorpus.open(Path(args.corpus).expanduser())
@@ -224,10 +224,10 @@ def _corpus_store(loaded, args, data_dir: Path):
 
 
 def cmd_train(args) -> int:
-    from .loader import load_model
-    from .training.data import load_prompts, self_prompts
-    from .training.features import FeatureStore
-    from .training.trainer import HeadTrainer, TrainConfig, write_heads
+    from ..model.loader import load_model
+    from .data import load_prompts, self_prompts
+    from .features import FeatureStore
+    from .trainer import HeadTrainer, TrainConfig, write_heads
     cfg = TrainConfig(num_heads=args.num_heads, num_layers=args.num_layers, fmt=args.fmt, epochs=args.epochs,
                       lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                       train_vocab=args.train_vocab, soft_labels=args.soft_labels, patience=args.patience)
@@ -261,11 +261,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .loader import load_model
-    from .medusa.heads import load_heads_for
-    from .medusa.tree import load_tree
-    from .training.data import load_prompts
-    from .training.trainer import INFO_FILE
+    from ..model.loader import load_model
+    from ..decoding.heads import load_heads_for
+    from ..decoding.tree import load_tree
+    from .data import load_prompts
+    from .trainer import INFO_FILE
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context)
     heads_path = args.medusa_heads or (loaded.resolved.card.heads_path() if loaded.resolved.card else None)
     if heads_path is None:
@@ -303,7 +303,7 @@ def _evaluate(loaded, heads, trees, store, args) -> dict:
     """Top-k of every head at every stored row, scored against the stored greedy answers, then replayed per tree."""
     import numpy as np
     from tinygrad import Tensor, TinyJit
-    from .training.evaluate import head_accuracy, measure_acceptance, replay_acceptance
+    from .evaluate import head_accuracy, measure_acceptance, replay_acceptance
 
     # the scores need top-5; replaying a tree needs as many ranks as its widest head
     K = max([5] + [tree.top_k for tree in trees])

@@ -20,10 +20,10 @@ import numpy as np
 from tinygrad import Tensor, TinyJit
 
 from .bench import COST_SIZES, load_prompts, measure_cost_curve, measure_head_cost, package_prompts_path, parse_sizes
-from .generate import Generator
-from .medusa.heads import MedusaHeads, load_heads_for
-from .sampling import GenerationConfig
-from .session import MedusaOptions, open_session, resolve_heads_path
+from ..decoding.generate import Generator
+from ..decoding.heads import MedusaHeads, load_heads_for
+from ..decoding.sampling import GenerationConfig
+from ..decoding.session import MedusaOptions, open_session, resolve_heads_path
 
 log = logging.getLogger(__name__)
 TOP_K = 10

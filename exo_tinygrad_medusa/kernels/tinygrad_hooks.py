@@ -578,7 +578,7 @@ def expect_packed_product(x: "Tensor", weight, product) -> None:
     """Remember the kernel of `product(x, weight).contiguous()` (x contiguous [..., rows], weight a PackedWeight).
     `product` builds the expression; it is run once per shape on empty buffers, scheduled, never executed."""
     from tinygrad import Tensor
-    from .product_kernels import PackedProduct, WIDTH
+    from .products import PackedProduct, WIDTH
     from .packed import PackedWeight
     panels, rows, quarter = weight.words.shape
     tokens = math.prod(x.shape[:-1])

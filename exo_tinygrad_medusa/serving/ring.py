@@ -18,7 +18,7 @@ names the request, the pass and the shard. After any error the connection is dro
 call, so a late reply can never be read as the answer to a later message. The driver releases the request on
 every shard it can reach when the request ends, finished or failed, so no KV cache outlives its request.
 
-    python -m exo_tinygrad_medusa.ring MODEL START END N_LAYERS [--medusa-heads DIR] [--medusa-choices TREE] ...
+    python -m exo_tinygrad_medusa.serving.ring MODEL START END N_LAYERS [--medusa-heads DIR] [--medusa-choices TREE] ...
 
 serves one shard on 127.0.0.1, prints `PORT <n>` once it listens, and exits when its stdin closes (the parent
 ended, whatever the way it ended), so a shard never outlives the process that started it.
@@ -44,7 +44,7 @@ from typing import Callable
 import numpy as np
 
 from .engine import RingStateError, StepState
-from .shard import Shard
+from ..model.shard import Shard
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
@@ -416,9 +416,9 @@ class ShardProcess:
         self.log_path, self.port = Path(name), None
         self._log = self.log_path.open("w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "exo_tinygrad_medusa.ring", *self.spec.argv()],
+        self.proc = subprocess.Popen([sys.executable, "-m", "exo_tinygrad_medusa.serving.ring", *self.spec.argv()],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
-                                     cwd=str(Path(__file__).resolve().parent.parent))
+                                     cwd=str(Path(__file__).resolve().parents[2]))
 
     def wait_ready(self, timeout_s: float = 600.0) -> int:
         """Block until the process prints its port; a crash or timeout raises with the tail of its log."""
@@ -565,10 +565,10 @@ class LocalRing:
 # -- shard process entry point ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     from .engine import MedusaInferenceEngine
-    from .sampling import GenerationConfig
-    from .session import MedusaOptions
+    from ..decoding.sampling import GenerationConfig
+    from ..decoding.session import MedusaOptions
 
-    p = argparse.ArgumentParser(prog="python -m exo_tinygrad_medusa.ring", description="serve one engine shard")
+    p = argparse.ArgumentParser(prog="python -m exo_tinygrad_medusa.serving.ring", description="serve one engine shard")
     p.add_argument("model")
     p.add_argument("start", type=int)
     p.add_argument("end", type=int)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 from tinygrad import Tensor, UOp, nn
 
-from . import tinygrad_hooks
-from .attention_kernel import decode_attention
+from ..kernels import tinygrad_hooks
+from ..kernels.attention import decode_attention
 from .config import ModelConfig, rope_inv_freq
-from .packed import PackedWeight, panel_width
+from ..kernels.packed import PackedWeight, panel_width
 from .shard import Shard
 
 Pos = int | UOp

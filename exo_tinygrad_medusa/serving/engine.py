@@ -32,15 +32,15 @@ import numpy as np
 from tinygrad import Tensor
 from tinygrad.nn.state import safe_load, safe_save
 
-from .loader import LoadedModel, load_model
-from .medusa.heads import load_heads_for
-from .medusa.tree import PLAIN, MedusaTree, load_tree
-from .model import KVCache
-from .sampling import GenerationConfig, probabilities, sample
-from .session import MedusaOptions, default_tree_spec, resolve_heads_path
-from .shard import Shard
-from .steps import ShardSteps
-from .tinygrad_hooks import read_host, share_kernel_cache
+from ..model.loader import LoadedModel, load_model
+from ..decoding.heads import load_heads_for
+from ..decoding.tree import PLAIN, MedusaTree, load_tree
+from ..model.transformer import KVCache
+from ..decoding.sampling import GenerationConfig, probabilities, sample
+from ..decoding.session import MedusaOptions, default_tree_spec, resolve_heads_path
+from ..model.shard import Shard
+from ..decoding.steps import ShardSteps
+from ..kernels.tinygrad_hooks import read_host, share_kernel_cache
 
 try:  # inside classic Exo the engine is a real InferenceEngine; without Exo it stands alone
     from exo.inference.inference_engine import InferenceEngine as _EngineBase

@@ -29,10 +29,10 @@ import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.nn.state import safe_load, safe_save, torch_load
 
-from ..config import ModelConfig
-from ..model import Linear, Transformer
-from ..packed import PackedWeight
-from ..ops import take, topk_ids
+from ..model.config import ModelConfig
+from ..model.transformer import Linear, Transformer
+from ..kernels.packed import PackedWeight
+from ..kernels.ops import take, topk_ids
 
 log = logging.getLogger(__name__)
 WEIGHTS_FILE = "medusa_lm_head.safetensors"

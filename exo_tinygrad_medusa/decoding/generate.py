@@ -10,10 +10,10 @@ from typing import Callable
 import numpy as np
 from tinygrad import Tensor
 
-from .medusa.heads import MedusaHeads
-from .medusa.lookup import Grafter, LookupConfig, NgramIndex, NoProposals, SourceScores, common_prefix
-from .medusa.tree import PLAIN, MedusaTree, chain
-from .model import KVCache, Transformer
+from .heads import MedusaHeads
+from .lookup import Grafter, LookupConfig, NgramIndex, NoProposals, SourceScores, common_prefix
+from .tree import PLAIN, MedusaTree, chain
+from ..model.transformer import KVCache, Transformer
 from .sampling import GenerationConfig
 from .steps import ShardSteps
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .medusa.tree import MedusaTree
+from .tree import MedusaTree
 
 
 @dataclass(frozen=True)

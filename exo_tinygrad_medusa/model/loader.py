@@ -9,10 +9,10 @@ from pathlib import Path
 from tinygrad import Device
 
 from .config import ModelConfig
-from .model import Transformer
+from .transformer import Transformer
 from .registry import ResolvedModel, resolve
 from .shard import Shard
-from .tinygrad_hooks import gguf_load_blocks, install as install_hooks
+from ..kernels.tinygrad_hooks import gguf_load_blocks, install as install_hooks
 from .tokenizer import Tokenizer
 from .weights import DTYPES, gguf_packed, gguf_tensors, load_into, safetensors_tensors
 

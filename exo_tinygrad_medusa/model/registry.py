@@ -14,7 +14,7 @@ def _models_dir() -> Path:
     install finds the repo's. EXO_MEDUSA_MODELS_DIR overrides both."""
     if override := os.environ.get("EXO_MEDUSA_MODELS_DIR"):
         return Path(override)
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     return package / "models" if (package / "models").is_dir() else package.parent / "models"
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from tinygrad import Device
 
 from .generate import Generator
-from .loader import LoadedModel, load_model
-from .medusa.heads import MedusaHeads, load_heads_for
-from .medusa.tree import PLAIN, MedusaTree, load_tree
+from ..model.loader import LoadedModel, load_model
+from .heads import MedusaHeads, load_heads_for
+from .tree import PLAIN, MedusaTree, load_tree
 
 log = logging.getLogger(__name__)
 # verifying 8 tokens cost 2.4 plain steps on a 2-core CPU against 1.3-1.4 for 2-4 (bench, tinygrad 0.14): stay small

@@ -11,8 +11,8 @@ from tinygrad import Tensor, dtypes
 from tinygrad.nn.state import safe_load
 
 from .config import ModelConfig
-from .model import Transformer
-from .packed import BLOCK, GGML_BLOCK_BYTES, PackedWeight, pack_ggml
+from .transformer import Transformer
+from ..kernels.packed import BLOCK, GGML_BLOCK_BYTES, PackedWeight, pack_ggml
 
 log = logging.getLogger(__name__)
 

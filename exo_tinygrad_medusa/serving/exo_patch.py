@@ -33,9 +33,9 @@ import uuid
 import numpy as np
 
 from .engine import TINYGRAD_EXECUTOR, MedusaInferenceEngine, StepState
-from .registry import DEFAULT_MODEL, cards, resolve
-from .session import MedusaOptions
-from .tokenizer import Tokenizer
+from ..model.registry import DEFAULT_MODEL, cards, resolve
+from ..decoding.session import MedusaOptions
+from ..model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 ENGINE_NAMES = ("tinygrad", "medusa")

@@ -27,9 +27,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .prompts import Prompt, load_prompts
-from .registry import resolve
-from .ring import LinkConfig, LocalRing, Ring, RingResult, ShardSpec, split_layers
+from ..prompts import Prompt, load_prompts
+from ..model.registry import resolve
+from ..serving.ring import LinkConfig, LocalRing, Ring, RingResult, ShardSpec, split_layers
 
 log = logging.getLogger(__name__)
 DEFAULT_DELAYS_MS = (0.0, 2.0, 5.0, 20.0)
@@ -328,7 +328,7 @@ EXO_NODE_FLAG = "--exo-node-with-link-delay-ms"
 def run_exo_comparison(cfg: RingBenchConfig, delay_ms: float, timeout_s: float = 1800.0) -> dict:
     """The first prompt on a two-node Exo ring (two processes, Exo's gRPC on loopback, our engine inside), plain
     then Medusa: decode seconds from the first streamed chunk to the last, and whether the texts agree."""
-    from .exo_patch import exo_available
+    from ..serving.exo_patch import exo_available
     if not exo_available():
         return {"skipped": "classic Exo (github.com/exo-explore/exo) is not importable here; install it beside this "
                            "package as the README says and rerun with --exo"}
@@ -362,7 +362,7 @@ def _exo_ring_request(cfg: RingBenchConfig, text: str, medusa: bool, delay_ms: f
         nodes = []
         try:
             for i in range(2):
-                argv = [sys.executable, "-m", "exo_tinygrad_medusa.bench_ring", EXO_NODE_FLAG, str(delay_ms),
+                argv = [sys.executable, "-m", "exo_tinygrad_medusa.bench.bench_ring", EXO_NODE_FLAG, str(delay_ms),
                         "--inference-engine", "tinygrad", *flags, "--disable-tui", "--discovery-module", "manual",
                         "--discovery-config-path", str(config), "--node-id", f"node{i + 1}", "--node-host",
                         "127.0.0.1", "--node-port", str(ports[i]), "--chatgpt-api-port", str(ports[2 + i]),
@@ -421,7 +421,7 @@ def exo_node_main(argv: list[str]) -> int:
     delay_s = float(argv[0]) / 1e3
     from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 
-    from .exo_patch import run_exo
+    from ..serving.exo_patch import run_exo
 
     def delayed(send):
         async def send_after_delay(self, *args, **kwargs):

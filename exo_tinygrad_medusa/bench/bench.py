@@ -18,19 +18,19 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp
 
-from .options import session_from_args
-from .generate import GenerationResult, Generator
-from .medusa.heads import MedusaHeads, random_heads
-from .medusa.tree import PLAIN, MedusaTree, load_tree
-from .prompts import Prompt, load_prompts
-from .model import KVCache, Transformer, causal_mask
-from .registry import resolve
-from .sampling import GenerationConfig
-from .session import Session, default_tree_spec, open_session
-from .tinygrad_hooks import kernel_mode, read_host
+from ..options import session_from_args
+from ..decoding.generate import GenerationResult, Generator
+from ..decoding.heads import MedusaHeads, random_heads
+from ..decoding.tree import PLAIN, MedusaTree, load_tree
+from ..prompts import Prompt, load_prompts
+from ..model.transformer import KVCache, Transformer, causal_mask
+from ..model.registry import resolve
+from ..decoding.sampling import GenerationConfig
+from ..decoding.session import Session, default_tree_spec, open_session
+from ..kernels.tinygrad_hooks import kernel_mode, read_host
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 COST_SIZES = (1, 2, 4, 8, 16, 32, 64)
 COST_START_POS = 128      # a typical position mid-answer; attention over the prefix is part of the verify cost
 RANDOM_HEADS_NOTE = "random (speed-only run: acceptance and speedup do not reflect trained heads)"
@@ -429,5 +429,3 @@ def register(subparsers, model_args, generation_args) -> None:
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the full report as JSON")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="plot speedup per category and the cost curve")
     p.set_defaults(func=cmd_bench)
-    from . import tune  # tune-tree shares the cost curve; registered here so cli.py needs no new module
-    tune.register(subparsers, model_args, generation_args)

@@ -10,12 +10,12 @@ import functools
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp, dtypes
 
-from .medusa.heads import MedusaHeads
-from .medusa.tree import PLAIN, MedusaTree
-from .model import KVCache, Transformer, causal_mask, compact_layers
-from .ops import take
+from .heads import MedusaHeads
+from .tree import PLAIN, MedusaTree
+from ..model.transformer import KVCache, Transformer, causal_mask, compact_layers
+from ..kernels.ops import take
 from .sampling import GenerationConfig, exact_accept, probabilities, sample, typical_accept
-from .tinygrad_hooks import device_buffer, read_host, write_host
+from ..kernels.tinygrad_hooks import device_buffer, read_host, write_host
 
 # prefill chunk sizes: a 512-token prompt runs as four 128-token steps, a 50-token one as two padded 32-token steps
 PREFILL_CHUNKS = (128, 32)
