@@ -8,7 +8,7 @@ from tinygrad import Tensor, TinyJit, UOp, dtypes
 
 from exo_tinygrad_medusa.kernels import tinygrad_hooks as hooks
 from exo_tinygrad_medusa.model.transformer import Linear
-from exo_tinygrad_medusa.kernels.packed import Q4_1, Q8_0, pack_ggml
+from exo_tinygrad_medusa.kernels.packed import Q4_0, Q4_1, Q8_0, pack_ggml, widen_half
 
 hooks.install()
 
@@ -182,42 +182,83 @@ def test_host_copies_reach_a_captured_step_without_scheduling(monkeypatch):
         hooks.write_host(tokens, np.zeros(2))
 
 
+def _scales(rng, shape, low: float, high: float) -> np.ndarray:
+    """float16 scales as bytes: mostly in [low, high), some negative, some float16 subnormals and zeros (the widening
+    in the products must get every float16 exactly)."""
+    d = rng.uniform(low, high, shape).astype(np.float16)
+    d[rng.random(shape) < 0.2] *= -1
+    d[rng.random(shape) < 0.05] = 0
+    tiny = rng.random(shape) < 0.1
+    d[tiny] = rng.integers(1, 1024, tiny.sum(), dtype=np.uint16).view(np.float16)   # subnormal float16
+    return d.view(np.uint8)
+
+
+def _q4_0_blocks(rng, rows: int, cols: int) -> np.ndarray:
+    blocks = np.zeros((rows, cols // 32, 18), np.uint8)
+    blocks[..., 0:2] = _scales(rng, (rows, cols // 32, 1), 0.01, 0.1)
+    blocks[..., 2:] = rng.integers(0, 256, (rows, cols // 32, 16), dtype=np.uint8)
+    return blocks.reshape(-1)
+
+
 def _q4_1_blocks(rng, rows: int, cols: int) -> np.ndarray:
     blocks = np.zeros((rows, cols // 32, 20), np.uint8)
-    blocks[..., 0:2] = rng.uniform(0.01, 0.1, (rows, cols // 32, 1)).astype(np.float16).view(np.uint8)
-    blocks[..., 2:4] = rng.uniform(-1, 0, (rows, cols // 32, 1)).astype(np.float16).view(np.uint8)
+    blocks[..., 0:2] = _scales(rng, (rows, cols // 32, 1), 0.01, 0.1)
+    blocks[..., 2:4] = _scales(rng, (rows, cols // 32, 1), -1, 0)
     blocks[..., 4:] = rng.integers(0, 256, (rows, cols // 32, 16), dtype=np.uint8)
     return blocks.reshape(-1)
 
 
 def _q8_0_blocks(rng, rows: int, cols: int) -> np.ndarray:
     blocks = np.zeros((rows, cols // 32, 34), np.uint8)
-    blocks[..., 0:2] = rng.uniform(0.001, 0.02, (rows, cols // 32, 1)).astype(np.float16).view(np.uint8)
+    blocks[..., 0:2] = _scales(rng, (rows, cols // 32, 1), 0.001, 0.02)
     blocks[..., 2:] = rng.integers(0, 256, (rows, cols // 32, 32), dtype=np.uint8)
     return blocks.reshape(-1)
 
 
-@pytest.mark.parametrize("ggml_type", [Q4_1, Q8_0])
-def test_packed_weights_hold_exactly_the_loaders_float32_values(ggml_type):
+BLOCKS = {Q4_0: _q4_0_blocks, Q4_1: _q4_1_blocks, Q8_0: _q8_0_blocks}
+PACKED_TYPES = list(BLOCKS)
+BYTES_PER_WEIGHT = {Q4_0: 0.5625, Q4_1: 0.625, Q8_0: 1.0625}
+
+
+def test_float16_bits_widen_exactly():
+    """Every finite float16, widened by integer ops (the tinygrad fallback of the packed products): bit for bit
+    numpy's conversion, subnormals and signed zeros included."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    finite = np.isfinite(bits.view(np.float16))
+    got = widen_half(Tensor(bits[finite])).numpy()
+    assert np.array_equal(got.view(np.uint32), bits[finite].view(np.float16).astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("ggml_type", PACKED_TYPES)
+def test_packed_weights_hold_exactly_the_loaders_float32_values(ggml_type, monkeypatch):
+    """The packed form keeps the GGUF's bytes a weight (4-bit codes two to a byte, float16 scales), and both
+    products, the hand-written C and tinygrad's own kernel (other devices), read exactly the loader's float32 values."""
     from tinygrad.llm.gguf import ggml_data_to_tensor
     rng = np.random.default_rng(2)
     rows, cols = 48, 64
-    raw = (_q4_1_blocks if ggml_type == Q4_1 else _q8_0_blocks)(rng, rows, cols)
+    raw = BLOCKS[ggml_type](rng, rows, cols)
     dense = ggml_data_to_tensor(Tensor(raw), rows * cols, ggml_type).reshape(rows, cols).numpy()
     order = np.random.default_rng(3).permutation(rows)
     linear = Linear(cols, rows)
     Tensor.realize(*linear.set(pack_ggml(raw, ggml_type, (rows, cols), order)))
+    assert linear.weight.nbytes == rows * cols * BYTES_PER_WEIGHT[ggml_type]
     assert np.array_equal(linear.matrix().numpy(), dense[order])  # bit for bit, rows permuted as asked
     x = rng.standard_normal((1, 2, cols)).astype(np.float32)
     np.testing.assert_allclose(linear(Tensor(x)).numpy(), x @ dense[order].T, rtol=1e-5, atol=1e-5)
+    # one-hot inputs: each token's outputs are one row of the weights, dequantized by the hand-written kernel
+    np.testing.assert_array_equal(linear(Tensor(np.eye(cols, dtype=np.float32)[None])).numpy()[0], dense[order].T)
+    monkeypatch.setenv("EXO_MEDUSA_KERNELS", "tuned")   # tinygrad's kernel over the same packed tensors
+    assert not hooks.hand_kernels("CPU")
+    np.testing.assert_allclose(linear(Tensor(x)).numpy(), x @ dense[order].T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(linear(Tensor(np.eye(cols, dtype=np.float32)[None])).numpy()[0], dense[order].T)
 
 
-@pytest.mark.parametrize("ggml_type", [Q4_1, Q8_0])
+@pytest.mark.parametrize("ggml_type", PACKED_TYPES)
 def test_packed_rows_are_the_same_rows_still_packed(ggml_type):
     """A proposal vocabulary's rows taken from a packed lm_head: bit for bit the dense rows, in the order asked."""
     rng = np.random.default_rng(4)
     rows, cols = 64, 64
-    raw = (_q4_1_blocks if ggml_type == Q4_1 else _q8_0_blocks)(rng, rows, cols)
+    raw = BLOCKS[ggml_type](rng, rows, cols)
     full = Linear(cols, rows)
     Tensor.realize(*full.set(pack_ggml(raw, ggml_type, (rows, cols))))
     ids = np.array([3, 60, 0, 17, 18, 19, 44, 2])
@@ -233,14 +274,14 @@ def _hand_programs() -> set[str]:
     return {p.arg.name for p in to_program_cache.values() if p.arg.name.startswith("packed_")}
 
 
-@pytest.mark.parametrize("ggml_type", [Q4_1, Q8_0])
+@pytest.mark.parametrize("ggml_type", PACKED_TYPES)
 def test_packed_products_run_the_hand_written_kernel_and_match_the_float_product(ggml_type):
     """Products with packed weights compile from product_kernels' C (one or several cores, any token count, batches)
     and equal the product with the dequantized matrix."""
     assert hooks.hand_kernels("CPU") and hooks.kernel_mode()["packed_products"] == "hand"
     rng = np.random.default_rng(5)
     for rows, cols in ((1024, 576), (48, 64)):   # split over the cores, and on one core
-        raw = (_q4_1_blocks if ggml_type == Q4_1 else _q8_0_blocks)(rng, rows, cols)
+        raw = BLOCKS[ggml_type](rng, rows, cols)
         linear = Linear(cols, rows)
         Tensor.realize(*linear.set(pack_ggml(raw, ggml_type, (rows, cols))))
         dense = linear.matrix().numpy()
@@ -250,18 +291,18 @@ def test_packed_products_run_the_hand_written_kernel_and_match_the_float_product
             got = linear(Tensor(x)).numpy()
             np.testing.assert_allclose(got, x @ dense.T, rtol=2e-5, atol=2e-5 * np.abs(x @ dense.T).max())
             tokens = shape[0] * shape[1]
-            suffix = "m" if ggml_type == Q4_1 else "o128"
+            suffix = {Q4_0: "q4o8", Q4_1: "q4m", Q8_0: "q8o128"}[ggml_type]
             assert f"packed_{suffix}_{tokens}_{cols}_{rows}" in _hand_programs() - before or \
                 f"packed_{suffix}_{tokens}_{cols}_{rows}" in before, f"{shape}: tinygrad's kernel ran, not the hand-written one"
 
 
-@pytest.mark.parametrize("ggml_type", [Q4_1, Q8_0])
+@pytest.mark.parametrize("ggml_type", PACKED_TYPES)
 def test_a_tokens_outputs_do_not_depend_on_the_other_tokens_of_the_step(ggml_type):
     """Bit for bit: the outputs for a token are the same alone (a decode step) and among 2, 5 or 8 tokens (a verify
     step), so a product never makes Medusa's logits differ from plain decoding's."""
     rng = np.random.default_rng(6)
     rows, cols = 512, 576
-    raw = (_q4_1_blocks if ggml_type == Q4_1 else _q8_0_blocks)(rng, rows, cols)
+    raw = BLOCKS[ggml_type](rng, rows, cols)
     linear = Linear(cols, rows)
     Tensor.realize(*linear.set(pack_ggml(raw, ggml_type, (rows, cols))))
     x = rng.standard_normal((1, 8, cols)).astype(np.float32)

@@ -1,15 +1,16 @@
 """C source of the CPU kernel for a product with packed weights (packed.PackedWeight), written by hand.
 
 tinygrad renders a product as scalar C over 4-wide loads; clang then vectorises it 4 floats at a time and spends
-most of the time unpacking codes (shift, mask, convert, one lane at a time). Here one panel row (16 codes, 16 bytes)
-is widened to 16 floats in two instructions (zero-extend bytes, convert), dequantized with one multiply-add against the
-block's scales and minimums, and then serves every token of a group with one multiply-add each: 16 floats per
-instruction where the CPU has them (AVX-512), split by clang into what it has elsewhere (AVX2, NEON).
+most of the time unpacking codes (shift, mask, convert, one lane at a time). Here one load of 16 bytes (a panel row of
+8-bit codes, or two rows of 4-bit codes, split by a mask and a shift in registers) is widened to 16 floats per row in
+two instructions (zero-extend bytes, convert), dequantized with one multiply-add against the block's scales and
+minimums (float16 bits, widened once a block), and then serves every token of a group with one multiply-add each: 16
+floats per instruction where the CPU has them (AVX-512), split by clang into what it has elsewhere (AVX2, NEON).
 
 Numerics: every token accumulates its products in the same order whatever the number of tokens in the step (two
 running sums, even and odd rows, added at the end), so a token's outputs are bit for bit the same in a one-token
-decode step and in a many-token verify step. The dequantized weight is q * d + m in one rounding (fused), as clang
-contracts tinygrad's own kernel.
+decode step and in a many-token verify step. The dequantized weight q * d + m is the loader's float32 value: q * d is
+exact (a code of at most 8 bits times a float16), so the one rounding of the sum is the loader's.
 """
 from __future__ import annotations
 
@@ -30,19 +31,21 @@ class PackedProduct:
     tokens: int             # rows of x (batch x sequence), fixed per captured step
     rows: int               # the input features (the reduction), a multiple of 32
     panels: int             # output features / 16
-    minimum: bool           # Q4_1: w = q * d + m; else Q8_0: w = d * (q - offset)
+    minimum: bool           # Q4_1: w = q * d + m; else Q4_0, Q8_0: w = d * (q - offset)
     offset: int = 0
     threads: int = 1        # slices of the panels, one per core (the pool passes the slice as core_id)
+    bits: int = 8           # 4: two codes to a byte (rows 2i, 2i + 1 in the low, high nibble)
 
     def source(self, name: str, params: list[str]) -> str:
         """The kernel `name`; params: the C parameter list in the order tinygrad passes arguments ("out", "x",
         "words", "scale", "minimum" for the buffers, "core_id" for the slice)."""
         c_params = {"out": "float* restrict out", "x": "const float* restrict x", "words": "const unsigned int* restrict words",
-                    "scale": "const float* restrict scale", "minimum": "const float* restrict minimum", "core_id": "const int core_id"}
+                    "scale": "const unsigned short* restrict scale", "minimum": "const unsigned short* restrict minimum",
+                    "core_id": "const int core_id"}
         outputs = self.panels * WIDTH
         perm, inv = ",".join(map(str, BYTE_OUTPUT)), ",".join(map(str, OUTPUT_BYTE))
         if self.minimum:
-            minimum_line = f"const f16v m = __builtin_shufflevector(*(const f16v*)(minimum + sb), *(const f16v*)(minimum + sb), {perm});"
+            minimum_line = f"const f16v m0 = widen_half(minimum + sb), m = __builtin_shufflevector(m0, m0, {perm});"
         else:  # d * (q - offset) as one multiply-add: q * d + (-offset * d)
             minimum_line = f"const f16v m = d * (float)-{self.offset};"
         group = group_size()
@@ -50,10 +53,10 @@ class PackedProduct:
         full = self.tokens - self.tokens % group
         first, last = ("0", str(self.panels)) if self.threads == 1 else \
             (f"core_id * {self.panels} / {self.threads}", f"(core_id + 1) * {self.panels} / {self.threads}")
-        lines = [PRELUDE, *(_group_function(size, self.rows, outputs, perm, inv, minimum_line) for size in sizes),
+        lines = [PRELUDE, *(_group_function(size, self.rows, outputs, perm, inv, minimum_line, self.bits) for size in sizes),
                  f"void {name}({', '.join(c_params[p] for p in params)}) {{"]
         if "minimum" not in params:
-            lines.append("  const float* minimum = 0;")
+            lines.append("  const unsigned short* minimum = 0;")
         lines.append(f"  for (int p = {first}; p < {last}; p++) {{")
         if full:
             lines.append(f"    for (int n = 0; n < {full}; n += {group}) group{group}(out, x, words, scale, minimum, p, n);")
@@ -76,27 +79,46 @@ def group_size() -> int:
 # codes are read this many bytes ahead (128 rows): the hardware prefetcher alone left a 1-token step ~20% slower
 # (interleaved A/B: 12.7 -> 10.2 ms at position 128; 4 tokens 14.0 -> 13.0)
 PREFETCH = 2048
+# widen_half: 16 float16 bits -> float32 (in byte order), exactly, as packed.widen_half: (mantissa with its implicit
+# bit) * 2^(exponent - 25) with the power of two built as float32 bits, so no float16 type and no subnormal float32
 PRELUDE = r"""typedef float f16v __attribute__((aligned(4), ext_vector_type(16)));
-typedef unsigned char u8x16 __attribute__((aligned(1), ext_vector_type(16)));"""
+typedef unsigned char u8x16 __attribute__((aligned(1), ext_vector_type(16)));
+typedef unsigned short u16x16 __attribute__((aligned(2), ext_vector_type(16)));
+typedef unsigned int u32x16 __attribute__((aligned(4), ext_vector_type(16)));
+static inline __attribute__((always_inline)) f16v widen_half(const unsigned short* p) {
+  const u32x16 b = __builtin_convertvector(*(const u16x16*)p, u32x16);
+  const u32x16 e = (b >> 10) & 31;
+  const u32x16 mantissa = (b & 1023) | ((u32x16)(e != 0) & 1024);
+  const u32x16 power = ((e | ((u32x16)(e == 0) & 1)) + 102) << 23;
+  const f16v magnitude = __builtin_convertvector(mantissa, f16v) * (f16v)power;
+  return (f16v)((u32x16)magnitude | ((b & 0x8000) << 16));
+}"""
 
 
-def _group_function(size: int, rows: int, outputs: int, perm: str, inv: str, minimum_line: str) -> str:
+def _group_function(size: int, rows: int, outputs: int, perm: str, inv: str, minimum_line: str, bits: int) -> str:
     """static void group<size>: `size` consecutive tokens from n, one panel p."""
     blocks = rows // BLOCK
+    row_bytes = 16 * bits // 8   # bytes of codes a panel row takes (4-bit: a 16-byte load holds rows r and r + 1)
     lines = [f"static inline __attribute__((always_inline)) void group{size}(float* restrict out, const float* restrict x, "
-             "const unsigned int* restrict words, const float* restrict scale, const float* restrict minimum, int p, int n) {"]
+             "const unsigned int* restrict words, const unsigned short* restrict scale, const unsigned short* restrict minimum, "
+             "int p, int n) {"]
     for t in range(size):
         lines.append(f"  f16v even{t} = 0, odd{t} = 0;")
-    lines.append(f"  const unsigned char* codes = (const unsigned char*)(words + (long)p * {rows * 4});")
+    lines.append(f"  const unsigned char* codes = (const unsigned char*)(words + (long)p * {rows * row_bytes // 4});")
     lines.append(f"  const float* xs = x + (long)n * {rows};")
     lines.append(f"  for (int b = 0; b < {blocks}; b++) {{")
     lines.append(f"    const int sb = (p * {blocks} + b) * 16;")
-    lines.append(f"    const f16v d = __builtin_shufflevector(*(const f16v*)(scale + sb), *(const f16v*)(scale + sb), {perm});")
+    lines.append(f"    const f16v d0 = widen_half(scale + sb), d = __builtin_shufflevector(d0, d0, {perm});")
     lines.append(f"    {minimum_line}")
     lines.append(f"    for (int r = b * {BLOCK}; r < b * {BLOCK} + {BLOCK}; r += 2) {{")
-    lines.append(f"      __builtin_prefetch(codes + r * 16 + {PREFETCH}, 0, 0);")
-    lines.append("      const f16v w0 = __builtin_convertvector(*(const u8x16*)(codes + r * 16), f16v) * d + m;")
-    lines.append("      const f16v w1 = __builtin_convertvector(*(const u8x16*)(codes + r * 16 + 16), f16v) * d + m;")
+    lines.append(f"      __builtin_prefetch(codes + r * {row_bytes} + {PREFETCH}, 0, 0);")
+    if bits == 4:
+        lines.append(f"      const u8x16 v = *(const u8x16*)(codes + r * {row_bytes});")
+        lines.append("      const f16v w0 = __builtin_convertvector(v & 15, f16v) * d + m;")
+        lines.append("      const f16v w1 = __builtin_convertvector(v >> 4, f16v) * d + m;")
+    else:
+        lines.append("      const f16v w0 = __builtin_convertvector(*(const u8x16*)(codes + r * 16), f16v) * d + m;")
+        lines.append("      const f16v w1 = __builtin_convertvector(*(const u8x16*)(codes + r * 16 + 16), f16v) * d + m;")
     for t in range(size):
         lines.append(f"      even{t} += xs[{t * rows} + r] * w0;")
         lines.append(f"      odd{t} += xs[{t * rows} + r + 1] * w1;")

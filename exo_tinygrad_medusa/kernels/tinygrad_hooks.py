@@ -580,9 +580,9 @@ def expect_packed_product(x: "Tensor", weight, product) -> None:
     from tinygrad import Tensor
     from .products import PackedProduct, WIDTH
     from .packed import PackedWeight
-    panels, rows, quarter = weight.words.shape
-    tokens = math.prod(x.shape[:-1])
-    key = (tuple(x.shape), str(x.device), tuple(weight.words.shape), weight.minimum is not None, weight.offset)
+    (outputs, rows), quarter = weight.shape, weight.words.shape[2]
+    panels, tokens = outputs // WIDTH, math.prod(x.shape[:-1])
+    key = (tuple(x.shape), str(x.device), tuple(weight.words.shape), weight.minimum is not None, weight.offset, weight.bits)
     if key in _announced:
         return
     _announced.add(key)
@@ -590,7 +590,8 @@ def expect_packed_product(x: "Tensor", weight, product) -> None:
         return
     empty = lambda t: Tensor.empty(*t.shape, dtype=t.dtype, device=t.device)
     ref_x = empty(x)
-    ref_w = PackedWeight(*(None if t is None else empty(t) for t in (weight.words, weight.scale, weight.minimum)), offset=weight.offset)
+    ref_w = PackedWeight(*(None if t is None else empty(t) for t in (weight.words, weight.scale, weight.minimum)),
+                         offset=weight.offset, bits=weight.bits)
     out = product(ref_x, ref_w).contiguous()
     calls = [c for c in out.schedule_linear().src if c.op is Ops.CALL]
     if len(calls) != 1:
@@ -607,7 +608,7 @@ def expect_packed_product(x: "Tensor", weight, product) -> None:
         return
     work = tokens * rows * panels * WIDTH
     threads = NUM_THREADS() if work >= MIN_THREAD_WORK and panels >= NUM_THREADS() else 1
-    spec = PackedProduct(tokens, rows, panels, weight.minimum is not None, weight.offset, threads)
+    spec = PackedProduct(tokens, rows, panels, weight.minimum is not None, weight.offset, threads, weight.bits)
     _packed_products[call.src[0].key] = (spec, tuple(roles))
 
 
@@ -626,7 +627,7 @@ def _hand_program(sink: UOp, renderer) -> UOp | None:
     expect_hand_kernel (by its name), else None."""
     if (found := _packed_products.get(sink.key)) is not None:
         spec, roles = found
-        suffix = "m" if spec.minimum else f"o{spec.offset}"
+        suffix = f"q{spec.bits}" + ("m" if spec.minimum else f"o{spec.offset}")
         name = f"packed_{suffix}_{spec.tokens}_{spec.rows}_{spec.panels * 16}"
         params = [*roles, *(["core_id"] if spec.threads > 1 else [])]
         return _c_program(sink.replace(arg=replace(sink.arg, name=name)), spec.threads, lambda fn: spec.source(fn, params), renderer)
