@@ -59,7 +59,10 @@ def ring_config(tmp_path: Path, ports: list[int]) -> Path:
 
 
 def exo_node(model, config: Path, node: int, port: int, api_port: int, *command: str) -> list[str]:
+    # --default-model: Exo's API serves only models it has cards for and answers any other name with its default
+    # model; a node started without `run MODEL` knows a local directory only as that default
     return [sys.executable, "-m", "exo_tinygrad_medusa", *command, "--inference-engine", "tinygrad", *model["medusa"],
+            "--default-model", model["dir"],
             "--disable-tui", "--discovery-module", "manual", "--discovery-config-path", str(config),
             "--node-id", f"node{node}", "--node-host", "127.0.0.1", "--node-port", str(port),
             "--chatgpt-api-port", str(api_port), "--max-generate-tokens", str(MAX_TOKENS), "--default-temp", "0",

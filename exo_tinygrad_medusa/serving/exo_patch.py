@@ -224,12 +224,27 @@ async def resolve_tokenizer(repo_id: str) -> ExoTokenizer:
 
 
 # -- 6: several tokens per step ----------------------------------------------------------------------------------
+def complete_text(tokenizer, tokens: list[int], eos: set[int]) -> bool:
+    """Whether `tokens` decode to whole characters. Exo's API decodes each streamed chunk on its own, so a chunk that
+    ends inside a character's UTF-8 bytes would show (and keep) a replacement character the full text does not have.
+    A genuinely invalid byte also ends in one: it is held only until more tokens or the end of the request."""
+    return not tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).endswith("\ufffd")
+
+
+async def _broadcast_after(node, previous: asyncio.Task | None, request_id: str, tokens: list[int],
+                           finished: bool) -> None:
+    if previous is not None:  # broadcast_result reports its own failures; only the order matters here
+        await asyncio.gather(previous, return_exceptions=True)
+    await node.broadcast_result(request_id, tokens, finished)
+
+
 async def process_inference_result(self, shard, result: np.ndarray, request_id: str | None = None,
                                    inference_state: dict | None = None):
     """Exo's node loop, for engines whose last shard returns every token of a step (Exo's samples one and calls
     .item()). Tokens are kept up to the first EOS and --max-generate-tokens; the engine's own end of generation
     (`finish_reason` in the ring state) also ends the request; the emitted tokens go back to the first shard with
-    the state."""
+    the state. Callbacks and peers get the tokens in chunks that end on whole characters (see complete_text), and
+    in order: each broadcast to the peers waits for the request's previous one."""
     buffered = self.buffered_token_output.setdefault(request_id, ([], False))[0]
     finished = False
     forward = result
@@ -246,8 +261,18 @@ async def process_inference_result(self, shard, result: np.ndarray, request_id: 
         step = StepState.from_state(inference_state)
         finished = (not new_tokens or new_tokens[-1] in eos or len(buffered) >= self.max_generate_tokens
                     or bool(step and step.finish_reason))
-        self.trigger_on_token_callbacks(request_id, new_tokens, finished)
-        asyncio.create_task(self.broadcast_result(request_id, new_tokens, finished))
+        held = _held_tokens(self).setdefault(request_id, [])
+        held.extend(new_tokens)
+        if finished or (held and complete_text(engine.tokenizer, held, eos)):
+            chunk = held[:]
+            held.clear()
+            self.trigger_on_token_callbacks(request_id, chunk, finished)
+            broadcasts = _broadcasts(self)
+            broadcasts[request_id] = asyncio.create_task(
+                _broadcast_after(self, broadcasts.get(request_id), request_id, chunk, finished))
+        if finished:
+            _held_tokens(self).pop(request_id, None)
+            _broadcasts(self).pop(request_id, None)
         forward = np.array([new_tokens], dtype=np.int64)
     if finished:
         self.buffered_token_output[request_id] = (buffered, True)
@@ -257,6 +282,16 @@ async def process_inference_result(self, shard, result: np.ndarray, request_id: 
         asyncio.create_task(self.forward_tensor(shard, forward, request_id, self.get_partition_index(offset=1),
                                                 inference_state))
     return np.array(buffered)
+
+
+def _held_tokens(node) -> dict[str, list[int]]:
+    """Per request: tokens emitted by the engine but not yet given to callbacks (an unfinished character)."""
+    return node.__dict__.setdefault("_medusa_held_tokens", {})
+
+
+def _broadcasts(node) -> dict[str, asyncio.Task]:
+    """Per live request: its latest broadcast to the peers, which the next one waits for."""
+    return node.__dict__.setdefault("_medusa_broadcasts", {})
 
 
 # -- 7: inference_state over gRPC --------------------------------------------------------------------------------
