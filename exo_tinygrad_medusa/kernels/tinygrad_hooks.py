@@ -19,6 +19,13 @@ tests/test_tinygrad_hooks.py, which fails loudly when an upgrade moves what this
    straight to and from realized buffers instead of through the scheduler.
 7. Hand-written C kernels (`_hand_program`): packed products (product_kernels.py) matched by their whole AST, and
    kernels requested by name through Tensor.custom_kernel (attention_kernel.py), compiled from our C source.
+8. Devices without native float16 (`emulates_float16`). Sections 1-3 and 7 apply to the CPU device only (each checks
+   the device; GPU-style devices such as CL, CUDA, METAL keep tinygrad's own kernels and launches, packed weights
+   included). tinygrad 0.14 BUG: where the renderer lacks float16 (pocl's OpenCL on a CPU has no cl_khr_fp16), float16
+   is emulated as float32, and the emulation breaks every reduction computed in float16 (a max, or the one-hot sum of
+   an embedding gather): its accumulator comes out as AFTER(CAST(...)), which fails UOp verification ("UOp
+   verification failed ... Ops.AFTER") when the kernel compiles. Workaround: such devices default to float32, and
+   --dtype float16 there is refused with that reason (model/loader.py).
 """
 from __future__ import annotations
 
@@ -652,6 +659,14 @@ def _c_program(sink: UOp, threads: int, source: Callable[[str], str], renderer) 
     info = ProgramInfo(sink.arg.name, (threads, 1, 1), (1, 1, 1), variables, slots, slots[:1], slots[1:], renderer.target)
     # the LINEAR lists the arguments (the loader's signature reads them)
     return UOp(Ops.PROGRAM, src=(sink, UOp(Ops.LINEAR, src=buffers), UOp(Ops.SOURCE, arg=source(info.function_name))), arg=info)
+
+
+# -- 8. devices without native float16 -------------------------------------------------------------------------------
+def emulates_float16(device: str) -> bool:
+    """Whether tinygrad would emulate float16 on `device` (its renderer has no native float16): reductions in float16
+    then fail to compile there (tinygrad 0.14; see section 8 of the module docstring)."""
+    from tinygrad import Device, dtypes
+    return dtypes.half not in Device[device].renderer.supported_dtypes()
 
 
 # -- installing ----------------------------------------------------------------------------------------------------

@@ -6,13 +6,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinygrad import Device
-
 from .config import ModelConfig
 from .transformer import Transformer
 from .registry import ResolvedModel, resolve
 from .shard import Shard
-from ..kernels.tinygrad_hooks import gguf_load_blocks, install as install_hooks
+from ..kernels.tinygrad_hooks import emulates_float16, gguf_load_blocks, install as install_hooks
+from .device import choose_device
 from .tokenizer import Tokenizer
 from .weights import DTYPES, gguf_packed, gguf_tensors, load_into, safetensors_tensors
 
@@ -34,8 +33,12 @@ class LoadedModel:
 
 
 def default_dtype(device: str) -> str:
-    # CPUs have no native half arithmetic: float16 was 2.5x slower than float32 there
-    return "float32" if device.split(":")[0] in ("CPU", "CLANG", "LLVM", "PYTHON") else "float16"
+    # CPUs have no native half arithmetic: float16 was 2.5x slower than float32 there. Where the device's compiler has
+    # no float16 at all (pocl's OpenCL), tinygrad emulates it and its emulation breaks reductions (tinygrad_hooks
+    # section 8)
+    if device.split(":")[0] in ("CPU", "CLANG", "LLVM", "PYTHON") or emulates_float16(device):
+        return "float32"
+    return "float16"
 
 
 WEIGHT_FORMATS = ("compact", "float32")
@@ -45,8 +48,8 @@ def load_model(model: str | None = None, shard: Shard | None = None, *, dtype: s
                max_context: int | None = 2048, weights: str | None = None) -> LoadedModel:
     """weights: "compact" keeps a GGUF's Q4_1/Q8_0 codes packed and dequantizes them inside the products (the same
     float32 values, ~3x fewer bytes read); "float32" dequantizes on load. Default: compact for a GGUF in float32."""
+    device, _ = choose_device(device)  # first: a device that cannot run is one clear error before any work
     install_hooks()
-    device = Device.canonicalize(device) if device else Device.DEFAULT
     dtype = dtype or default_dtype(device)
     if weights is not None and weights not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
@@ -55,6 +58,9 @@ def load_model(model: str | None = None, shard: Shard | None = None, *, dtype: s
     if dtype == "bfloat16" and default_dtype(device) == "float32":
         raise ValueError(f"--dtype bfloat16 is not supported on {device} (its compiler has no bfloat16 arithmetic): "
                          "use float32")
+    if dtype == "float16" and emulates_float16(device):
+        raise ValueError(f"--dtype float16 is not supported on {device}: its compiler has no native float16, and "
+                         "tinygrad 0.14's float16 emulation fails to compile reductions: use float32")
     resolved = resolve(model)
     if weights == "compact" and (resolved.kind != "gguf" or dtype != "float32"):
         raise ValueError("--weights compact needs a GGUF checkpoint and --dtype float32 (it dequantizes GGUF codes to "
