@@ -8,7 +8,8 @@ from tinygrad.codegen import to_program_cache
 
 from exo_tinygrad_medusa.decoding.generate import Generator
 from exo_tinygrad_medusa.decoding.heads import random_heads
-from exo_tinygrad_medusa.decoding.lookup import Grafter, LookupConfig, NgramIndex, SourceScores, common_prefix
+from exo_tinygrad_medusa.decoding.lookup import (AcceptStats, DraftPlanner, Grafter, LookupConfig, NgramIndex,
+                                                 common_prefix)
 from exo_tinygrad_medusa.decoding.tree import PLAIN, MedusaTree, chain, load_tree
 from exo_tinygrad_medusa.decoding.sampling import GenerationConfig, exact_accept
 from test_sampling import SIGNIFICANCE, ToyModel, goodness_of_fit
@@ -49,8 +50,8 @@ def test_extend_is_the_same_as_building_at_once():
 def test_lookup_config_is_checked():
     with pytest.raises(ValueError, match="min_ngram <= max_ngram"):
         LookupConfig(min_ngram=3, max_ngram=2)
-    with pytest.raises(ValueError, match="chain_tokens must be >= 1"):
-        LookupConfig(chain_tokens=0)
+    with pytest.raises(ValueError, match="chain_sizes must be >= 1"):
+        LookupConfig(chain_sizes=(0, 4))
     with pytest.raises(ValueError, match=r"score_decay must be in \[0, 1\)"):
         LookupConfig(score_decay=1.0)
 
@@ -95,12 +96,6 @@ def test_scoring_what_a_step_emitted():
     grafter = Grafter(tree)
     assert grafter.matched(tokens, [6, 7, 1]) == 2 and grafter.matched(tokens, [5, 8]) == 2
     assert grafter.matched(tokens, [9, 5]) == 0 and common_prefix([6, 7, 2], [6, 7, 1]) == 2
-    scores = SourceScores(0.5)
-    assert not scores.prefer_lookup                     # a tie keeps the heads' tree
-    scores.update(heads=1, lookup=2)
-    assert scores.prefer_lookup
-    scores.update(heads=3, lookup=0)                    # heads 0.5 -> 1.75, lookup 1.0 -> 0.5
-    assert not scores.prefer_lookup and scores.heads == pytest.approx(1.75)
 
 
 @pytest.mark.parametrize("spec", ["cpu-8", "cpu-16", "mc_sim_7b_63"])
@@ -208,7 +203,7 @@ def test_lookup_default_is_on_for_medusa_and_off_for_plain(models):
 
 
 def test_a_chain_longer_than_the_cache_slack_is_a_clear_error(models):
-    gen = Generator(models["varied"].model, [], lookup=LookupConfig(chain_tokens=4096))
+    gen = Generator(models["varied"].model, [], lookup=LookupConfig(chain_sizes=(1, 4097)))
     with pytest.raises(ValueError, match="prompt lookup drafts 4096 tokens a step: .*exceeds the cache slack"):
         gen.generate(_prompt(0), GenerationConfig(4, prompt_lookup=True))
 
@@ -218,8 +213,10 @@ def test_lookup_steps_are_captured_once(plain):
     cfg = GenerationConfig(24, prompt_lookup=True)
     gen.generate(_prompt(0), cfg)
     gen.generate(_prompt(1)[2:], cfg)
-    kernels, captured = len(to_program_cache), gen.lookup_chain.verify_greedy.captured
-    assert captured is not None
+    used = [T for T in gen.lookup.chain_sizes if gen.chain_steps(T).verify_greedy.captured is not None]
+    assert len(used) >= 2  # steps of more than one size ran
+    kernels, captured = len(to_program_cache), {T: gen.chain_steps(T).verify_greedy.captured for T in used}
     for prompt in (_prompt(0)[5:], _prompt(1) + [3, 4]):
         gen.generate(prompt, cfg)
-    assert len(to_program_cache) == kernels and gen.lookup_chain.verify_greedy.captured is captured
+    assert len(to_program_cache) == kernels
+    assert all(gen.chain_steps(T).verify_greedy.captured is captured[T] for T in used)

@@ -11,7 +11,7 @@ import numpy as np
 from tinygrad import Tensor
 
 from .heads import MedusaHeads
-from .lookup import Grafter, LookupConfig, NgramIndex, NoProposals, SourceScores, common_prefix
+from .lookup import DraftPlanner, Grafter, LookupConfig, NoProposals, Plan
 from .tree import PLAIN, MedusaTree, chain
 from ..model.transformer import KVCache, Transformer
 from .sampling import GenerationConfig
@@ -29,7 +29,12 @@ class GenerationResult:
     accept_lengths: list[int] = field(default_factory=list)  # tokens each verify step produced (before stop cuts)
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    lookup_steps: int = 0         # verify steps that carried a draft from the context (prompt lookup)
+    lookup_steps: int = 0         # verify steps that carried a draft from the context or the datastore
+    # per source of a step ("plain", "heads", "context", "datastore"): steps, and tokens they emitted (bonus included)
+    source_steps: dict[str, int] = field(default_factory=dict)
+    source_tokens: dict[str, int] = field(default_factory=dict)
+    step_sizes: dict[int, int] = field(default_factory=dict)   # tokens verified a step -> steps
+    host_s: float = 0.0           # time spent drafting and planning on the host
 
     @property
     def steps(self) -> int:
@@ -78,52 +83,71 @@ class _Emitter:
 class Generator:
     """Owns a whole model (one shard holding every layer), its captured steps and one KV cache.
 
-    Prompt lookup (`GenerationConfig.prompt_lookup`, `LookupConfig`): with heads, context drafts are grafted into
-    the Medusa tree; without heads, a step whose context offers a draft verifies `chain_tokens` drafted tokens in a
-    chain tree (its own captured steps, sharing the cache) and any other step is a plain one-token step."""
+    Drafts (`GenerationConfig.prompt_lookup`, `LookupConfig`, lookup.DraftPlanner): each step the planner picks, by
+    expected emitted tokens per unit of step cost, a chain of the context's or the datastore's draft verified by a
+    captured step sized to it (`LookupConfig.chain_sizes`, each captured on first use, all sharing the cache), the
+    heads' tree (with heads), or a plain one-token step."""
 
     def __init__(self, model: Transformer, eos_token_ids, tree: MedusaTree = PLAIN, heads: MedusaHeads | None = None,
-                 lookup: LookupConfig = LookupConfig()):
+                 lookup: LookupConfig = LookupConfig(), datastore=None):
         if not (model.shard.is_first_layer() and model.shard.is_last_layer()):
             raise ValueError("Generator needs the whole model; use the engine for sharded models")
         self.model, self.tree, self.eos_ids, self.lookup = model, tree, set(eos_token_ids), lookup
+        self.datastore = datastore
         self.cache: KVCache = model.new_cache()
         self.steps = ShardSteps(model, tree, heads, cache=self.cache)
         self.grafter = Grafter(tree) if tree.size > 1 else None
-        self._lookup_chain: ShardSteps | None = None
+        self._chains: dict[int, ShardSteps] = {}
 
     def uses_lookup(self, cfg: GenerationConfig) -> bool:
-        """cfg.prompt_lookup, or by default: on with a Medusa tree (grafting replaces the nodes least likely to be
-        accepted at no extra verify cost), off for plain decoding (a drafted chain costs more than a one-token step
-        and pays only where the text repeats its context, e.g. summaries and edits)."""
+        """cfg.prompt_lookup, or by default: on with a Medusa tree, off for plain decoding (plain stays the exact
+        baseline that benchmarks compare against; --prompt-lookup turns drafts on there)."""
         return self.tree.size > 1 if cfg.prompt_lookup is None else cfg.prompt_lookup
 
-    @property
-    def lookup_chain(self) -> ShardSteps:
-        """Captured steps of the lookup-only chain tree (plain decoding with prompt lookup), made on first use."""
-        if self._lookup_chain is None:
-            n = self.lookup.chain_tokens
+    def chain_steps(self, size: int) -> ShardSteps:
+        """Captured steps verifying `size` tokens (the root and size - 1 drafted ones), made on first use; size 1 is
+        a plain step (the generator's own without heads)."""
+        if size == 1 and self.tree.size == 1:
+            return self.steps
+        if size not in self._chains:
+            tree = PLAIN if size == 1 else chain(size - 1)
             try:
-                self._lookup_chain = ShardSteps(self.model, chain(n), NoProposals(n), cache=self.cache)
+                self._chains[size] = ShardSteps(self.model, tree, NoProposals(size - 1) if size > 1 else None,
+                                                cache=self.cache)
             except ValueError as e:
-                raise ValueError(f"prompt lookup drafts {n} tokens a step: {e}") from None
-        return self._lookup_chain
+                raise ValueError(f"prompt lookup drafts {size - 1} tokens a step: {e}") from None
+        return self._chains[size]
 
-    def _with_draft(self, tree_tokens: np.ndarray, index: NgramIndex | None,
-                    scores: SourceScores | None) -> tuple[ShardSteps, np.ndarray, list[int]]:
-        """The steps to run, the tokens to verify (with the context's draft put in where it is used) and the draft
-        (empty if the context offered none)."""
-        if index is None:
-            return self.steps, tree_tokens, []
-        if self.grafter is not None:
-            draft, _ = index.draft(self.tree.depth)
-            if draft and scores.prefer_lookup:
-                return self.steps, self.grafter.graft(tree_tokens, draft)[0], draft
-            return self.steps, tree_tokens, draft
-        draft, _ = index.draft(self.lookup.chain_tokens)
-        if not draft:
-            return self.steps, tree_tokens[:1], []
-        return self.lookup_chain, np.array([tree_tokens[0], *draft], dtype=tree_tokens.dtype), draft
+    def capture_steps(self) -> None:
+        """Capture every draft step now (TinyJit captures on a step's second call), so that no timed generation pays
+        for it: greedy verifies of placeholder tokens at position 0, which the next prefill rewrites."""
+        for size in self.lookup.chain_sizes:
+            steps = self.chain_steps(size)
+            x = steps.host("tokens", np.zeros((1, size), dtype=np.int32))
+            for _ in range(2):
+                steps.verify_greedy(x, self.cache.layers, steps.bind(0)).numpy()
+
+    def _planner(self, prompt_ids: list[int], cfg: GenerationConfig) -> DraftPlanner | None:
+        if not self.uses_lookup(cfg):
+            return None
+        heads_tree = (self.tree.size, self.tree.depth) if self.tree.size > 1 else None
+        planner = DraftPlanner(self.lookup, prompt_ids, self.datastore, heads_tree)
+        for size in self.lookup.chain_sizes:  # make the steps (and any error) before the clock
+            self.chain_steps(size)
+        return planner
+
+    def _tokens_for(self, plan: Plan, tree_tokens: np.ndarray) -> tuple[ShardSteps, np.ndarray]:
+        """The steps to run and the tokens to verify for a plan; tree_tokens holds the root, and the heads' proposals
+        when the last step ran the heads."""
+        if plan.source == "heads":
+            if len(tree_tokens) == self.tree.size:
+                return self.steps, tree_tokens
+            # the last step ran no heads: their places hold the best draft's first tokens, else placeholders
+            filled = np.zeros(self.tree.size, dtype=tree_tokens.dtype)
+            filled[0] = tree_tokens[0]
+            return self.steps, filled
+        steps = self.chain_steps(plan.size)
+        return steps, np.array([tree_tokens[0], *plan.draft], dtype=tree_tokens.dtype)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -152,36 +176,45 @@ class Generator:
         result = GenerationResult(list(prompt_ids))
         rng = np.random.default_rng(cfg.seed)
         emit = _Emitter(result, self.eos_ids, min(cfg.max_new_tokens, self.model.max_context - len(prompt_ids)), on_tokens)
-        # the lookup-only chain needs cache slack for its drafts: make its steps (and any error) before the clock
-        index = NgramIndex(self.lookup, prompt_ids) if self.uses_lookup(cfg) else None
-        scores = SourceScores(self.lookup.score_decay) if index is not None and self.grafter is not None else None
-        if index is not None and self.grafter is None:
-            _ = self.lookup_chain
+        planner = self._planner(prompt_ids, cfg)
         t0 = time.perf_counter()
         hidden, row = self.prefill(prompt_ids)
         tree_tokens = self.steps.first_tree(hidden, row, cfg, rng)
         result.prefill_s = (t1 := time.perf_counter()) - t0
         emit.push([int(tree_tokens[0])])
         start_pos = len(prompt_ids)
+        plain = Plan("heads" if self.tree.size > 1 else "plain", self.tree.size, [], 0.0)
         while not emit.done:
-            if index is not None:
-                index.extend(result.generated_ids[len(index.tokens) - len(prompt_ids):])
-            proposed = tree_tokens
-            steps, tree_tokens, draft = self._with_draft(proposed, index, scores)
-            result.lookup_steps += bool(draft) and tree_tokens is not proposed
+            if planner is not None:
+                h0 = time.perf_counter()
+                planner.extend(result.generated_ids[len(planner.index.tokens) - len(prompt_ids):])
+                plan = planner.plan()
+                result.host_s += time.perf_counter() - h0
+            else:
+                plan = plain
+            proposed = tree_tokens if len(tree_tokens) == self.tree.size and self.tree.size > 1 else None
+            steps, tree_tokens = self._tokens_for(plan, tree_tokens)
             x = steps.host("tokens", tree_tokens.reshape(1, -1))
             nodes, next_tree = steps.verify(x, self.cache.layers, start_pos, tree_tokens, cfg, rng)
             result.accept_lengths.append(len(nodes))
             emitted = [int(tree_tokens[n]) for n in nodes[1:]] + [int(next_tree[0])]  # what followed the root
-            if scores is not None and draft:
-                scores.update(self.grafter.matched(proposed, emitted), common_prefix(draft, emitted))
+            self._count(result, plan, steps.tree.size, len(emitted))
+            if planner is not None:
+                planner.observe(emitted, None if proposed is None else self.grafter.matched(proposed, emitted))
             emit.push(emitted)
             if nodes != list(range(len(nodes))):  # accepted nodes must sit in consecutive cache slots
                 keep = np.arange(steps.tree.size, dtype=np.int32)
                 keep[:len(nodes)] = nodes
                 steps.compact(self.cache.layers, steps.bind(start_pos), steps.host("keep", keep))
             start_pos += len(nodes)
-            # the lookup-only chain proposes placeholders past its root: the next step starts from the root alone
+            # draft chains propose placeholders past their root: the next step starts from the root alone
             tree_tokens = next_tree if steps is self.steps else next_tree[:1]
         result.decode_s = time.perf_counter() - t1
         return result
+
+    @staticmethod
+    def _count(result: GenerationResult, plan: Plan, size: int, emitted: int) -> None:
+        result.lookup_steps += plan.source in ("context", "datastore")
+        result.source_steps[plan.source] = result.source_steps.get(plan.source, 0) + 1
+        result.source_tokens[plan.source] = result.source_tokens.get(plan.source, 0) + emitted
+        result.step_sizes[size] = result.step_sizes.get(size, 0) + 1

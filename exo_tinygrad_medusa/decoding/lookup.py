@@ -7,8 +7,10 @@ is unchanged, so greedy output stays identical to plain greedy decoding. For exa
 deterministic proposal (a function of the tokens so far, like the heads' top-k), and grafting never puts the same
 token on two siblings, so `sampling.exact_accept` stays distribution-preserving.
 
-Without heads, lookup drives plain decoding through a chain tree whose nodes all come from the lookup
-(`NoProposals` stands in for the heads the captured steps call; its placeholders are always overwritten or unused)."""
+Drafts are verified as chains sized to what they are expected to return (`DraftPlanner`): one captured step per
+size in `LookupConfig.chain_sizes`, all on the generator's KV cache, whose nodes all come from the draft (`NoProposals`
+stands in for the heads the captured steps call; its placeholders are always overwritten or unused). A step with no
+promising draft is a plain one-token step, or the heads' tree where heads are loaded."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,21 +21,49 @@ from tinygrad import Tensor, dtypes
 from .tree import MedusaTree
 
 
+# Relative cost of a verify step over T tokens (T = 1: a plain step) on a 2-core CPU with the hand-written kernels
+# (exo-medusa bench --cost-sizes, SmolLM2-135M Q4_1, 2026-12-02); sizes between two entries are interpolated.
+DEFAULT_STEP_COSTS = ((1, 1.0), (2, 1.04), (3, 1.12), (4, 1.3), (5, 1.5), (6, 1.75), (8, 2.5))
+# what running the heads adds to a step (proposals over the heads' vocabulary): chain-1 hydra heads measured 1.29
+# accepted a step at 1.08x plain with a 2-token verify
+DEFAULT_HEAD_COST = 0.14
+SOURCES = ("context", "datastore", "heads")
+
+
 @dataclass(frozen=True)
 class LookupConfig:
-    max_ngram: int = 3         # longest suffix looked up
+    max_ngram: int = 8         # longest context suffix looked up (longer matches predict better, and are told apart)
     min_ngram: int = 1         # shortest suffix that still counts as a match
-    chain_tokens: int = 4      # draft length of the lookup-only chain tree (plain decoding with lookup)
-    # weight of the past in the running scores of heads and drafts (SourceScores): ~1 / (1 - decay) steps of memory
-    score_decay: float = 0.8
+    # tokens verified by the draft steps (root + drafted tokens), one captured step each; 1 is a plain step
+    chain_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    # weight of the past in the running per-depth acceptance of each source: ~1 / (1 - decay) observations
+    score_decay: float = 0.9
+    step_costs: tuple[tuple[int, float], ...] = DEFAULT_STEP_COSTS
+    head_cost: float = DEFAULT_HEAD_COST
 
     def __post_init__(self):
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
         if not 0 <= self.score_decay < 1:
             raise ValueError(f"prompt lookup score_decay must be in [0, 1), got {self.score_decay}")
-        if self.chain_tokens < 1:
-            raise ValueError(f"prompt lookup chain_tokens must be >= 1, got {self.chain_tokens}")
+        if not self.chain_sizes or min(self.chain_sizes) < 1:
+            raise ValueError(f"prompt lookup chain_sizes must be >= 1, got {self.chain_sizes}")
+        object.__setattr__(self, "chain_sizes", tuple(sorted(set(int(T) for T in self.chain_sizes))))
+        if not self.step_costs or any(c <= 0 for _, c in self.step_costs):
+            raise ValueError("prompt lookup step_costs must be positive")
+
+    @property
+    def max_draft(self) -> int:
+        return self.chain_sizes[-1] - 1
+
+    def cost(self, size: int) -> float:
+        """Relative cost of verifying `size` tokens, interpolated (and extrapolated linearly past the table)."""
+        table = sorted(self.step_costs)
+        sizes, costs = [T for T, _ in table], [c for _, c in table]
+        if size >= sizes[-1] and len(sizes) > 1:
+            slope = (costs[-1] - costs[-2]) / (sizes[-1] - sizes[-2])
+            return costs[-1] + slope * (size - sizes[-1])
+        return float(np.interp(size, sizes, costs))
 
 
 class NgramIndex:
@@ -134,24 +164,116 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-class SourceScores:
-    """Which source of proposals to trust in the next step: the heads' tree as proposed, or the tree with the
-    context's draft grafted in. Both are scored after every step that had a draft, on the tokens the step emitted
-    (the model's own continuation, whichever source was used): the number of leading tokens each got right,
-    averaged with exponential decay. The draft is grafted only while it scores strictly higher, so heads that
-    predict well are never displaced by a weaker draft, and weak heads give way to the context where it repeats.
-    The choice depends only on tokens already emitted, so drafts stay deterministic proposals."""
+class AcceptStats:
+    """Running acceptance of one kind of draft, per depth: rate[d] = P(draft token d is right | tokens < d were).
+    Updated from what the model emitted after each step, whether or not the draft was verified; depths past what
+    the model emitted are unknown and left alone. Expected accepted tokens of a k-token draft:
+    sum over d < k of prod over j <= d of rate[j]."""
 
-    def __init__(self, decay: float):
-        self.decay, self.heads, self.lookup = decay, 0.0, 0.0
+    def __init__(self, prior: list[float], depth: int, decay: float, weight: float = 2.0):
+        prior = list(prior) + [prior[-1]] * max(depth - len(prior), 0)
+        self.hits = np.array(prior[:depth], dtype=np.float64) * weight
+        self.tries = np.full(depth, weight, dtype=np.float64)
+        self.decay = decay
 
-    @property
-    def prefer_lookup(self) -> bool:
-        return self.lookup > self.heads
+    def expected(self) -> np.ndarray:
+        """(depth + 1,): expected accepted tokens of a draft of 0..depth tokens."""
+        return np.concatenate([[0.0], np.cumsum(np.cumprod(self.hits / self.tries))])
 
-    def update(self, heads: int, lookup: int) -> None:
-        self.heads = self.decay * self.heads + (1 - self.decay) * heads
-        self.lookup = self.decay * self.lookup + (1 - self.decay) * lookup
+    def update(self, draft: list[int], truth: list[int]) -> None:
+        self.update_matched(common_prefix(draft, truth), len(draft), len(truth))
+
+    def update_matched(self, matched: int, length: int, known: int) -> None:
+        """A draft of `length` tokens whose first `matched` were right, against `known` tokens of the truth."""
+        for d in range(min(length, known, len(self.tries))):
+            self.hits[d] = self.decay * self.hits[d] + (d < matched)
+            self.tries[d] = self.decay * self.tries[d] + 1
+            if d >= matched:
+                break
+
+
+# priors of the per-depth acceptance (first token, deeper tokens) by source and length of the matched suffix,
+# from offline replays on the model's own answers: a context match predicts better the longer it is
+_PRIORS = {("context", 1): [0.2, 0.5], ("context", 2): [0.3, 0.6], ("context", 3): [0.4, 0.7],
+           ("context", 4): [0.5, 0.8], ("datastore", 2): [0.2, 0.5], ("datastore", 3): [0.25, 0.55],
+           ("datastore", 4): [0.3, 0.6]}
+MATCH_BUCKETS = 4  # suffix matches of 4 or more tokens share statistics
+
+
+@dataclass
+class Plan:
+    """One step: `source` "plain" (the root alone), "heads" (the Medusa tree as the heads proposed it), or a chain of
+    `size` tokens (the root and size - 1 drafted ones) from "context" or "datastore"."""
+    source: str
+    size: int
+    draft: list[int]
+    value: float  # expected emitted tokens per unit of step cost
+
+
+class DraftPlanner:
+    """Each step, drafts from the context (NgramIndex) and the datastore, and the choice of the step that is expected
+    to emit the most tokens per unit of cost: a chain of one of `cfg.chain_sizes` fed by one source, the heads' tree
+    (`heads_tree`: its size and depth, None without heads), or a plain step. Every choice depends only on the tokens emitted
+    so far, so drafts stay deterministic proposals (exact sampling stays distribution-preserving)."""
+
+    def __init__(self, cfg: LookupConfig, prompt_ids, datastore=None, heads_tree: tuple[int, int] | None = None):
+        self.cfg, self.datastore, self.heads_tree = cfg, datastore, heads_tree  # heads_tree: (size, depth)
+        self.index = NgramIndex(cfg, prompt_ids)
+        self.stats: dict[tuple[str, int], AcceptStats] = {}
+        self.heads = AcceptStats([0.25, 0.5], max(cfg.max_draft, 1), cfg.score_decay)
+        self.drafts: dict[str, tuple[list[int], int]] = {}
+
+    def _stats(self, source: str, match: int) -> AcceptStats:
+        key = (source, min(match, MATCH_BUCKETS))
+        if key not in self.stats:
+            self.stats[key] = AcceptStats(_PRIORS[key], self.cfg.max_draft, self.cfg.score_decay)
+        return self.stats[key]
+
+    def extend(self, tokens) -> None:
+        self.index.extend(tokens)
+
+    def _draft(self) -> dict[str, tuple[list[int], int]]:
+        n = self.cfg.max_draft
+        out = {}
+        if n < 1:
+            return out
+        tokens, match = self.index.draft(n)
+        if tokens:
+            out["context"] = (tokens, match)
+        if self.datastore is not None:
+            from .datastore import MAX_MATCH
+            d = self.datastore.draft(self.index.tokens[-MAX_MATCH:], n)
+            if d.tokens:
+                out["datastore"] = (d.tokens, d.match)
+        return out
+
+    def plan(self) -> Plan:
+        """The step to run next (ties: the cheaper kind, plain first)."""
+        cfg = self.cfg
+        self.drafts = self._draft()
+        options = []
+        if 1 in cfg.chain_sizes or self.heads_tree is None:
+            options.append(Plan("plain", 1, [], 1.0 / cfg.cost(1)))
+        if self.heads_tree is not None:
+            size, depth = self.heads_tree
+            gain = self.heads.expected()[min(depth, len(self.heads.tries))]
+            options.append(Plan("heads", size, [], (1 + gain) / (cfg.cost(size) + cfg.head_cost)))
+        for source, (tokens, match) in self.drafts.items():
+            expected = self._stats(source, match).expected()
+            for size in cfg.chain_sizes:
+                if size >= 2:
+                    k = min(size - 1, len(tokens))
+                    options.append(Plan(source, size, (tokens + tokens[-1:] * size)[:size - 1],
+                                        (1 + expected[k]) / cfg.cost(size)))
+        return max(options, key=lambda p: p.value)
+
+    def observe(self, emitted: list[int], heads_matched: int | None = None) -> None:
+        """After a step: `emitted` is what followed the root (accepted tokens and the bonus); heads_matched: how many
+        of them the heads' tree as proposed for that step held along one path (None when no proposals existed)."""
+        for source, (tokens, match) in self.drafts.items():
+            self._stats(source, match).update(tokens, emitted)
+        if heads_matched is not None and self.heads_tree is not None:
+            self.heads.update_matched(heads_matched, self.heads_tree[1], len(emitted))
 
 
 class NoProposals:
@@ -159,6 +281,7 @@ class NoProposals:
     for proposals and get placeholders (token 0) that the host overwrites before each verify."""
 
     sequential = False  # placeholders do not continue the root
+    placeholders = True  # the captured steps skip proposing (ShardSteps._next_tree)
 
     def __init__(self, num_heads: int):
         self.num_heads = num_heads

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tinygrad import Device
 
 from .generate import Generator
 from ..model.loader import LoadedModel, load_model
 from .heads import MedusaHeads, load_heads_for
+from .sampling import GenerationConfig
 from .tree import PLAIN, MedusaTree, load_tree
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,13 @@ class Session:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return self.tokenizer.encode_chat(messages)
 
+    def warm_up(self, prompt_ids: list[int], cfg: GenerationConfig, tokens: int = 8) -> None:
+        """Compile kernels and capture the steps a generation of `cfg` on this prompt uses, untimed: TinyJit captures
+        a step on its second call, hence two short generations with the same sampling settings."""
+        short = replace(cfg, max_new_tokens=min(tokens, cfg.max_new_tokens))
+        for _ in range(2):
+            self.generator.generate(prompt_ids, short)
+
 
 def is_cpu_device(device: str) -> bool:
     """tinygrad device names of the host CPU ("CPU", "CPU:LLVM", older "CLANG"/"LLVM")."""
@@ -68,6 +76,16 @@ def resolve_heads_path(loaded: LoadedModel, medusa: MedusaOptions) -> str:
     return path
 
 
+def default_datastore(loaded: LoadedModel):
+    """The datastore shipped for the model (models/<card id>/datastore, built by `exo-medusa build-datastore`), or
+    None when there is none."""
+    from ..model.registry import MODELS_DIR
+    from .datastore import META_FILE, Datastore
+    card = loaded.resolved.card
+    path = MODELS_DIR / card.id / "datastore" if card else None
+    return Datastore.load(path) if path is not None and (path / META_FILE).is_file() else None
+
+
 def open_session(model: str | None = None, *, device: str | None = None, dtype: str | None = None,
                  max_context: int | None = 2048, medusa: MedusaOptions = MedusaOptions(),
                  weights: str | None = None) -> Session:
@@ -81,4 +99,5 @@ def open_session(model: str | None = None, *, device: str | None = None, dtype: 
         log.info("Medusa: %d heads, tree %s (%d nodes)", heads.num_heads, tree.name, tree.size)
     elif any(v is not None for v in (medusa.heads, medusa.num_heads, medusa.num_layers, medusa.choices)):
         raise ValueError("Medusa options were given without --medusa-enabled")
-    return Session(loaded, Generator(loaded.model, loaded.tokenizer.eos_token_ids, tree, heads), heads, tree)
+    generator = Generator(loaded.model, loaded.tokenizer.eos_token_ids, tree, heads, datastore=default_datastore(loaded))
+    return Session(loaded, generator, heads, tree)

@@ -161,6 +161,20 @@ class ShardSteps:
         pred = logits[0].argmax(-1).cast(dtypes.int32)                                       # (T,)
         if self.tree.size == 1:
             return Tensor.stack(Tensor.zeros_like(pred[0]), Tensor.zeros_like(pred[0]), pred[0]).realize()
+        if getattr(self.heads, "placeholders", False):  # a draft chain: one path, nothing to propose
+            T = self.tree.size
+            ok = (tree_tokens[1:] == pred[:-1]).cast(dtypes.int32)
+            # unrolled (T is small): accepted = sum of the running products of ok; the bonus pred[accepted] as pred[0]
+            # plus the steps pred[i + 1] - pred[i] of every accepted i (tinygrad fails to compile a one-hot pick or a
+            # size-1 cumsum here at T = 2)
+            alive = n_accepted = ok[0]
+            bonus = pred[0] + alive * (pred[1] - pred[0])
+            for i in range(1, T - 1):
+                alive = alive * ok[i]
+                n_accepted = n_accepted + alive
+                bonus = bonus + alive * (pred[i + 1] - pred[i])
+            return Tensor.stack(n_accepted.cast(dtypes.int32), Tensor.zeros_like(bonus), bonus).cat(
+                Tensor.zeros(T - 1, dtype=dtypes.int32, device=bonus.device)).realize()
         candidate = take(tree_tokens, self.paths[:, 1:])                                    # (P, D)
         ok = (candidate == take(pred, self.paths[:, :-1])) & self.path_valid
         accepted = (ok.cast(dtypes.int32).cumsum(1) == self.path_steps).cast(dtypes.int32).sum(1)  # (P,)
@@ -182,6 +196,10 @@ class ShardSteps:
     def _next_tree(self, row: Tensor, root: Tensor) -> Tensor:
         if self.tree.size == 1:
             return root.reshape(1)
+        if getattr(self.heads, "placeholders", False):
+            # a draft chain's nodes all come from the host: no proposals to pick from (and a gather from a (1, 1)
+            # tensor fails tinygrad's kernel verification)
+            return root.reshape(1).cat(Tensor.zeros(self.tree.size - 1, dtype=dtypes.int32, device=root.device))
         # each head costs a projection onto its proposal vocabulary: run only as many as the tree is deep
         candidates = self.heads.propose(row, self.tree.top_k, self.tree.depth, root=root.reshape(()))  # (depth, K)
         return root.reshape(1).cat(take(candidates.flatten(), self.node_pick))
