@@ -1,27 +1,48 @@
-"""`exo-medusa`: run, serve, train-heads, eval-heads, bench, tune-tree; Exo's own flags start Exo with our engine.
+"""exo-medusa: Medusa speculative decoding on tinygrad. Greedy output is token-identical to plain greedy decoding.
 
-Only dispatch and `run` live here; shared options and session opening are in options.py, which every command imports.
-"""
+  exo-medusa run --medusa-enabled --prompt "Who are you?"     generate with the embedded SmolLM2-135M-Instruct
+  exo-medusa serve --medusa-enabled                            OpenAI-compatible server on 127.0.0.1:8000
+  exo-medusa bench --medusa-enabled                            plain vs Medusa side by side
+  exo --inference-engine tinygrad --medusa-enabled             classic Exo with this engine (Exo's own flags)
+
+Run `exo-medusa COMMAND --help` for a command's options."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+import time
 
-from .options import USER_ERRORS, first_run_notice, generation_args, generation_config, model_args, session_from_args
+from .options import (USER_ERRORS, check_model_args, generation_args, generation_config, model_args,
+                      read_prompt, session_from_args)
 from .model.tokenizer import StreamDecoder
+from .status import Status
 
 
 def cmd_run(args) -> int:
-    cfg = generation_config(args)
+    started = time.perf_counter()
+    cfg = generation_config(args)       # every option is checked before the model loads
+    check_model_args(args)
+    prompt = read_prompt(args)
+    status = Status(enabled=not args.json)
+    status.show(f"loading {args.model}")
     session = session_from_args(args)
-    prompt_ids = session.prompt_ids(args.prompt, chat_template=not args.no_chat_template)
+    prompt_ids = session.prompt_ids(prompt, chat_template=not args.no_chat_template)
+    session.generator.check_prompt(prompt_ids)
+    status.show("compiling kernels and capturing steps (seconds when tinygrad's cache is warm, ~30 s on a first run)")
+    session.warm_up(prompt_ids, cfg)
+    status.clear()
     stream = StreamDecoder(session.tokenizer, skip_special_tokens=True)
-    on_tokens = None if args.json else (lambda ids: print(stream.feed(ids), end="", flush=True))
-    if not args.json:
-        session.generator.check_prompt(prompt_ids)  # a bad prompt is one error line, not the notice and then an error
-        first_run_notice()
+    first_token_at = []
+
+    def on_tokens(ids):
+        if not first_token_at:
+            first_token_at.append(time.perf_counter())
+        if not args.json:
+            print(stream.feed(ids), end="", flush=True)
+
+    t0 = time.perf_counter()
     result = session.generator.generate(prompt_ids, cfg, on_tokens)
     text_ids = [t for t in result.generated_ids if t not in session.tokenizer.eos_token_ids]
     report = {
@@ -31,6 +52,8 @@ def cmd_run(args) -> int:
         "text": session.tokenizer.decode(text_ids, skip_special_tokens=True),
         "prefill_tokens_per_s": round(result.prefill_tokens_per_s, 2),
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+        "first_token_s": round(first_token_at[0] - t0, 4) if first_token_at else None,
+        "startup_s": round(t0 - started, 2),
         "steps": result.steps, "mean_accepted": round(result.mean_accepted, 3),
         "accept_histogram": result.accept_histogram, "finish_reason": result.finish_reason,
     }
@@ -38,18 +61,24 @@ def cmd_run(args) -> int:
         print(json.dumps(report))
     else:
         print(stream.flush())
-        print(f"{len(result.generated_ids)} tokens, prefill {report['prefill_tokens_per_s']} tok/s, decode "
-              f"{report['decode_tokens_per_s']} tok/s, mean accepted {report['mean_accepted']} tokens/step "
-              f"({result.steps} steps, tree {session.tree.name}, {result.finish_reason})", file=sys.stderr)
+        print(f"{len(result.generated_ids)} tokens ({result.finish_reason}): decode {report['decode_tokens_per_s']} tok/s "
+              f"with compiled, captured steps; first token {report['first_token_s']} s after the prompt, "
+              f"{report['mean_accepted']} tokens a step over {result.steps} steps (tree {session.tree.name}); "
+              f"start-up {report['startup_s']} s (loading, compiling, capturing)", file=sys.stderr)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="exo-medusa", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", parents=[model_args(), generation_args()], help="generate text for one prompt")
-    run.add_argument("--prompt", default="Who are you?")
-    run.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    parser = argparse.ArgumentParser(prog="exo-medusa", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", parents=[model_args(), generation_args()], help="generate text for one prompt",
+                         description="Generate a reply to one prompt and stream it to stdout; a summary goes to stderr.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = run.add_mutually_exclusive_group()
+    source.add_argument("--prompt", default="Who are you?", help="the user's message ('-' reads it from stdin)")
+    source.add_argument("--prompt-file", default=None, metavar="FILE", help="read the user's message from FILE")
+    run.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text, without the chat template")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     run.set_defaults(func=cmd_run)
     for module in _subcommand_modules():

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .model.registry import DEFAULT_MODEL, ModelNotFound
 from .decoding.sampling import GenerationConfig
 from .decoding.session import MedusaOptions, Session, open_session
+from .decoding.tree import load_tree
 
 USER_ERRORS = (ValueError, FileNotFoundError, ModelNotFound, PermissionError, NotADirectoryError)
+
 # below this, sampling is the argmax in all but float ties, and logits / temperature overflows float64 near 1e-306
 # (NaN probabilities): such temperatures decode greedily
 MIN_TEMPERATURE = 1e-6
-FIRST_RUN_NOTICE = "compiling kernels and capturing steps (30-60 s on a first run; cached after)"
 
 
 def model_args() -> argparse.ArgumentParser:
@@ -44,15 +46,17 @@ def model_args() -> argparse.ArgumentParser:
 
 def generation_args() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--max-generate-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-generate-tokens", type=int, default=256, help="stop after this many new tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 decodes greedily")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set holding this much probability")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: a fresh one each run)")
     p.add_argument("--medusa-sampling", choices=["typical", "exact"], default="typical",
                    help="acceptance when temperature > 0: typical (Medusa paper, fast, approximate) or exact (lossless)")
-    p.add_argument("--posterior-threshold", type=float, default=0.09)
-    p.add_argument("--posterior-alpha", type=float, default=0.3)
+    p.add_argument("--posterior-threshold", type=float, default=0.09,
+                   help="typical acceptance: accept a draft token whose probability exceeds this")
+    p.add_argument("--posterior-alpha", type=float, default=0.3,
+                   help="typical acceptance: ... or exceeds alpha * exp(-entropy)")
     p.add_argument("--prompt-lookup", action=argparse.BooleanOptionalAction, default=None,
                    help="drafts from the context (n-gram lookup in prompt and output): grafted into the Medusa tree, or "
                         "verified as a 4-token chain without heads (default: on with Medusa, off without)")
@@ -76,21 +80,65 @@ def check_seed(seed: int | None) -> int | None:
     return seed
 
 
+# GenerationConfig's own checks name its fields; on the command line the same checks name the flags
+_FLAG_CHECKS = (
+    ("max_generate_tokens", lambda v: v >= 1, "--max-generate-tokens must be >= 1"),
+    ("top_k", lambda v: v >= 0, "--top-k must be >= 0"),
+    ("top_p", lambda v: 0 < v <= 1, "--top-p must be in (0, 1]"),
+    ("posterior_threshold", lambda v: 0 < v <= 1, "--posterior-threshold must be in (0, 1]"),
+    ("posterior_alpha", lambda v: v > 0, "--posterior-alpha must be > 0"),
+)
+
+
 def generation_config(args) -> GenerationConfig:
     if args.temperature != args.temperature or args.temperature in (float("inf"), float("-inf")):
-        raise ValueError(f"temperature must be a finite number, got {args.temperature}")
+        raise ValueError(f"--temperature must be a finite number, got {args.temperature}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    for name, ok, message in _FLAG_CHECKS:
+        if not ok(getattr(args, name)):
+            raise ValueError(f"{message}, got {getattr(args, name)}")
     return GenerationConfig(max_new_tokens=args.max_generate_tokens, temperature=effective_temperature(args.temperature),
                             top_k=args.top_k, top_p=args.top_p, seed=check_seed(args.seed),
                             medusa_sampling=args.medusa_sampling, posterior_threshold=args.posterior_threshold,
                             posterior_alpha=args.posterior_alpha, prompt_lookup=args.prompt_lookup)
 
 
+def check_model_args(args) -> None:
+    """What can be checked about the model options before loading anything (loading takes seconds)."""
+    if args.max_context is not None and args.max_context < 2:
+        raise ValueError(f"--max-context must be >= 2, got {args.max_context}")
+    medusa_only = {"--medusa-heads": args.medusa_heads, "--medusa-num-heads": args.medusa_num_heads,
+                   "--medusa-num-layers": args.medusa_num_layers, "--medusa-choices": args.medusa_choices}
+    given = [flag for flag, value in medusa_only.items() if value is not None]
+    if given and not args.medusa_enabled:
+        raise ValueError(f"Medusa options were given without --medusa-enabled: {', '.join(given)}")
+    for flag in ("--medusa-num-heads", "--medusa-num-layers"):
+        if medusa_only[flag] is not None and medusa_only[flag] < 1:
+            raise ValueError(f"{flag} must be >= 1, got {medusa_only[flag]}")
+    if args.medusa_choices is not None:
+        try:
+            load_tree(args.medusa_choices)
+        except ValueError as e:
+            raise ValueError(f"--medusa-choices: {e}") from None
+
+
+def read_prompt(args) -> str:
+    """--prompt TEXT, --prompt - (stdin) or --prompt-file FILE, read as UTF-8 text."""
+    if getattr(args, "prompt_file", None):
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompt-file {args.prompt_file}: cannot read it ({type(e).__name__}: {e})") from None
+    elif args.prompt == "-":
+        text = sys.stdin.read()
+    else:
+        text = args.prompt
+    if not text.strip():
+        raise ValueError("the prompt is empty")
+    return text
+
+
 def session_from_args(args) -> Session:
     return open_session(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
                         medusa=medusa_options(args), weights=args.weights)
-
-
-def first_run_notice(file=None) -> None:
-    """One stderr line before the first generation of a process: kernel compilation and step capture are silent
-    for 30-60 s on a 2-core CPU, which otherwise looks like a hang."""
-    print(f"exo-medusa: {FIRST_RUN_NOTICE}", file=file or sys.stderr, flush=True)

@@ -1,5 +1,7 @@
 """`exo-medusa run`: the JSON report, Medusa equal to plain, and one clear error line with exit code 2 per bad input."""
+import io
 import json
+import re
 
 import pytest
 
@@ -48,14 +50,56 @@ def test_run_json_report_and_medusa_equals_plain(checkpoint, heads_dir, capsys):
 def test_run_streams_text_and_summary(checkpoint, capsys):
     assert main(["run", checkpoint, "--prompt", "hi", "--max-generate-tokens", "5"]) == 0
     out, err = capsys.readouterr()
-    assert "5 tokens" in err and "tok/s" in err and "mean accepted 1.0" in err
+    # stderr holds the one summary line (the status line only draws on a terminal)
+    assert err.count("\n") == 1 and err.startswith("5 tokens (length): decode ") and "1.0 tokens a step" in err
+    report = run_json(capsys, checkpoint, "--prompt", "hi", "--max-generate-tokens", "5")
+    assert 0 < report["first_token_s"] < 60 and report["startup_s"] > 0 and report["decode_tokens_per_s"] > 0
+
+
+def test_prompt_from_file_and_stdin_equal_prompt_flag(checkpoint, capsys, tmp_path, monkeypatch):
+    text = 'two lines,\n"quoted" $HOME `and` \\ backslash'
+    direct = run_json(capsys, checkpoint, "--prompt", text, "--max-generate-tokens", "3")
+    (tmp_path / "p.txt").write_text(text, encoding="utf-8")
+    from_file = run_json(capsys, checkpoint, "--prompt-file", str(tmp_path / "p.txt"), "--max-generate-tokens", "3")
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    from_stdin = run_json(capsys, checkpoint, "--prompt", "-", "--max-generate-tokens", "3")
+    assert direct["prompt_ids"] == from_file["prompt_ids"] == from_stdin["prompt_ids"]
+    assert direct["generated_ids"] == from_file["generated_ids"] == from_stdin["generated_ids"]
+    assert "--prompt-file" in run_error(capsys, checkpoint, "--prompt-file", str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--max-generate-tokens", "-5"], "--max-generate-tokens must be >= 1"),
+    (["--medusa-enabled", "--medusa-choices", "no-such-tree"], "--medusa-choices: unknown tree 'no-such-tree'"),
+    (["--medusa-num-heads", "2"], "without --medusa-enabled: --medusa-num-heads"),
+])
+def test_option_errors_come_before_the_model_loads(capsys, args, needle):
+    # the model does not exist either: the option's error proves it was checked first
+    assert needle in run_error(capsys, "no-such-model", *args)
+
+
+def test_help_names_every_command_and_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    for command in ("run", "serve", "bench", "bench-ring", "tune-tree", "train-heads", "distill", "eval-heads"):
+        assert f"    {command}" in top, command
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    helptext = capsys.readouterr().out
+    options = [o for o in re.findall(r"^  (--[a-z-]+)", helptext, re.M) if o != "--help"]
+    assert "--prompt-file" in options and len(options) > 15
+    for block in re.split(r"\n  (?=-)", helptext)[1:]:
+        assert len(block.split(None, 1)) == 2 and len(block.split()) > 2, f"option without help: {block!r}"
 
 
 @pytest.mark.parametrize("args, needle", [
     (["no-such-model"], "unknown model 'no-such-model'"),
-    (["--temperature", "-1"], "temperature must be >= 0"),
-    (["--top-p", "0"], "top_p must be in (0, 1]"),
-    (["--max-generate-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--max-generate-tokens", "-5"], "--max-generate-tokens must be >= 1, got -5"),
+    (["--top-k", "-1"], "--top-k must be >= 0"),
+    (["--prompt", "  "], "the prompt is empty"),
     (["--max-context", "16", "--prompt", "a long prompt " * 20], "the context holds 16"),
     (["--medusa-choices", "chain-2"], "without --medusa-enabled"),
 ])

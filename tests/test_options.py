@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import re
 from pathlib import Path
 
 import pytest
 
 from exo_tinygrad_medusa.cli import main
-from exo_tinygrad_medusa.options import FIRST_RUN_NOTICE, generation_args, generation_config
+from exo_tinygrad_medusa.options import generation_args, generation_config
+from exo_tinygrad_medusa.status import Status
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exo_tinygrad_medusa"
 
@@ -46,13 +48,23 @@ def test_bad_sampling_values_are_refused(argv, message):
         generation_config(parse(*argv))
 
 
-def test_run_says_it_is_compiling_before_the_first_generation(tiny_checkpoint, capsys):
-    model = str(tiny_checkpoint("llama"))
-    assert main(["run", model, "--prompt", "hi", "--max-generate-tokens", "2"]) == 0
-    err = capsys.readouterr().err
-    assert err.startswith(f"exo-medusa: {FIRST_RUN_NOTICE}\n") and "2 tokens" in err
-    assert main(["run", model, "--prompt", "hi", "--max-generate-tokens", "2", "--json"]) == 0
-    assert FIRST_RUN_NOTICE not in capsys.readouterr().err  # --json output stays machine-readable, stderr quiet
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_status_line_is_drawn_and_cleared_on_a_terminal_only():
+    tty = FakeTerminal()
+    status = Status(stream=tty)
+    status.show("loading model")
+    status.show("compiling")
+    assert "\rexo-medusa: loading model [" in tty.getvalue() and "\rexo-medusa: compiling [" in tty.getvalue()
+    status.clear()
+    assert tty.getvalue().endswith("\r") and tty.getvalue().rsplit("\r", 2)[-2].strip() == ""
+    pipe = io.StringIO()
+    Status(stream=pipe).show("loading model")
+    assert pipe.getvalue() == ""  # pipes and logs keep exactly the summary or the error line
+    assert Status(enabled=False, stream=FakeTerminal()).live is False
 
 
 @pytest.mark.parametrize("argv, message", [
