@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from tinygrad import Tensor
+
+from exo_tinygrad_medusa.kernels.packed import Q4_0, Q4_1, Q8_0, pack_ggml
 from exo_tinygrad_medusa.model.config import ModelConfig, rope_inv_freq
 from exo_tinygrad_medusa.model.loader import load_model
+from exo_tinygrad_medusa.model.weights import weight_bytes_per_token
 from exo_tinygrad_medusa.model.registry import ModelNotFound, cards
 from helpers_models import reference_logits
 
@@ -109,6 +113,53 @@ def test_float16_compute_close_to_float32(tiny_model, engine):
     # half precision: a few 1e-2 of drift on logits of magnitude ~5, but the same ranking at the top
     np.testing.assert_allclose(logits, reference, atol=0.1, rtol=0.02)
     np.testing.assert_array_equal(logits.argmax(-1), reference.argmax(-1))
+
+
+# -- packed GGUF codes --------------------------------------------------------------------------------------------
+
+def quantize_blocks(w: np.ndarray, ggml_type: int) -> np.ndarray:
+    """An [out, in] float matrix as GGML blocks (bytes) by plain rounding to nearest: any valid codes will do."""
+    out, n = w.shape
+    b = w.reshape(out, n // 32, 32).astype(np.float32)
+    if ggml_type == Q8_0:
+        d = (np.abs(b).max(-1, keepdims=True) / 127).astype(np.float16)
+        q = np.clip(np.round(b / np.maximum(d.astype(np.float32), 1e-8)), -127, 127).astype(np.int8)
+        return np.concatenate([d.view(np.uint8), q.view(np.uint8)], -1).reshape(-1)
+    if ggml_type == Q4_1:
+        m = b.min(-1, keepdims=True).astype(np.float16)
+        d = ((b.max(-1, keepdims=True) - m.astype(np.float32)) / 15).astype(np.float16)
+        q = np.round((b - m.astype(np.float32)) / np.maximum(d.astype(np.float32), 1e-8))
+        head = np.concatenate([d.view(np.uint8), m.view(np.uint8)], -1)
+    else:  # Q4_0
+        d = (np.abs(b).max(-1, keepdims=True) / 7).astype(np.float16)
+        q = np.round(b / np.maximum(d.astype(np.float32), 1e-8)) + 8
+        head = d.view(np.uint8)
+    q = np.clip(q, 0, 15).astype(np.uint8)
+    return np.concatenate([head, q[..., :16] | (q[..., 16:] << 4)], -1).reshape(-1)
+
+
+BYTES_PER_WEIGHT = {Q4_0: 0.5625, Q4_1: 0.625, Q8_0: 1.0625}
+
+
+@pytest.mark.parametrize("ggml_type", [Q4_0, Q4_1, Q8_0])
+def test_packed_model_reads_the_gguf_bytes_and_computes_its_dequantized_floats(tiny_checkpoint, engine, ggml_type):
+    """Every product of a model packed from GGML blocks reads the GGUF's bytes a weight (bytes per token counted for
+    bench), and its logits are those of the same model holding the loader's float32 dequantization."""
+    from tinygrad.llm.gguf import ggml_data_to_tensor
+    directory = tiny_checkpoint("llama")
+    packed, dense = load_model(str(directory)), load_model(str(directory))
+    row = packed.config.dim * 4   # one embedding row, float32
+    assert weight_bytes_per_token(dense.model) == 4 * sum(l.weight.numel() for l in dense.model.linears().values()) + row
+    expected = row
+    for name, linear in packed.model.linears().items():
+        w = linear.matrix().numpy()
+        raw = quantize_blocks(w, ggml_type)
+        Tensor.realize(*linear.set(pack_ggml(raw, ggml_type, w.shape)))
+        floats = ggml_data_to_tensor(Tensor(raw), w.size, ggml_type).reshape(w.shape).realize()
+        Tensor.realize(*dense.model.linears()[name].set(floats))
+        expected += w.size * BYTES_PER_WEIGHT[ggml_type]
+    assert weight_bytes_per_token(packed.model) == expected
+    np.testing.assert_allclose(engine.logits(packed.model, IDS), engine.logits(dense.model, IDS), atol=1e-4, rtol=0)
 
 
 # -- llama3 rope scaling --------------------------------------------------------------------------------------------

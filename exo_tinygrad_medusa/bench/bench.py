@@ -11,7 +11,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from ..model.registry import resolve
 from ..decoding.sampling import GenerationConfig
 from ..decoding.session import Session, default_tree_spec, open_session
 from ..kernels.tinygrad_hooks import kernel_mode, read_host
+from ..model.weights import weight_bytes_per_token
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -157,6 +158,11 @@ class PromptRun:
     plain_decode_s: float
     medusa_decode_s: float
     accepted_total: int
+    # Medusa run, per source of a step (plain, heads, context, datastore): steps and the tokens they emitted
+    source_steps: dict = field(default_factory=dict)
+    source_tokens: dict = field(default_factory=dict)
+    step_sizes: dict = field(default_factory=dict)     # tokens verified a step -> steps
+    host_s: float = 0.0                                 # drafting and planning on the host
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -177,7 +183,8 @@ def compare(plain: Generator, medusa: Generator, prompt: Prompt, prompt_ids: lis
     speedup = medusa_speed / plain_speed if plain_speed > 0 and medusa_speed > 0 else None
     return PromptRun(prompt.id, prompt.category, len(prompt_ids), len(p.generated_ids), plain_speed, medusa_speed,
                      speedup, m.mean_accepted, m.steps, p.generated_ids == m.generated_ids, p.decode_s, m.decode_s,
-                     sum(m.accept_lengths))
+                     sum(m.accept_lengths), dict(m.source_steps), dict(m.source_tokens),
+                     {str(k): v for k, v in sorted(m.step_sizes.items())}, m.host_s)
 
 
 def warm_up(plain: Generator, medusa: Generator, prompt_ids: list[int], tokens: int = 8) -> None:
@@ -187,6 +194,7 @@ def warm_up(plain: Generator, medusa: Generator, prompt_ids: list[int], tokens: 
     for gen in (plain, medusa):
         for _ in range(2):
             gen.generate(prompt_ids, cfg)
+    medusa.capture_steps()  # draft steps of every size, which short warm-ups need not reach
     if not medusa.tree.is_chain:
         # KV compaction runs only when a side branch wins; an identity compaction at position 0 (rewritten by the
         # next prefill) captures it now instead of inside a timed run
@@ -212,7 +220,26 @@ def _aggregate(runs: list[PromptRun]) -> dict:
         "speedup_geomean": None if speedup is None else round(speedup, 4),
         "mean_accepted": round(sum(r.accepted_total for r in runs) / steps, 4) if steps else 1.0,
         "identical": all(r.identical for r in runs),
+        "sources": _by_source(runs),
+        "step_sizes": _sum_dicts(r.step_sizes for r in runs),
+        "host_ms_per_step": round(1e3 * sum(r.host_s for r in runs) / steps, 4) if steps else 0.0,
     }
+
+
+def _sum_dicts(dicts) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _by_source(runs: list[PromptRun]) -> dict[str, dict]:
+    """Per source of a Medusa step: its share of the steps and the tokens its steps emitted each (bonus included)."""
+    steps, tokens = _sum_dicts(r.source_steps for r in runs), _sum_dicts(r.source_tokens for r in runs)
+    total = sum(steps.values())
+    return {src: {"steps": n, "share": round(n / total, 4), "tokens_per_step": round(tokens.get(src, 0) / n, 4)}
+            for src, n in sorted(steps.items(), key=lambda kv: -kv[1])}
 
 
 def summarize(runs: list[PromptRun]) -> tuple[dict, dict[str, dict]]:
@@ -238,7 +265,9 @@ def markdown_report(report: dict) -> str:
              f"{k.get('weights', '?')} weights"
              + (", hand-written C for packed products and attention." if k.get("packed_products") == "hand" else ".")
              + (f" Prefill of a {s['prefill_tokens']}-token prompt: {s['prefill_tokens_per_s']:.1f} tok/s."
-                if s.get("prefill_tokens_per_s") else ""),
+                if s.get("prefill_tokens_per_s") else "")
+             + (f" Weights read per token: {s['weight_bytes_per_token'] / 1e6:.1f} MB; plain decoding streams them at "
+                f"{s['plain_weight_gb_per_s']:.1f} GB/s." if s.get("weight_bytes_per_token") else ""),
              "", "| prompt | category | prompt tok | new tok | plain tok/s | Medusa tok/s | speedup | accepted/step "
                  "| identical |",
              "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
@@ -252,6 +281,13 @@ def markdown_report(report: dict) -> str:
         lines.append(f"| {name} | {c['prompts']} | {_fmt(c['plain_tokens_per_s'])} | {_fmt(c['medusa_tokens_per_s'])} "
                      f"| {_fmt(c['speedup_geomean'])}x | {_fmt(c['mean_accepted'])} "
                      f"| {'yes' if c['identical'] else '**NO**'} |")
+    if s.get("sources"):
+        lines += ["", "Medusa steps by source of their drafts (tokens a step: accepted drafts plus the bonus token); "
+                  f"host drafting {s.get('host_ms_per_step', 0):.2f} ms a step; tokens verified a step: "
+                  + ", ".join(f"{T}: {n}" for T, n in s.get("step_sizes", {}).items()), "",
+                  "| source | steps | share | tokens/step |", "|---|---:|---:|---:|"]
+        for src, v in s["sources"].items():
+            lines.append(f"| {src} | {v['steps']} | {v['share']:.2f} | {v['tokens_per_step']:.2f} |")
     curve, seconds = report["cost_curve"], report["cost_seconds"]
     if curve:
         lines += ["", f"Verify cost over T tree tokens at start position {report['cost_start_pos']}:", "",
@@ -369,8 +405,9 @@ def run_bench(args) -> dict:
     for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
         run = compare(plain, medusa, prompt, ids, cfg, plain_first=i % 2 == 0)
         runs.append(run)
+        sources = ", ".join(f"{k} {v}" for k, v in sorted(run.source_steps.items()))
         print(f"[{i + 1}/{len(prompts)}] {prompt.id} ({prompt.category}): plain {run.plain_tokens_per_s:.2f} tok/s, "
-              f"Medusa {run.medusa_tokens_per_s:.2f} tok/s, accepted {run.mean_accepted:.2f}/step"
+              f"Medusa {run.medusa_tokens_per_s:.2f} tok/s, accepted {run.mean_accepted:.2f}/step (steps: {sources})"
               f"{'' if run.identical else ', TOKENS DIFFER'}", file=sys.stderr)
     curve = measure_cost_curve(session.loaded.model, sizes, args.cost_reps) if sizes else None
     # a step runs only as many heads as its tree is deep; a root-only tree proposes nothing
@@ -388,6 +425,10 @@ def run_bench(args) -> dict:
                    kernels={**kernel_mode(), "weights": loaded.weights},
                    prefill_tokens=prefill_tokens if prefill_s else None,
                    prefill_tokens_per_s=round(prefill_tokens / prefill_s, 2) if prefill_s else None)
+    # plain decoding reads every weight once a token: its tokens/s times these bytes is the bandwidth it achieves
+    weight_bytes = weight_bytes_per_token(loaded.model)
+    summary.update(weight_bytes_per_token=weight_bytes,
+                   plain_weight_gb_per_s=round(weight_bytes * summary["plain_tokens_per_s"] / 1e9, 2))
     return {"summary": summary, "categories": categories, "prompts": [r.to_json() for r in runs],
             "cost_curve": curve.to_json() if curve else {},
             "cost_seconds": {str(T): round(s, 6) for T, s in curve.seconds.items()} if curve else {},

@@ -115,20 +115,6 @@ def pack_ggml(raw: np.ndarray, ggml_type: int, shape: tuple[int, int], row_order
     return PackedWeight(_words(codes, 4), half(blocks[..., 0:2]), offset=8, bits=4)
 
 
-def weight_bytes_per_token(weights) -> int:
-    """Bytes of weights a decode step reads for one token: every matrix of a product once (packed: codes, scales and
-    minimums; float: its elements), an embedding only one row. `weights`: (name, Tensor | PackedWeight) pairs."""
-    total = 0
-    for name, w in weights:
-        if isinstance(w, PackedWeight):
-            total += w.nbytes
-        elif "embed_tokens" in name:
-            total += w.nbytes() // w.shape[0]
-        else:
-            total += w.nbytes()
-    return total
-
-
 def panel_width(out_features: int) -> int:
     """P, the output columns of one panel: 16 floats are one AVX-512 vector (two AVX2 ones)."""
     return next(p for p in (16, 8, 4, 2, 1) if out_features % p == 0)

@@ -111,7 +111,8 @@ def _group_function(size: int, rows: int, outputs: int, perm: str, inv: str, min
     lines.append(f"    const f16v d0 = widen_half(scale + sb), d = __builtin_shufflevector(d0, d0, {perm});")
     lines.append(f"    {minimum_line}")
     lines.append(f"    for (int r = b * {BLOCK}; r < b * {BLOCK} + {BLOCK}; r += 2) {{")
-    lines.append(f"      __builtin_prefetch(codes + r * {row_bytes} + {PREFETCH}, 0, 0);")
+    # one prefetch a cache line of codes (the unrolled loop folds the test away)
+    lines.append(f"      if (r % {64 // row_bytes} == 0) __builtin_prefetch(codes + r * {row_bytes} + {PREFETCH}, 0, 0);")
     if bits == 4:
         lines.append(f"      const u8x16 v = *(const u8x16*)(codes + r * {row_bytes});")
         lines.append("      const f16v w0 = __builtin_convertvector(v & 15, f16v) * d + m;")

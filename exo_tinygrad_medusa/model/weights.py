@@ -142,3 +142,17 @@ def load_into(model: Transformer, tensors: dict[str, "Tensor | PackedWeight"], d
                      for t in (v.tensors() if isinstance(v, PackedWeight) else [v])])
     model.set_parameters(loaded, logits_weight)
     log.debug("loaded %d tensors (%s)", len(loaded), dtype)
+
+
+def weight_bytes_per_token(model: Transformer) -> int:
+    """Bytes of weights a one-token decode step of this shard reads: every product's matrix once (packed: its codes,
+    scales and minimums; float: its elements) and one row of the embedding. Norms and biases (a few KB) are left out.
+    Plain decoding is bound by these bytes: tokens/s times this is the bandwidth it achieves."""
+    total = 0
+    for linear in model.linears().values():
+        weight = linear.weight
+        total += weight.nbytes if isinstance(weight, PackedWeight) else weight.nbytes()
+    embedding = getattr(model, "embed_tokens", None)
+    if model.shard.is_first_layer() and isinstance(embedding, Tensor):
+        total += embedding.nbytes() // embedding.shape[0]
+    return total
