@@ -1,0 +1,370 @@
+"""The HTTP layer of `exo-medusa serve`, standard library only: connections, limits, origins, timeouts.
+
+The handler reads a request, enforces what HTTP itself must bound and hands the body to the OpenAI protocol
+(openai.ChatApp); it writes back the JSON or server-sent events the protocol returns. Every limit answers with an
+HTTP status and a JSON error, before any expensive work:
+- a body larger than what the context can hold is refused from its Content-Length, unread (413);
+- at most `max_connections` connections are open (503);
+- a client has `timeout` seconds to send its whole request (408 or the connection is closed) and each write of the
+  reply may block that long; a client that hangs up cancels its generation, streamed or not;
+- browsers' cross-site requests are refused (403) unless their Origin is allowed, and on a loopback address the
+  Host header must name this machine (DNS rebinding).
+"""
+from __future__ import annotations
+
+import fnmatch
+import functools
+import ipaddress
+import json
+import logging
+import queue
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterable
+from urllib.parse import urlsplit
+
+from .openai import BadRequest, ChatApp, HTTPError, error_body, short
+from .worker import DEFAULT_QUEUE_SIZE, Job
+
+log = logging.getLogger(__name__)
+LINGER_S = 2.0                   # how long a refused body is read and dropped before closing
+POLL_S = 0.2                     # how often a waiting handler checks that its client is still there
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    queue_size: int = DEFAULT_QUEUE_SIZE  # requests that may wait while one generates
+    timeout: float = 30.0              # seconds to receive a whole request; and for each blocking write
+    max_connections: int = 64
+    allow_origins: tuple[str, ...] = ()   # besides this machine's own pages; fnmatch patterns, "*" allows all
+    allow_hosts: tuple[str, ...] = ()     # Host names accepted besides the bound address and localhost
+
+    def __post_init__(self):
+        if self.queue_size < 0 or self.max_connections < 1 or not self.timeout > 0:
+            raise ValueError("--queue-size must be >= 0, --max-connections >= 1 and --timeout > 0")
+
+
+def _hostname(value: str) -> str:
+    """The host part of a Host header or of an origin's netloc, lower-cased, without port or IPv6 brackets."""
+    try:
+        return (urlsplit("//" + value).hostname or "").lower()
+    except ValueError:  # a malformed port or bracket
+        return ""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    server: "ChatServer"
+    server_version = "exo-medusa"
+    timed_out = False  # set by the server when the request did not arrive in time
+    _next_check = 0.0  # when _next_event next looks at the client's socket
+
+    def setup(self) -> None:
+        self.timeout = self.server.limits.timeout  # per blocking read or write on this connection
+        super().setup()
+        self.server.watch(self)
+
+    def finish(self) -> None:
+        self.server.unwatch(self)
+        try:
+            super().finish()
+        except OSError:  # the client is gone; nothing left to flush
+            pass
+
+    def log_message(self, fmt: str, *args) -> None:
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    # -- the stdlib's own errors (bad request line, unknown method, oversized headers) as JSON too
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # no version parsed from garbage: answer with a status line anyway
+            self.request_version = "HTTP/1.0"
+        try:
+            status = HTTPStatus(code)
+        except ValueError:
+            status = HTTPStatus.BAD_REQUEST
+        kind = "invalid_request_error" if 400 <= code < 500 else "server_error"
+        self._error(status, message or status.phrase, kind)
+
+    def do_GET(self) -> None:
+        self._handle(self._get)
+
+    def do_POST(self) -> None:
+        self._handle(self._post)
+
+    def do_OPTIONS(self) -> None:
+        self._handle(self._options)
+
+    def do_HEAD(self) -> None:
+        self._handle(self._method_not_allowed)
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD
+
+    def _handle(self, route: Callable[[], None]) -> None:
+        try:
+            if self.timed_out:  # headers trickled in past the deadline: what arrived may be cut anywhere
+                self.close_connection = True
+                raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, f"the request did not arrive within {self.timeout:g} s")
+            self._check_host_and_origin()
+            route()
+        except HTTPError as e:
+            self._error(e.status, str(e), e.kind)
+            if e.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+                self._discard_input()
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as e:
+            log.info("%s: connection dropped (%s)", self.address_string(), type(e).__name__)
+            self.close_connection = True
+
+    def _discard_input(self) -> None:
+        """Closing on unread input makes the kernel reset the connection, and a client still sending its body
+        would see the reset instead of our answer: read and drop what comes, in small pieces, for a moment."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.5)
+            until = time.monotonic() + LINGER_S
+            while time.monotonic() < until and self.connection.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+
+    def _check_host_and_origin(self) -> None:
+        limits, bound = self.server.limits, self.server.bound_host
+        host = self.headers.get("Host")
+        if host is not None and bound is not None:  # None: bound to every address, any name may reach it
+            name = _hostname(host)
+            allowed = _is_loopback(name) if _is_loopback(bound) else name in (bound, *LOOPBACK_NAMES)
+            if not (allowed or name == bound or any(fnmatch.fnmatchcase(name, h.lower()) for h in limits.allow_hosts)):
+                raise HTTPError(HTTPStatus.FORBIDDEN, f"Host {short(host)} is not this server's address; "
+                                "allow it with --allow-host", "forbidden")
+        origin = self.headers.get("Origin")
+        if origin is not None and not self.server.origin_allowed(origin):
+            raise HTTPError(HTTPStatus.FORBIDDEN, f"requests from the web page at {short(origin)} are not allowed; "
+                            "allow its origin with --allow-origin", "forbidden")
+
+    # -- routes: the protocol (ChatApp) says what to answer, this layer how
+    def _get(self) -> None:
+        self.server.received(self)
+        self._json(HTTPStatus.OK, self.server.app.get(self.path))
+
+    def _options(self) -> None:
+        """CORS preflight: allowed origins (checked above) may POST JSON."""
+        self.server.received(self)
+        self.send_response(HTTPStatus.NO_CONTENT)
+        self.send_header("Allow", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization")
+        self.send_header("Access-Control-Max-Age", "600")
+        self._cors_headers()
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _method_not_allowed(self) -> None:
+        self.server.received(self)
+        self.close_connection = True
+        raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} is not allowed: use GET or POST")
+
+    def _post(self) -> None:
+        app = self.server.app
+        app.check_post(self.path)
+        request = app.parse(self._read_body())
+        job = app.submit(request)
+        next_event = functools.partial(self._next_event, job)
+        try:
+            if request.stream:
+                self._stream(app.stream(request, next_event))
+            else:
+                self._json(HTTPStatus.OK, app.reply(request, next_event))
+        finally:
+            job.cancelled.set()  # whatever happened here, the worker has nothing left to deliver to
+
+    def _read_body(self) -> bytes:
+        app = self.server.app
+        if self.headers.get("Transfer-Encoding"):
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not chunked")
+        declared = self.headers.get("Content-Length")
+        if declared is None:
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "a JSON body with a Content-Length header is required")
+        if not declared.strip().isdigit() or len(declared.strip()) > 12:
+            raise BadRequest(f"Content-Length must be a byte count, got {short(declared)}")
+        length = int(declared)
+        if length == 0:
+            raise BadRequest("the request needs a JSON body")
+        if length > app.max_body_bytes:
+            self.close_connection = True  # the body is never read: the connection cannot be reused
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body has {length} bytes; this server takes at "
+                            f"most {app.max_body_bytes} (what a context of {app.max_context} tokens can hold)")
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            body, self.timed_out = b"", True
+        if not self.server.received(self) or len(body) < length:
+            self.close_connection = True
+            if self.timed_out:
+                raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.timeout:g} s")
+            raise BadRequest(f"the body ended after {len(body)} of its {length} bytes")
+        return body
+
+    def _next_event(self, job: Job) -> tuple[str, object]:
+        """The worker's next event; raises ConnectionResetError when the client has hung up (checked every POLL_S,
+        also while events keep coming: a non-streamed reply writes nothing that could fail before the end)."""
+        while True:
+            try:
+                event = job.events.get(timeout=POLL_S)
+            except queue.Empty:
+                event = None
+            if (now := time.monotonic()) >= self._next_check:
+                self._next_check = now + POLL_S
+                if self._client_gone():
+                    raise ConnectionResetError("the client closed the connection")
+            if event is not None:
+                return event
+
+    def _client_gone(self) -> bool:
+        # the request was read whole: a readable socket now means EOF (or a reset), i.e. the client hung up
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _stream(self, events: Iterable[str]) -> None:
+        """Server-sent events, each written as soon as the protocol yields it."""
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self._cors_headers()
+        self.end_headers()
+        self.close_connection = True  # the stream ends when the connection does
+        for data in events:
+            self.wfile.write(b"data: " + data.encode() + b"\n\n")
+            self.wfile.flush()
+
+    def _cors_headers(self) -> None:
+        headers = getattr(self, "headers", None)  # unset when the stdlib refuses the request line itself
+        if headers is not None and (origin := headers.get("Origin")):  # only allowed origins get this far
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+
+    def _json(self, status: HTTPStatus, obj: dict) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if status == HTTPStatus.TOO_MANY_REQUESTS:
+            self.send_header("Retry-After", "1")
+        if status == HTTPStatus.METHOD_NOT_ALLOWED:
+            self.send_header("Allow", "GET, POST, OPTIONS")
+        if status != HTTPStatus.FORBIDDEN:
+            self._cors_headers()
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _error(self, status: HTTPStatus, message: str, kind: str = "invalid_request_error") -> None:
+        try:
+            self._json(status, error_body(status, message, kind))
+        except OSError:  # the client left before its answer
+            self.close_connection = True
+
+
+class ChatServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], app: ChatApp, limits: ServerLimits = ServerLimits()):
+        self.app, self.limits = app, limits
+        self.slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self._deadlines: dict[ChatHandler, float] = {}
+        self._lock, self._closed = threading.Lock(), threading.Event()
+        super().__init__(address, ChatHandler)
+        host = self.server_address[0]
+        self.bound_host = None if ipaddress.ip_address(host).is_unspecified else host.lower()
+        threading.Thread(target=self._reap, name="request-deadlines", daemon=True).start()
+
+    def origin_allowed(self, origin: str) -> bool:
+        if any(fnmatch.fnmatchcase(origin, pattern) for pattern in self.limits.allow_origins):
+            return True
+        parts = urlsplit(origin) if origin.startswith(("http://", "https://")) else None
+        try:
+            name = (parts.hostname or "").lower() if parts else ""
+        except ValueError:
+            return False
+        # this machine's own pages (any port): the same trust as a local process
+        return bool(name) and (_is_loopback(name) or name == self.bound_host)
+
+    def server_close(self) -> None:
+        self._closed.set()
+        super().server_close()
+
+    # -- bounded connections: beyond max_connections a connection gets 503 at once instead of a thread
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            try:
+                body = json.dumps(error_body(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later",
+                                             "server_error")).encode()
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+                # closing with unread bytes makes the kernel send a reset, which can beat the 503 to the client:
+                # drop what has already arrived (without waiting: this runs on the accepting thread)
+                while request.recv(1 << 16, socket.MSG_DONTWAIT):
+                    pass
+            except OSError:  # BlockingIOError once nothing more is waiting, or the client is gone
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    # -- a whole request (headers and body) must arrive within limits.timeout, however slowly it trickles in
+    def watch(self, handler: ChatHandler) -> None:
+        with self._lock:
+            self._deadlines[handler] = time.monotonic() + self.limits.timeout
+
+    def received(self, handler: ChatHandler) -> bool:
+        """The handler has its whole request; False when its deadline passed first (it is being cut off)."""
+        with self._lock:
+            return self._deadlines.pop(handler, None) is not None
+
+    def unwatch(self, handler: ChatHandler) -> None:
+        with self._lock:
+            self._deadlines.pop(handler, None)
+
+    def _reap(self) -> None:
+        while not self._closed.wait(min(1.0, self.limits.timeout / 4)):
+            now = time.monotonic()
+            with self._lock:  # flagged under the lock: received() then knows the reaper got there first
+                late = [h for h, deadline in self._deadlines.items() if deadline < now]
+                for h in late:
+                    del self._deadlines[h]
+                    h.timed_out = True
+            for h in late:
+                log.info("%s: request not received in %.0f s", h.client_address[0], self.limits.timeout)
+                try:  # a blocked read returns at once with what it has; the answer can still be written
+                    h.connection.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
