@@ -50,6 +50,8 @@ class Session:
         short = replace(cfg, max_new_tokens=min(tokens, cfg.max_new_tokens))
         for _ in range(2):
             self.generator.generate(prompt_ids, short)
+        if self.generator.uses_lookup(cfg):
+            self.generator.capture_steps()  # draft chains of every size, which a short generation need not reach
 
 
 def is_cpu_device(device: str) -> bool:
