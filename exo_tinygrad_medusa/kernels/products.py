@@ -79,12 +79,27 @@ def group_size() -> int:
 # codes are read this many bytes ahead (128 rows): the hardware prefetcher alone left a 1-token step ~20% slower
 # (interleaved A/B: 12.7 -> 10.2 ms at position 128; 4 tokens 14.0 -> 13.0)
 PREFETCH = 2048
-# widen_half: 16 float16 bits -> float32 (in byte order), exactly, as packed.widen_half: (mantissa with its implicit
-# bit) * 2^(exponent - 25) with the power of two built as float32 bits, so no float16 type and no subnormal float32
-PRELUDE = r"""typedef float f16v __attribute__((aligned(4), ext_vector_type(16)));
+# widen_half: 16 float16 bits -> float32, exactly: the CPU's conversion instruction where it has one (AVX-512, F16C),
+# else as packed.widen_half: (mantissa with its implicit bit) * 2^(exponent - 25), the power of two built as float32
+# bits, so no float16 type and no subnormal float32. (-Wpsabi: an inlined helper returning 16 floats warns on AVX2.)
+PRELUDE = r"""#pragma clang diagnostic ignored "-Wpsabi"
+typedef float f16v __attribute__((aligned(4), ext_vector_type(16)));
+typedef float f8v __attribute__((aligned(4), ext_vector_type(8)));
 typedef unsigned char u8x16 __attribute__((aligned(1), ext_vector_type(16)));
 typedef unsigned short u16x16 __attribute__((aligned(2), ext_vector_type(16)));
 typedef unsigned int u32x16 __attribute__((aligned(4), ext_vector_type(16)));
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline __attribute__((always_inline)) f16v widen_half(const unsigned short* p) {
+  return (f16v)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+}
+#elif defined(__F16C__)
+#include <immintrin.h>
+static inline __attribute__((always_inline)) f16v widen_half(const unsigned short* p) {
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)), hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 8)));
+  return __builtin_shufflevector((f8v)lo, (f8v)hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+#else
 static inline __attribute__((always_inline)) f16v widen_half(const unsigned short* p) {
   const u32x16 b = __builtin_convertvector(*(const u16x16*)p, u32x16);
   const u32x16 e = (b >> 10) & 31;
@@ -92,7 +107,8 @@ static inline __attribute__((always_inline)) f16v widen_half(const unsigned shor
   const u32x16 power = ((e | ((u32x16)(e == 0) & 1)) + 102) << 23;
   const f16v magnitude = __builtin_convertvector(mantissa, f16v) * (f16v)power;
   return (f16v)((u32x16)magnitude | ((b & 0x8000) << 16));
-}"""
+}
+#endif"""
 
 
 def _group_function(size: int, rows: int, outputs: int, perm: str, inv: str, minimum_line: str, bits: int) -> str:
@@ -114,7 +130,8 @@ def _group_function(size: int, rows: int, outputs: int, perm: str, inv: str, min
     # one prefetch a cache line of codes (the unrolled loop folds the test away)
     lines.append(f"      if (r % {64 // row_bytes} == 0) __builtin_prefetch(codes + r * {row_bytes} + {PREFETCH}, 0, 0);")
     if bits == 4:
-        lines.append(f"      const u8x16 v = *(const u8x16*)(codes + r * {row_bytes});")
+        # widened to 32 bits first: x86 has no byte shift, and the mask and shift then take one instruction each
+        lines.append(f"      const u32x16 v = __builtin_convertvector(*(const u8x16*)(codes + r * {row_bytes}), u32x16);")
         lines.append("      const f16v w0 = __builtin_convertvector(v & 15, f16v) * d + m;")
         lines.append("      const f16v w1 = __builtin_convertvector(v >> 4, f16v) * d + m;")
     else:
