@@ -10,8 +10,9 @@ from .config import ModelConfig
 from .transformer import Transformer
 from .registry import ResolvedModel, resolve
 from .shard import Shard
-from ..kernels.tinygrad_hooks import emulates_float16, gguf_load_blocks, install as install_hooks
+from ..kernels.tinygrad_hooks import emulates_float16, install as install_hooks
 from .device import choose_device
+from .gguf_file import load_gguf
 from .tokenizer import Tokenizer
 from .weights import DTYPES, gguf_packed, gguf_tensors, load_into, safetensors_tensors
 
@@ -46,8 +47,8 @@ WEIGHT_FORMATS = ("compact", "float32")
 
 def load_model(model: str | None = None, shard: Shard | None = None, *, dtype: str | None = None, device: str | None = None,
                max_context: int | None = 2048, weights: str | None = None) -> LoadedModel:
-    """weights: "compact" keeps a GGUF's Q4_1/Q8_0 codes packed and dequantizes them inside the products (the same
-    float32 values, ~3x fewer bytes read); "float32" dequantizes on load. Default: compact for a GGUF in float32."""
+    """weights: "compact" keeps a GGUF's Q4_0/Q4_1/Q8_0 codes packed and dequantizes them inside the products (the
+    same float32 values, 4-7x fewer bytes read); "float32" dequantizes on load. Default: compact for a GGUF in float32."""
     device, _ = choose_device(device)  # first: a device that cannot run is one clear error before any work
     install_hooks()
     dtype = dtype or default_dtype(device)
@@ -68,7 +69,7 @@ def load_model(model: str | None = None, shard: Shard | None = None, *, dtype: s
     weights = weights or ("compact" if resolved.kind == "gguf" and dtype == "float32" else "float32")
     logits_weight = None
     if resolved.kind == "gguf":
-        kv, raw, blocks = gguf_load_blocks(str(resolved.path))
+        kv, raw, blocks = load_gguf(resolved.path)
         config = ModelConfig.from_gguf(kv, set(raw))
         tokenizer = Tokenizer.from_gguf_metadata(kv)
         shard = shard or Shard.whole(resolved.model_id, config.n_layers)
