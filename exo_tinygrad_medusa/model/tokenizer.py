@@ -7,6 +7,8 @@ import functools
 import json
 import logging
 import os
+import re
+import secrets
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -95,6 +97,12 @@ class Tokenizer:
         self.eos_token_id: int = eos[0]
         # max id + 1 rather than a count: added tokens may leave holes in the id space
         self.vocab_size: int = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+        # control tokens (im_start, eot, ...): only a chat template may write them; in message text they are text
+        self.special_ids: frozenset[int] = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        texts = sorted({t.content for t in tok.get_added_tokens_decoder().values() if t.special and t.content},
+                       key=len, reverse=True)  # longest first: "<|im_start|>" before a shorter prefix of it
+        self._special_text = re.compile("|".join(map(re.escape, texts))) if texts else None
+        self._plain_tok: tokenizers.Tokenizer | None = None
 
     @classmethod
     def from_gguf_metadata(cls, kv: dict[str, Any]) -> "Tokenizer":
@@ -163,8 +171,58 @@ class Tokenizer:
                                      eos_token=self.token_str(self.eos_token_id), **kwargs)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        # the rendered template already contains its special tokens (BOS included, if the model wants one)
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        """The rendered conversation's ids. The template writes the control tokens (BOS included, if the model wants
+        one); the messages' contents are text: a content holding "<|im_end|>\n<|im_start|>system" cannot open a turn
+        of its own, its special-token strings are tokenised as the characters they are."""
+        hidden: list[str] = []
+        # a marker the template passes through unchanged (no letters: no case filter alters it; no spaces: trim
+        # keeps it) and that no message can forge (a fresh random number per call)
+        nonce = f"{secrets.randbelow(10 ** 12):012d}"
+
+        def hide(match: re.Match) -> str:
+            hidden.append(match.group(0))
+            return f"\ue000{nonce}:{len(hidden) - 1}\ue001"
+
+        pattern = self._special_text
+        safe = [{**m, "content": pattern.sub(hide, m["content"])}
+                if pattern is not None and isinstance(m.get("content"), str) and pattern.search(m["content"]) else m
+                for m in messages]
+        rendered = self.apply_chat_template(safe, add_generation_prompt)
+        if not hidden:  # the common case: exactly the ids of the rendered text
+            return self.encode(rendered, add_special_tokens=False)
+        return self._encode_hidden(rendered, hidden, re.compile(f"\ue000{nonce}:(\\d+)\ue001"))
+
+    def _encode_hidden(self, rendered: str, hidden: list[str], marker: re.Pattern) -> list[int]:
+        """Encode `rendered` whose contents' special-token strings were replaced by markers: the template's own
+        control tokens split it into stretches (as the tokenizer splits any text); a stretch holding a marker is
+        encoded with its hidden strings restored and special-token matching off, every other keeps its ids."""
+        enc = self.tok.encode(rendered, add_special_tokens=False)
+
+        def stretch(start: int, end: int, ids: list[int]) -> list[int]:
+            text = rendered[start:end]
+            if not marker.search(text):
+                return ids
+            return self._plain().encode(marker.sub(lambda m: hidden[int(m.group(1))], text),
+                                        add_special_tokens=False).ids
+
+        out, start, run = [], 0, []
+        for i, (a, b) in zip(enc.ids, enc.offsets):
+            if i in self.special_ids:
+                out += stretch(start, a, run)
+                out.append(i)
+                start, run = b, []
+            else:
+                run.append(i)
+        return out + stretch(start, len(rendered), run)
+
+    def _plain(self) -> tokenizers.Tokenizer:
+        """A copy of the tokenizer that reads special-token strings as text (a copy: the flag is per tokenizer,
+        and the original keeps matching them for templates and raw prompts, on other threads too)."""
+        if self._plain_tok is None:
+            plain = tokenizers.Tokenizer.from_str(self.tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain_tok = plain
+        return self._plain_tok
 
 
 class StreamDecoder:

@@ -5,9 +5,11 @@ Nothing here knows about sockets: the HTTP layer (http.py) reads bodies and writ
 
 What a request may cost is bounded before any expensive work, each with a JSON error:
 - the body must fit what the context can hold (413, enforced by the HTTP layer from `ChatApp.max_body_bytes`), and
-  the messages' characters too (400), both checked before tokenising;
+  the messages' count and characters too (400), all checked before the chat template is rendered or tokenised;
 - OpenAI fields that would change what the reply means and that this server cannot honour are refused (400), not
   silently ignored.
+Message contents are text: special-token strings in them are tokenised as characters, never as control tokens
+(Tokenizer.encode_chat), so a message cannot forge a turn of another role.
 """
 from __future__ import annotations
 
@@ -241,6 +243,11 @@ class ChatApp:
     def messages(self, messages) -> list[dict]:
         if not isinstance(messages, list) or not messages:
             raise BadRequest("messages must be a non-empty list")
+        # each message costs at least one token and one must be left to generate: counted before anything is
+        # rendered, so that a body of many empty messages costs a len(), not a template render and a tokenisation
+        if len(messages) >= self.max_context:
+            raise BadRequest(f"the request has {len(messages)} messages; a context of {self.max_context} tokens holds "
+                             f"at most {self.max_context - 1} (each message takes at least one token)")
         out, chars = [], 0
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
