@@ -88,6 +88,22 @@ def register(subparsers, model_args, generation_args) -> None:
     ds.add_argument("--limit", type=int, default=None, help="answer at most N new prompts in this run")
     ds.set_defaults(func=cmd_distill)
 
+    sp = subparsers.add_parser("strip-prompts", help="rewrite a distill corpus without the prompt text of withheld "
+                                                     "sources (ShareGPT), after checking each prompt is recovered exactly")
+    sp.add_argument("--corpus", required=True, help="corpus directory (chunks are rewritten in place, one at a time)")
+    sp.add_argument("--check", action="store_true", help="only verify that every prompt is recovered; write nothing")
+    sp.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sp.set_defaults(func=cmd_strip_prompts)
+
+    bd = subparsers.add_parser("build-datastore",
+                               help="a suffix-array datastore of the model's own answers (drafts for Medusa decoding)")
+    bd.add_argument("--corpus", default=None,
+                    help="distill corpus directory (default: models/<model>/distill-corpus of the model card)")
+    bd.add_argument("--model", default="smollm2-135m", help="model card whose corpus and datastore folder are used")
+    bd.add_argument("--out", default=None, help="output directory (default: models/<model>/datastore)")
+    bd.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    bd.set_defaults(func=cmd_build_datastore)
+
     ev = subparsers.add_parser("eval-heads", parents=[model_args()],
                                help="per-head accuracy and accepted length against the model's greedy continuation")
     ev.add_argument("--prompts", default=None, help="JSONL prompts (default: the held-out prompts of the training run)")
@@ -179,6 +195,21 @@ def cmd_build_prompts(args) -> int:
     return 0
 
 
+def cmd_build_datastore(args) -> int:
+    from ..decoding.datastore import corpus_datastore
+    from ..model.registry import MODELS_DIR
+    corpus = Path(args.corpus) if args.corpus else MODELS_DIR / args.model / "distill-corpus"
+    out = Path(args.out) if args.out else MODELS_DIR / args.model / "datastore"
+    t0 = time.perf_counter()
+    store = corpus_datastore(corpus)
+    if store.meta.get("model") != args.model and not args.corpus:
+        raise ValueError(f"{corpus} holds answers of {store.meta.get('model')}, not {args.model}")
+    store.save(out)
+    print(json.dumps({"out": str(out), "tokens": len(store.seq), "answers": store.meta.get("answers"),
+                      "bytes": store.nbytes, "seconds": round(time.perf_counter() - t0, 2)}))
+    return 0
+
+
 def cmd_distill(args) -> int:
     from ..model.loader import load_model
     from .corpus import DistillConfig, RunConfig, distill
@@ -208,6 +239,18 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_strip_prompts(args) -> int:
+    from ..model.loader import load_model
+    from .corpus import AnswerCorpus, strip_prompts
+    from .sources import PromptRecovery
+    corpus = AnswerCorpus.open(Path(args.corpus).expanduser())
+    s = corpus.settings  # the tokenizer distill used: the corpus's model
+    loaded = load_model(s.model, max_context=s.max_context)
+    info = strip_prompts(corpus, PromptRecovery(loaded.tokenizer, s.chat_template), check_only=args.check)
+    print(json.dumps({"corpus": str(corpus.dir), "check_only": args.check, **info}))
+    return 0
+
+
 def _corpus_store(loaded, args, data_dir: Path):
     from .corpus import AnswerCorpus, corpus_features
     from .features import FeatureStore
@@ -217,7 +260,9 @@ def _corpus_store(loaded, args, data_dir: Path):
     if corpus.settings.model != loaded.resolved.model_id:
         raise ValueError(f"{args.corpus} holds answers of {corpus.settings.model}, not {loaded.resolved.model_id}")
     if not (data_dir / "meta.json").is_file():
-        corpus_features(loaded.model, corpus, data_dir, batch_size=args.gen_batch_size)
+        from .sources import PromptRecovery  # withheld (ShareGPT) prompts: from the `train` extra, by record id
+        corpus_features(loaded.model, corpus, data_dir, batch_size=args.gen_batch_size,
+                        recovery=PromptRecovery(loaded.tokenizer, corpus.settings.chat_template))
     else:
         log.info("reusing the features in %s", data_dir)
     return FeatureStore.open(data_dir)
