@@ -23,6 +23,7 @@ requires_exo = pytest.mark.skipif(not exo_available(), reason="classic Exo is no
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Tell me about the sea."
 MAX_TOKENS = 12
+EXO_COMMAND = Path(sys.executable).with_name("exo")  # Exo's own console script, beside the venv's python
 CAPS = {"model": "T", "chip": "T", "memory": 1000, "flops": {"fp32": 0, "fp16": 0, "int8": 0}}
 
 
@@ -148,13 +149,43 @@ def test_in_process_ring_of_exo_nodes(model, tmp_path):
 
 @pytest.mark.exo
 @requires_exo
-def test_exo_run_one_node_matches_standalone(model, tmp_path):
+def test_exos_own_command_on_one_node_matches_standalone(model, tmp_path):
+    """Exo's own `exo run MODEL --inference-engine tinygrad --medusa-enabled ...`: the package's .pth hook patches
+    exo.main as it loads, so Exo's command runs our engine with Medusa and prints what `exo-medusa run` prints."""
+    assert EXO_COMMAND.exists(), f"classic Exo is importable but its command {EXO_COMMAND} is missing"
     node_port, api_port = free_ports(2)
     config = ring_config(tmp_path, [node_port])
-    out = subprocess.run(exo_node(model, config, 1, node_port, api_port, "run", model["dir"], "--prompt", PROMPT),
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    argv = exo_node(model, config, 1, node_port, api_port, "run", model["dir"], "--prompt", PROMPT)
+    out = subprocess.run([str(EXO_COMMAND), *argv[3:]], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert generated_text(out.stdout).startswith(model["standalone"]["text"] + "\n")
+    assert f"engine: {model['dir']} layers 0..3 of 4, tree cpu-8 (8 nodes), Medusa heads" in out.stderr, \
+        out.stderr[-3000:]
+
+
+@pytest.mark.exo
+@requires_exo
+def test_exo_hook_engages_only_with_a_medusa_flag(tmp_path):
+    """Exo without a Medusa flag keeps its own engine; the hook changes nothing else in any process."""
+    show = ("import sys; sys.argv[1:] = {argv!r}; import exo.main as m; "
+            "print('ENGINE', type(m.node.inference_engine).__name__)")
+    common = ["--inference-engine", "tinygrad", "--disable-tui", "--node-host", "127.0.0.1",
+              "--chatgpt-api-port", str(free_ports(1)[0])]
+    engines = {}
+    for name, flags in (("plain", []), ("medusa", ["--medusa-enabled"])):
+        out = subprocess.run([sys.executable, "-c", show.format(argv=common + flags)], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        engines[name] = re.findall(r"^ENGINE (\w+)$", out.stdout, re.M)
+    assert engines == {"plain": ["TinygradDynamicShardInferenceEngine"], "medusa": ["MedusaInferenceEngine"]}
+
+
+def test_exo_hook_reads_only_medusa_flags():
+    from exo_tinygrad_medusa.serving.exo_hook import wants_medusa
+    assert wants_medusa(["run", "m", "--medusa-enabled"]) and wants_medusa(["--medusa-heads=x"])
+    assert wants_medusa(["--inference-engine", "medusa"]) and wants_medusa(["--inference-engine=medusa"])
+    assert not wants_medusa(["--inference-engine", "tinygrad", "--prompt", "medusa"])
+    assert not wants_medusa(["--prompt", "--medusa-enabled is a flag"])
 
 
 @pytest.mark.exo

@@ -3,7 +3,8 @@
 `exo-medusa --inference-engine tinygrad --medusa-enabled [--medusa-heads DIR] [Exo flags...]` and
 `exo-medusa run MODEL --prompt ... --inference-engine tinygrad --medusa-enabled` take our options off the command
 line, hand the rest to Exo, and start Exo (github.com/exo-explore/exo, the classic Python tree with
-exo/inference/tinygrad) after the patches below. Every adaptation Exo needs lives in this module and is applied in
+exo/inference/tinygrad) after the patches below. Exo's own command, `exo --inference-engine tinygrad --medusa-enabled
+[...]`, does the same through the import hook in exo_hook.py (installed as a .pth file). Every adaptation Exo needs lives in this module and is applied in
 process, from our package: nothing in Exo's files changes. `exo.main` parses sys.argv and builds its node at import
 time, so the patches go in before it is imported and the few settings that depend on its parsed flags right after.
 
@@ -67,24 +68,31 @@ def exo_options() -> argparse.ArgumentParser:
     return p
 
 
-def run_exo(argv: list[str]) -> int:
-    if not exo_available():
-        print("exo-medusa: --inference-engine needs classic Exo (github.com/exo-explore/exo), which is not installed; "
-              "without it use `exo-medusa run MODEL --prompt ...` or `exo-medusa serve MODEL`", file=sys.stderr)
-        return 2
+def prepare_exo(argv: list[str]) -> list[str]:
+    """Our options off `argv`, checked, and patches 1-7 applied for them; returns the arguments that are Exo's.
+    Raises ValueError for inconsistent options, before Exo starts."""
     ours, exo_argv = exo_options().parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if ours.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     medusa = MedusaOptions(ours.medusa_enabled, ours.medusa_heads, ours.medusa_num_heads, ours.medusa_num_layers,
                            ours.medusa_choices)
+    MedusaInferenceEngine(medusa)
+    apply_patches(functools.partial(MedusaInferenceEngine, medusa, device=ours.device, dtype=ours.dtype,
+                                    max_context=ours.max_context, max_requests=ours.max_requests))
+    return exo_argv
+
+
+def run_exo(argv: list[str]) -> int:
+    if not exo_available():
+        print("exo-medusa: --inference-engine needs classic Exo (github.com/exo-explore/exo), which is not installed; "
+              "without it use `exo-medusa run MODEL --prompt ...` or `exo-medusa serve MODEL`", file=sys.stderr)
+        return 2
     try:
-        MedusaInferenceEngine(medusa)  # reject inconsistent options before Exo starts
+        exo_argv = prepare_exo(argv)
     except ValueError as e:
         print(f"exo-medusa: error: {e}", file=sys.stderr)
         return 2
-    make_engine = functools.partial(MedusaInferenceEngine, medusa, device=ours.device, dtype=ours.dtype,
-                                    max_context=ours.max_context, max_requests=ours.max_requests)
-    apply_patches(make_engine)
+    # our flags are off the command line, so the exo_hook finder (Exo's own `exo` command) leaves exo.main alone
     sys.argv = ["exo-medusa"] + exo_argv
     import exo.main as exo_main  # parses sys.argv, builds node, engine and API
     try:
