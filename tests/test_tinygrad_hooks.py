@@ -1,5 +1,6 @@
 """The hooks into tinygrad's internals (exo_tinygrad_medusa/tinygrad_hooks.py). The first test fails loudly when a
 tinygrad upgrade moves something they rely on; the others check that each hook does its job and changes no value."""
+import functools
 import inspect
 
 import numpy as np
@@ -8,7 +9,7 @@ from tinygrad import Tensor, TinyJit, UOp, dtypes
 
 from exo_tinygrad_medusa.kernels import tinygrad_hooks as hooks
 from exo_tinygrad_medusa.model.transformer import Linear
-from exo_tinygrad_medusa.kernels.packed import Q4_0, Q4_1, Q8_0, pack_ggml, widen_half
+from exo_tinygrad_medusa.kernels.packed import GGML_BLOCKS, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, pack_ggml, widen_half
 
 hooks.install()
 
@@ -18,7 +19,6 @@ def test_tinygrad_internals_the_hooks_rely_on_are_still_there():
     from tinygrad import codegen
     from tinygrad.codegen.opt import postrange
     from tinygrad.engine import jit, realize
-    from tinygrad.llm import gguf
     from tinygrad.runtime import ops_cpu
     from tinygrad.uop.ops import KernelInfo
 
@@ -40,7 +40,6 @@ def test_tinygrad_internals_the_hooks_rely_on_are_still_there():
     assert "dev.graph" in inspect.getsource(jit.graph_split_rewrite) or "graph_class" in inspect.getsource(jit.graph_split_rewrite)
     source = inspect.getsource(ops_cpu.CPUProgram)
     assert "runtimevars" in source and "self.addr" in source and "core_id" in source
-    assert "ggml_data_to_tensor(" in inspect.getsource(gguf._gguf_parse)
     assert hasattr(tinygrad.helpers, "_db_connection") and hasattr(tinygrad.helpers, "db_connection")
     for allocator in (ops_cpu.CPUAllocator, tinygrad.device.Allocator):
         assert hasattr(allocator, "_copyin") and hasattr(allocator, "_copyout"), "allocator copies moved"
@@ -88,7 +87,7 @@ def test_split_kernels_from_two_threads_at_once_stay_correct():
     run with its own arguments."""
     import threading
     rng = np.random.default_rng(9)
-    raw = _q4_1_blocks(rng, 4096, 576)  # large enough that the two threads' C calls overlap
+    raw = BLOCKS[Q4_1](rng, 4096, 576)  # large enough that the two threads' C calls overlap
     linears = [Linear(576, 4096) for _ in range(2)]
     for linear in linears:
         Tensor.realize(*linear.set(pack_ggml(raw, Q4_1, (4096, 576))))
@@ -193,31 +192,34 @@ def _scales(rng, shape, low: float, high: float) -> np.ndarray:
     return d.view(np.uint8)
 
 
-def _q4_0_blocks(rng, rows: int, cols: int) -> np.ndarray:
-    blocks = np.zeros((rows, cols // 32, 18), np.uint8)
-    blocks[..., 0:2] = _scales(rng, (rows, cols // 32, 1), 0.01, 0.1)
-    blocks[..., 2:] = rng.integers(0, 256, (rows, cols // 32, 16), dtype=np.uint8)
+# where each format keeps its float16 scales, by byte offset in a block; every other byte is random (codes, K-quant
+# sub-block scales, high bits)
+HALF_AT = {Q4_0: (0,), Q4_1: (0, 2), Q5_0: (0,), Q5_1: (0, 2), Q8_0: (0,), Q4_K: (0, 2), Q5_K: (0, 2), Q6_K: (208,)}
+
+
+def _blocks(ggml_type: int, rng, rows: int, cols: int) -> np.ndarray:
+    """Random GGML blocks of an [rows, cols] matrix: random bytes, float16 scales from _scales (minimums of Q4_1 and
+    Q5_1 negative), so that every code, scale and bit layout is exercised."""
+    per, nbytes = GGML_BLOCKS[ggml_type]
+    blocks = rng.integers(0, 256, (rows, cols // per, nbytes), dtype=np.uint8)
+    for k, at in enumerate(HALF_AT[ggml_type]):
+        low, high = (-1, 0) if k and ggml_type in (Q4_1, Q5_1) else (0.001, 0.1)
+        blocks[..., at:at + 2] = _scales(rng, (rows, cols // per, 1), low, high)
     return blocks.reshape(-1)
 
 
-def _q4_1_blocks(rng, rows: int, cols: int) -> np.ndarray:
-    blocks = np.zeros((rows, cols // 32, 20), np.uint8)
-    blocks[..., 0:2] = _scales(rng, (rows, cols // 32, 1), 0.01, 0.1)
-    blocks[..., 2:4] = _scales(rng, (rows, cols // 32, 1), -1, 0)
-    blocks[..., 4:] = rng.integers(0, 256, (rows, cols // 32, 16), dtype=np.uint8)
-    return blocks.reshape(-1)
+BLOCKS = {t: functools.partial(_blocks, t) for t in HALF_AT}
 
 
-def _q8_0_blocks(rng, rows: int, cols: int) -> np.ndarray:
-    blocks = np.zeros((rows, cols // 32, 34), np.uint8)
-    blocks[..., 0:2] = _scales(rng, (rows, cols // 32, 1), 0.001, 0.02)
-    blocks[..., 2:] = rng.integers(0, 256, (rows, cols // 32, 32), dtype=np.uint8)
-    return blocks.reshape(-1)
-
-
-BLOCKS = {Q4_0: _q4_0_blocks, Q4_1: _q4_1_blocks, Q8_0: _q8_0_blocks}
+def _cols(ggml_type: int, cols: int) -> int:
+    """cols rounded up to whole blocks of the format (256 for the K-quants)."""
+    per = GGML_BLOCKS[ggml_type][0]
+    return -(-cols // per) * per
 PACKED_TYPES = list(BLOCKS)
-BYTES_PER_WEIGHT = {Q4_0: 0.5625, Q4_1: 0.625, Q8_0: 1.0625}
+BYTES_PER_WEIGHT = {Q4_0: 0.5625, Q4_1: 0.625, Q5_0: 0.6875, Q5_1: 0.75, Q8_0: 1.0625, Q4_K: 0.578125, Q5_K: 0.703125,
+                    Q6_K: 0.8203125}
+KERNEL_TAG = {Q4_0: "q4o8", Q4_1: "q4m", Q5_0: "q5o16", Q5_1: "q5m", Q8_0: "q8o128", Q4_K: "q4km", Q5_K: "q5km",
+              Q6_K: "q6ko32"}
 
 
 def test_float16_bits_widen_exactly():
@@ -235,7 +237,7 @@ def test_packed_weights_hold_exactly_the_loaders_float32_values(ggml_type, monke
     products, the hand-written C and tinygrad's own kernel (other devices), read exactly the loader's float32 values."""
     from tinygrad.llm.gguf import ggml_data_to_tensor
     rng = np.random.default_rng(2)
-    rows, cols = 48, 64
+    rows, cols = 48, _cols(ggml_type, 64)
     raw = BLOCKS[ggml_type](rng, rows, cols)
     dense = ggml_data_to_tensor(Tensor(raw), rows * cols, ggml_type).reshape(rows, cols).numpy()
     order = np.random.default_rng(3).permutation(rows)
@@ -257,7 +259,7 @@ def test_packed_weights_hold_exactly_the_loaders_float32_values(ggml_type, monke
 def test_packed_rows_are_the_same_rows_still_packed(ggml_type):
     """A proposal vocabulary's rows taken from a packed lm_head: bit for bit the dense rows, in the order asked."""
     rng = np.random.default_rng(4)
-    rows, cols = 64, 64
+    rows, cols = 64, _cols(ggml_type, 64)
     raw = BLOCKS[ggml_type](rng, rows, cols)
     full = Linear(cols, rows)
     Tensor.realize(*full.set(pack_ggml(raw, ggml_type, (rows, cols))))
@@ -280,7 +282,7 @@ def test_packed_products_run_the_hand_written_kernel_and_match_the_float_product
     and equal the product with the dequantized matrix."""
     assert hooks.hand_kernels("CPU") and hooks.kernel_mode()["packed_products"] == "hand"
     rng = np.random.default_rng(5)
-    for rows, cols in ((1024, 576), (48, 64)):   # split over the cores, and on one core
+    for rows, cols in ((1024, _cols(ggml_type, 576)), (48, _cols(ggml_type, 64))):   # split over the cores, and on one
         raw = BLOCKS[ggml_type](rng, rows, cols)
         linear = Linear(cols, rows)
         Tensor.realize(*linear.set(pack_ggml(raw, ggml_type, (rows, cols))))
@@ -291,7 +293,7 @@ def test_packed_products_run_the_hand_written_kernel_and_match_the_float_product
             got = linear(Tensor(x)).numpy()
             np.testing.assert_allclose(got, x @ dense.T, rtol=2e-5, atol=2e-5 * np.abs(x @ dense.T).max())
             tokens = shape[0] * shape[1]
-            suffix = {Q4_0: "q4o8", Q4_1: "q4m", Q8_0: "q8o128"}[ggml_type]
+            suffix = KERNEL_TAG[ggml_type]
             assert f"packed_{suffix}_{tokens}_{cols}_{rows}" in _hand_programs() - before or \
                 f"packed_{suffix}_{tokens}_{cols}_{rows}" in before, f"{shape}: tinygrad's kernel ran, not the hand-written one"
 
@@ -301,7 +303,7 @@ def test_a_tokens_outputs_do_not_depend_on_the_other_tokens_of_the_step(ggml_typ
     """Bit for bit: the outputs for a token are the same alone (a decode step) and among 2, 5 or 8 tokens (a verify
     step), so a product never makes Medusa's logits differ from plain decoding's."""
     rng = np.random.default_rng(6)
-    rows, cols = 512, 576
+    rows, cols = 512, _cols(ggml_type, 576)
     raw = BLOCKS[ggml_type](rng, rows, cols)
     linear = Linear(cols, rows)
     Tensor.realize(*linear.set(pack_ggml(raw, ggml_type, (rows, cols))))

@@ -14,7 +14,7 @@ tests/test_tinygrad_hooks.py, which fails loudly when an upgrade moves what this
    instead of one Python launch per kernel.
 4. The kernel cache db opened shareable between threads (`share_kernel_cache`): the engine compiles on its own
    thread while Exo touches tinygrad on others.
-5. GGUF blocks (`gguf_load_blocks`): tinygrad's GGUF reader, plus each tensor's raw codes for packed weights.
+5. (none: a GGUF's raw codes are read with numpy, model/gguf_file.py, without tinygrad's internals)
 6. Host copies (`device_buffer`, `write_host`, `read_host`): a step's token ids in and its small result out, copied
    straight to and from realized buffers instead of through the scheduler.
 7. Hand-written C kernels (`_hand_program`): packed products (product_kernels.py) matched by their whole AST, and
@@ -486,28 +486,6 @@ def share_kernel_cache() -> None:
     tinygrad.helpers._exo_medusa_shared_db = True
 
 
-# -- 5. GGUF blocks -------------------------------------------------------------------------------------------------
-def gguf_load_blocks(path: str) -> tuple[dict, dict, dict]:
-    """tinygrad's gguf_load, plus each tensor's GGML type and raw bytes: tinygrad hands out only dequantized tensors,
-    and packed weights need the codes. Wraps the one function that sees both, for the duration of the load."""
-    from tinygrad.llm import gguf
-    seen = []
-    original = gguf.ggml_data_to_tensor
-
-    def capture(t, n, ggml_type):
-        seen.append((t, ggml_type))
-        return original(t, n, ggml_type)
-
-    gguf.ggml_data_to_tensor = capture
-    try:
-        kv, state = gguf.gguf_load(path)
-    finally:
-        gguf.ggml_data_to_tensor = original
-    if len(seen) != len(state):
-        raise RuntimeError("tinygrad.llm.gguf changed: gguf_load no longer converts each tensor through ggml_data_to_tensor")
-    return kv, state, {name: (ggml_type, t) for name, (t, ggml_type) in zip(state, seen)}
-
-
 # -- 6. host values in and out without the scheduler ---------------------------------------------------------------
 # A step's few host values (token ids, a position, a small result) would go through Tensor(ndarray) and .numpy():
 # both schedule a copy, and tinygrad's scheduler walks every live tensor (each weight of the model) on the way, ~5 ms
@@ -586,28 +564,26 @@ def expect_packed_product(x: "Tensor", weight, product) -> None:
     `product` builds the expression; it is run once per shape on empty buffers, scheduled, never executed."""
     from tinygrad import Tensor
     from .products import PackedProduct, WIDTH
-    from .packed import PackedWeight
     (outputs, rows), quarter = weight.shape, weight.words.shape[2]
     panels, tokens = outputs // WIDTH, math.prod(x.shape[:-1])
-    key = (tuple(x.shape), str(x.device), tuple(weight.words.shape), weight.minimum is not None, weight.offset, weight.bits)
+    layout = tuple((name, tuple(t.shape), t.dtype) for name, t in weight.named().items())
+    key = (tuple(x.shape), str(x.device), layout, weight.offset, weight.bits, weight.high_bits, weight.block)
     if key in _announced:
         return
     _announced.add(key)
-    if 4 * quarter != WIDTH or rows % 32 or not all(isinstance(s, int) for s in x.shape):
+    if 4 * quarter != WIDTH or rows % weight.block or not all(isinstance(s, int) for s in x.shape):
         return
     empty = lambda t: Tensor.empty(*t.shape, dtype=t.dtype, device=t.device)
-    ref_x = empty(x)
-    ref_w = PackedWeight(*(None if t is None else empty(t) for t in (weight.words, weight.scale, weight.minimum)),
-                         offset=weight.offset, bits=weight.bits)
+    ref_x, ref_w = empty(x), weight.map(empty)
     out = product(ref_x, ref_w).contiguous()
     calls = [c for c in out.schedule_linear().src if c.op is Ops.CALL]
     if len(calls) != 1:
         return
     call = calls[0]
-    named = {"out": out, "x": ref_x, "words": ref_w.words, "scale": ref_w.scale, "minimum": ref_w.minimum}
+    named = {"out": out, "x": ref_x, **ref_w.named()}
     roles = []
     for buf in call.src[1:]:
-        role = next((r for r, t in named.items() if t is not None and t.uop.base is buf), None)
+        role = next((r for r, t in named.items() if t.uop.base is buf), None)
         if role is None:
             return
         roles.append(role)
@@ -615,8 +591,7 @@ def expect_packed_product(x: "Tensor", weight, product) -> None:
         return
     work = tokens * rows * panels * WIDTH
     threads = NUM_THREADS() if work >= MIN_THREAD_WORK and panels >= NUM_THREADS() else 1
-    spec = PackedProduct(tokens, rows, panels, weight.minimum is not None, weight.offset, threads, weight.bits)
-    _packed_products[call.src[0].key] = (spec, tuple(roles))
+    _packed_products[call.src[0].key] = (PackedProduct.of(weight, tokens, threads), tuple(roles))
 
 
 _hand_named: dict[str, tuple[Callable[[str], str], int]] = {}
@@ -634,8 +609,7 @@ def _hand_program(sink: UOp, renderer) -> UOp | None:
     expect_hand_kernel (by its name), else None."""
     if (found := _packed_products.get(sink.key)) is not None:
         spec, roles = found
-        suffix = f"q{spec.bits}" + ("m" if spec.minimum else f"o{spec.offset}")
-        name = f"packed_{suffix}_{spec.tokens}_{spec.rows}_{spec.panels * 16}"
+        name = f"packed_{spec.tag}_{spec.tokens}_{spec.rows}_{spec.panels * 16}"
         params = [*roles, *(["core_id"] if spec.threads > 1 else [])]
         return _c_program(sink.replace(arg=replace(sink.arg, name=name)), spec.threads, lambda fn: spec.source(fn, params), renderer)
     if isinstance(sink.arg, KernelInfo) and (named := _hand_named.get(sink.arg.name)) is not None:

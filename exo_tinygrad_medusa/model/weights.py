@@ -12,7 +12,7 @@ from tinygrad.nn.state import safe_load
 
 from .config import ModelConfig
 from .transformer import Transformer
-from ..kernels.packed import BLOCK, GGML_BLOCK_BYTES, PackedWeight, pack_ggml
+from ..kernels.packed import GGML_BLOCKS, PackedWeight, ggml_nbytes, pack_ggml
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ def _rope_heads(config: ModelConfig, hf_name: str) -> int | None:
 
 def gguf_tensors(kv: dict, state_dict: dict[str, Tensor], config: ModelConfig, blocks: dict | None = None,
                  pack: set[str] = frozenset()) -> dict[str, "Tensor | PackedWeight"]:
-    """HF-named tensors of a GGUF. Names in `pack` whose GGML type has a packed form (Q4_1, Q8_0) come back as
-    PackedWeight built from `blocks` (tinygrad_hooks.gguf_load_blocks); the others dequantized."""
+    """HF-named tensors of a GGUF. Names in `pack` whose GGML type has a packed form (packed.GGML_NAMES) come back as
+    PackedWeight built from `blocks` (gguf_file.load_gguf: the file's bytes); the others dequantized."""
     out: dict[str, Tensor | PackedWeight] = {}
     for name, t in state_dict.items():
         hf = _hf_name(name)
@@ -71,10 +71,10 @@ def gguf_tensors(kv: dict, state_dict: dict[str, Tensor], config: ModelConfig, b
 def gguf_packed(name: str, state_dict: dict[str, Tensor], blocks: dict | None, row_order=None) -> PackedWeight | None:
     """The GGUF tensor `name` as a PackedWeight when its GGML type has a packed form, else None."""
     ggml_type, raw = (blocks or {}).get(name, (None, None))
-    if ggml_type not in GGML_BLOCK_BYTES:
+    if ggml_type not in GGML_BLOCKS:
         return None
     rows, cols = state_dict[name].shape
-    return pack_ggml(raw[:rows * cols // BLOCK * GGML_BLOCK_BYTES[ggml_type]].numpy(), ggml_type, (rows, cols), row_order)
+    return pack_ggml(np.asarray(raw[:ggml_nbytes(ggml_type, rows * cols)]), ggml_type, (rows, cols), row_order)
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
