@@ -10,8 +10,16 @@ local cache hidden/ (float16, one file per chunk, never committed), which saves 
 generated the chunk.
 
 Layout: corpus.json (settings every chunk was made with) and chunks/*.jsonl.gz, one record per answered prompt:
-key, id, source, prompt, prompt_ids, answer_ids, finish ("stop" or "length"); optionally hidden/<chunk>.npy, the
-rows of the chunk's answers in record order."""
+key (hash of the prompt text), id, source, prompt_sha (hash of the prompt's token ids), answer_ids, finish ("stop"
+or "length"), and, unless the source is withheld, prompt and prompt_ids; optionally hidden/<chunk>.npy, the rows of
+the chunk's answers in record order.
+
+Publishable: the prompt text of a withheld source (sources.WITHHELD_SOURCES: ShareGPT, which declares no licence)
+is never written. Only teacher forcing needs it (`corpus_features`); `PromptRecovery` reads the source again (the
+`train` extra), finds each prompt by the record's id, applies the chat template and tokenizer distill used, and
+checks both hashes, so a different source version, tokenizer or template is an error, not silently other features.
+Resuming needs no prompt text (answered prompts are known by key). `strip_prompts` rewrites an older corpus that
+still holds such text, after proving that every stripped prompt is recovered exactly."""
 from __future__ import annotations
 
 import gzip
@@ -31,15 +39,12 @@ from .batched import HIDDEN, BatchedDecoder, batched_forward
 from .data import ModelSpec, decode_batch, run_worker_processes
 from .features import FeatureWriter, Sample
 from .progress import Progress
-from .sources import SourcePrompt
+from .sources import (WITHHELD_SOURCES, PromptRecovery, PromptRecoveryError, SourcePrompt, encode_prompt,
+                      prompt_hash, prompt_key)
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE, CHUNK_DIR, HIDDEN_DIR = "corpus.json", "chunks", "hidden"
 FORMAT = 1
-
-
-def prompt_key(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class RunConfig:
     chunk_prompts: int = 64       # prompts per chunk file: at most this much work is lost when a run is stopped
     shard: tuple[int, int] = (0, 1)  # (i, n): this run answers the prompts whose key hashes to i mod n
     limit: int | None = None      # answer at most this many new prompts in this run
+    withhold: tuple[str, ...] = WITHHELD_SOURCES  # sources whose prompt text the records leave out
 
     def __post_init__(self):
         if self.batch_size < 1 or self.chunk_prompts < 1:
@@ -123,6 +129,10 @@ class AnswerCorpus:
     def done_keys(self) -> set[str]:
         return {r["key"] for r in self.records()}
 
+    def read_chunk(self, path: Path) -> list[dict]:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
     def write_chunk(self, records: list[dict], hidden: list[np.ndarray] | None = None) -> Path:
         """Atomically: a chunk is visible only once it is whole. `hidden` (one (len(answer), D) array per record)
         goes to the local cache first, so a visible chunk's cache file is whole too."""
@@ -135,9 +145,9 @@ class AnswerCorpus:
             np.save(tmp, np.concatenate(hidden).astype(np.float16))
             os.replace(tmp, cache / f"chunk-{name}.npy")
         tmp = self.chunks / f".tmp-{os.getpid()}-{name}"
-        with gzip.open(tmp, "wt", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n")
+        text = "".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n" for r in records)
+        with open(tmp, "wb") as raw, gzip.GzipFile("", "wb", fileobj=raw, mtime=0) as f:  # same records, same bytes
+            f.write(text.encode("utf-8"))
         os.replace(tmp, final)
         return final
 
@@ -148,8 +158,7 @@ class AnswerCorpus:
             cache = self.dir / HIDDEN_DIR / (path.name.removesuffix(".jsonl.gz") + ".npy")
             if not cache.is_file():
                 continue
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                recs = [json.loads(line) for line in f]
+            recs = self.read_chunk(path)
             rows = np.load(cache, mmap_mode="r")
             if rows.shape[0] != sum(len(r["answer_ids"]) for r in recs):
                 log.warning("%s does not match its chunk; its hidden states are recomputed", cache)
@@ -196,8 +205,7 @@ def answer_prompts(model: Transformer, tokenizer, eos_ids, corpus: AnswerCorpus,
         part = todo[c:c + run.chunk_prompts]
         encoded = []
         for key, p in part:
-            ids = (tokenizer.encode_chat([{"role": "user", "content": p.text}]) if s.chat_template
-                   else tokenizer.encode(p.text, add_special_tokens=True))
+            ids = encode_prompt(tokenizer, p.text, s.chat_template)
             # the batch pads prompts to whole prefill chunks: the padded prompt and the whole answer must fit
             if -(-len(ids) // decoder.chunk) * decoder.chunk + s.max_new_tokens <= s.max_context:
                 encoded.append((key, p, ids))
@@ -213,7 +221,8 @@ def answer_prompts(model: Transformer, tokenizer, eos_ids, corpus: AnswerCorpus,
             hidden.extend(rows)
             made = tokens
             for (key, p, ids), answer in zip(batch, answers):
-                records.append({"key": key, "id": p.id, "source": p.source, "prompt": p.text, "prompt_ids": ids,
+                prompt = {} if p.source in run.withhold else {"prompt": p.text, "prompt_ids": ids}
+                records.append({"key": key, "id": p.id, "source": p.source, "prompt_sha": prompt_hash(ids), **prompt,
                                 "answer_ids": answer, "finish": "stop" if answer[-1] in eos_ids else "length"})
                 tokens += len(answer)
             bar.update(len(batch), rate_units=tokens - made, answer_tokens=tokens)
@@ -262,6 +271,42 @@ def distill(spec: ModelSpec, prompts: list[SourcePrompt], corpus_dir: str | Path
     return {**info, **corpus.stats()}
 
 
+def strip_prompts(corpus: AnswerCorpus, recovery: PromptRecovery, sources=WITHHELD_SOURCES, check_only: bool = False,
+                  show_progress: bool = True) -> dict:
+    """Rewrite the chunks that still hold prompt text of withheld `sources` without it, each record kept only once its
+    prompt is recovered exactly (the same token ids) from the stripped record. Chunk by chunk and atomic: a stop
+    loses nothing, a second run finds nothing left to do. check_only: verify, write nothing."""
+    plan = [(path, corpus.read_chunk(path)) for path in corpus.chunk_files()]
+    todo = sum(r["source"] in sources and "prompt_ids" in r for _, recs in plan for r in recs)
+    bar = Progress(todo, "strip prompts", "prompts", enabled=show_progress)
+    info = {"chunks": len(plan), "chunks_rewritten": 0, "records": 0, "verified": 0, "stored_text": 0, "withheld": 0}
+    for path, recs in plan:
+        out = []
+        for r in recs:
+            if r["source"] not in sources or "prompt_ids" not in r:
+                out.append(r)
+                info["withheld" if "prompt_ids" not in r else "stored_text"] += 1
+                continue
+            rest = {k: v for k, v in r.items() if k not in ("key", "id", "source", "prompt_sha", "prompt", "prompt_ids")}
+            stripped = {"key": r["key"], "id": r["id"], "source": r["source"],  # a record as distill writes it now
+                        "prompt_sha": r.get("prompt_sha") or prompt_hash(r["prompt_ids"]), **rest}
+            text, ids = recovery.recover(stripped)
+            if ids != r["prompt_ids"] or text != r["prompt"]:
+                raise PromptRecoveryError(f"prompt {r['id']!r} of {path.name} is recovered as other token ids than "
+                                          f"stored: {path.name} is left as it is")
+            out.append(stripped)
+            info["verified"] += 1
+            bar.update(1)
+        info["records"] += len(recs)
+        if out != recs and not check_only:
+            written = corpus.write_chunk(out)
+            if written != path:  # the name hashes the keys, which stripping keeps
+                raise RuntimeError(f"{path.name} was rewritten as {written.name}")
+            info["chunks_rewritten"] += 1
+    bar.close()
+    return info
+
+
 class TeacherForcer:
     """Final hidden states along whole sequences, B at a time: left-padded, prefilled in captured chunks."""
 
@@ -296,12 +341,18 @@ class TeacherForcer:
 
 
 def corpus_features(model: Transformer, corpus: AnswerCorpus, out_dir: str | Path, batch_size: int = 8,
-                    show_progress: bool = True) -> dict:
+                    show_progress: bool = True, recovery: PromptRecovery | None = None) -> dict:
     """The feature store the head trainer reads, recomputed from the corpus: row i of a sample is the hidden state
-    at the token before answer[i] (the last prompt token for i = 0), as generation would have stored it."""
+    at the token before answer[i] (the last prompt token for i = 0), as generation would have stored it.
+    Withheld prompts are rebuilt by `recovery` (needed only when the corpus holds some)."""
     records = corpus.records()
     if not records:
         raise ValueError(f"{corpus.dir} holds no answers yet: run `exo-medusa distill` first")
+    if recovery is None and any("prompt_ids" not in r for r in records):
+        raise PromptRecoveryError(f"{corpus.dir} holds answers without their prompt text: recovering it needs the "
+                                  f"tokenizer (PromptRecovery)")
+    if recovery is not None:
+        records = recovery.complete(records, show_progress)
     fits = [r for r in records if len(r["prompt_ids"]) + len(r["answer_ids"]) - 1 <= model.max_context]
     if len(fits) < len(records):
         log.warning("skipped %d answers longer than the context of %d", len(records) - len(fits), model.max_context)

