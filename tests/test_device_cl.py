@@ -51,7 +51,7 @@ def _cl_environment() -> tuple[dict | None, str]:
 
 
 CL_ENV, NO_CL = _cl_environment()
-pytestmark = pytest.mark.skipif(CL_ENV is None, reason=NO_CL)
+needs_cl = pytest.mark.skipif(CL_ENV is None, reason=NO_CL)
 
 
 def run_on_cl(scenario: str, **args) -> dict:
@@ -101,6 +101,7 @@ def cpu_greedy(loaded, prompt: list[int], n: int) -> list[int]:
 
 
 # -- tests ---------------------------------------------------------------------------------------------------------
+@needs_cl
 def test_tiny_greedy_on_cl_equals_cpu_and_the_float64_reference(tiny_checkpoint, tiny_model):
     directory = tiny_checkpoint("llama")
     expected = greedy_reference(directory, PROMPT, TINY_TOKENS)
@@ -110,6 +111,7 @@ def test_tiny_greedy_on_cl_equals_cpu_and_the_float64_reference(tiny_checkpoint,
     assert len(set(expected)) > 3  # a varied continuation, not one token repeated
 
 
+@needs_cl
 def test_smollm2_greedy_on_cl_reproduces_the_oracle():
     embedded = __import__("exo_tinygrad_medusa.model.registry", fromlist=["cards"]).cards()["smollm2-135m"].embedded
     spec = importlib.util.find_spec(embedded["package"])
@@ -121,6 +123,7 @@ def test_smollm2_greedy_on_cl_reproduces_the_oracle():
     assert answer["ids"] == ORACLE["greedy_new_ids"][:SMOLLM2_TOKENS]
 
 
+@needs_cl
 def test_medusa_greedy_and_the_two_shard_ring_on_cl_are_lossless(echo_model):
     directory, heads, loaded = echo_model
     expected = cpu_greedy(loaded, PROMPT, TINY_TOKENS)
@@ -152,6 +155,7 @@ def peaked(tmp_path_factory):
     return directory, SAMPLING_PROMPT, joint
 
 
+@needs_cl
 def test_exact_medusa_sampling_on_cl_matches_the_model(peaked):
     from test_sampling import SIGNIFICANCE, goodness_of_fit
     directory, prompt, joint = peaked
@@ -165,6 +169,85 @@ def test_exact_medusa_sampling_on_cl_matches_the_model(peaked):
     assert sum(n > 1 for n in answer["accept_lengths"]) > EXACT_RUNS // 10  # proposals accepted, not just resampled
     # the same test rejects draws that ignore the distribution: the greedy pair every time
     assert goodness_of_fit([max(joint, key=joint.get)] * EXACT_RUNS, joint) < SIGNIFICANCE
+
+
+# -- choosing the device; devices that cannot run ---------------------------------------------------------------------
+def cli(args: list[str], env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exo_tinygrad_medusa", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=HERE.parent)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and err.startswith("exo-medusa: error: ") and "\n" not in err, (proc.returncode, err)
+    return err
+
+
+def test_an_unknown_device_is_one_error_line(tiny_checkpoint):
+    err = one_error_line(cli(["run", str(tiny_checkpoint("llama")), "--device", "FOO", "--max-generate-tokens", "1"]))
+    assert err.startswith("exo-medusa: error: unknown device 'FOO': tinygrad knows ") and "CPU" in err and "CUDA" in err
+
+
+def test_a_gpu_backend_that_is_absent_is_one_error_line(tiny_checkpoint):
+    if _opens("CUDA"):
+        pytest.skip("CUDA opens on this machine")
+    err = one_error_line(cli(["run", str(tiny_checkpoint("llama")), "--device", "CUDA", "--max-generate-tokens", "1"]))
+    assert err.startswith("exo-medusa: error: device CUDA cannot run here: ") and "cuda" in err[len("exo-medusa: error: device CUDA"):]
+
+
+def test_the_cpu_device_without_clang_is_one_error_line(tiny_checkpoint, tmp_path):
+    """A PATH without clang (a warm kernel cache would otherwise hide its absence until the first new kernel)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "DEV")}
+    env["PATH"] = str(bin_dir)
+    for args in (["--device", "CPU"], []):  # asked for, and chosen by default where no GPU opens
+        err = one_error_line(cli(["run", str(tiny_checkpoint("llama")), *args, "--max-generate-tokens", "1"], env))
+        assert err == "exo-medusa: error: tinygrad's CPU device needs clang: apt-get install clang"
+
+
+CHOOSE = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s');"
+          "from exo_tinygrad_medusa.model.device import choose_device; print(choose_device()[0]);"
+          "from tinygrad import Device, Tensor; print(Device.DEFAULT, Tensor.zeros(1).device)")
+
+
+@needs_cl
+def test_an_opencl_driver_alone_keeps_the_cpu_default():
+    """pocl visible (tinygrad's own default would be CL), no GPU backend: the CPU, and the reason is logged; tensors
+    made without a device land on it too. DEV=CL still picks CL."""
+    if any(_opens(d) for d in ("METAL", "AMD", "NV", "CUDA")):
+        pytest.skip("a GPU backend opens here: it is the default")
+    env = {k: v for k, v in CL_ENV.items() if k != "DEV"}
+    out = subprocess.run([sys.executable, "-c", CHOOSE], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert out.splitlines()[-3:] == [
+        "device CPU: no GPU backend opened (METAL, AMD, NV, CUDA); an OpenCL driver alone does not move the run "
+        "(--device CL to use it)", "CPU", "CPU CPU"], out
+    tinygrad_default = subprocess.run([sys.executable, "-c", "from tinygrad import Device; print(Device.DEFAULT)"],
+                                      capture_output=True, text=True, env=env, timeout=120).stdout.split()
+    assert tinygrad_default == ["CL"]  # what the product would have run on before
+    out = subprocess.run([sys.executable, "-c", CHOOSE], capture_output=True, text=True, env=CL_ENV, timeout=120).stdout
+    assert out.splitlines()[-3:] == ["device CL: DEV=CL in the environment", "CL", "CL CL"], out
+
+
+@needs_cl
+def test_float16_is_refused_where_tinygrad_would_emulate_it(tiny_checkpoint):
+    """pocl has no native float16; tinygrad 0.14's emulation fails to compile float16 reductions (tinygrad_hooks
+    section 8): float32 is the default there, and float16 one clear error."""
+    code = ("import sys; from exo_tinygrad_medusa.model.loader import load_model\n"
+            "try: load_model(sys.argv[1], dtype='float16')\nexcept ValueError as e: print('refused:', e)")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint("llama"))], capture_output=True, text=True,
+                         env=CL_ENV, timeout=120).stdout
+    assert out.strip() == ("refused: --dtype float16 is not supported on CL: its compiler has no native float16, and "
+                           "tinygrad 0.14's float16 emulation fails to compile reductions: use float32")
+
+
+def _opens(device: str) -> bool:
+    from tinygrad import Device
+    try:
+        Device[device]
+        return True
+    except Exception:
+        return False
 
 
 # -- the CL side: `python tests/test_device_cl.py SCENARIO ARGS` with DEV=CL -----------------------------------------
