@@ -201,6 +201,10 @@ class Datastore:
         stride = -(-support // MAX_COUNTED)
         starts = np.asarray(self.suffixes[lo:hi:stride], dtype=np.int64) + n
         for d in range(min(length, MAX_DRAFT)):
+            if len(starts) == 1:  # one match left: the rest of the draft is its text, up to the end of its answer
+                rest = self._padded[starts[0] + d:starts[0] + min(length, MAX_DRAFT)].tolist()
+                rest = rest[:rest.index(self.sep)] if self.sep in rest else rest
+                return StoreDraft(tokens + rest, n, support, shares + [1.0] * len(rest))
             nxt = self._padded[starts + d]            # sorted: the range shares its first n + d tokens
             cut = np.flatnonzero(nxt[1:] != nxt[:-1]) + 1
             bounds = np.concatenate([[0], cut, [len(nxt)]])

@@ -16,6 +16,7 @@ from .tree import PLAIN, MedusaTree, chain
 from ..model.transformer import KVCache, Transformer
 from .sampling import GenerationConfig
 from .steps import ShardSteps
+from ..kernels.tinygrad_hooks import read_host
 
 log = logging.getLogger(__name__)
 OnTokens = Callable[[list[int]], None]
@@ -98,6 +99,8 @@ class Generator:
         self.steps = ShardSteps(model, tree, heads, cache=self.cache)
         self.grafter = Grafter(tree) if tree.size > 1 else None
         self._chains: dict[int, ShardSteps] = {}
+        # running mean seconds of a replayed step by kind (tokens verified, or "heads"), kept across generations
+        self.step_seconds: dict = {}
 
     def uses_lookup(self, cfg: GenerationConfig) -> bool:
         """cfg.prompt_lookup, or by default: on with a Medusa tree, off for plain decoding (plain stays the exact
@@ -121,17 +124,32 @@ class Generator:
     def capture_steps(self) -> None:
         """Capture every draft step now (TinyJit captures on a step's second call), so that no timed generation pays
         for it: greedy verifies of placeholder tokens at position 0, which the next prefill rewrites."""
-        for size in self.lookup.chain_sizes:
-            steps = self.chain_steps(size)
-            x = steps.host("tokens", np.zeros((1, size), dtype=np.int32))
-            for _ in range(2):
-                steps.verify_greedy(x, self.cache.layers, steps.bind(0)).numpy()
+        kinds = [(size, self.chain_steps(size)) for size in self.lookup.chain_sizes]
+        if self.tree.size > 1:
+            kinds.append(("heads", self.steps))
+        for kind, steps in kinds:
+            x = steps.host("tokens", np.zeros((1, steps.tree.size), dtype=np.int32))
+            for rep in range(5):  # two calls capture, three are timed: a first measure of each step's cost
+                t0 = time.perf_counter()
+                read_host(steps.verify_greedy(x, self.cache.layers, steps.bind(0)))
+                if rep >= 2:
+                    self._timed(kind, time.perf_counter() - t0)
+
+    def _timed(self, kind, seconds: float) -> None:
+        old = self.step_seconds.get(kind)
+        self.step_seconds[kind] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def measured_costs(self) -> dict:
+        """Step costs relative to a plain step, from the measured step times (empty until a plain step was timed)."""
+        base = self.step_seconds.get(1)
+        return {kind: s / base for kind, s in self.step_seconds.items()} if base else {}
 
     def _planner(self, prompt_ids: list[int], cfg: GenerationConfig) -> DraftPlanner | None:
         if not self.uses_lookup(cfg):
             return None
         heads_tree = (self.tree.size, self.tree.depth) if self.tree.size > 1 else None
-        planner = DraftPlanner(self.lookup, prompt_ids, self.datastore, heads_tree)
+        measured = self.measured_costs() if cfg.greedy and self.lookup.measure_costs else {}
+        planner = DraftPlanner(self.lookup, prompt_ids, self.datastore, heads_tree, measured)
         for size in self.lookup.chain_sizes:  # make the steps (and any error) before the clock
             self.chain_steps(size)
         return planner
@@ -194,8 +212,15 @@ class Generator:
                 plan = plain
             proposed = tree_tokens if len(tree_tokens) == self.tree.size and self.tree.size > 1 else None
             steps, tree_tokens = self._tokens_for(plan, tree_tokens)
+            # greedy steps are timed once captured (a capturing call compiles); sampling plans from the cost table
+            timed = planner is not None and cfg.greedy and self.lookup.measure_costs and \
+                steps.verify_greedy.captured is not None
+            s0 = time.perf_counter()
             x = steps.host("tokens", tree_tokens.reshape(1, -1))
             nodes, next_tree = steps.verify(x, self.cache.layers, start_pos, tree_tokens, cfg, rng)
+            if timed:
+                self._timed("heads" if plan.source == "heads" else plan.size, time.perf_counter() - s0)
+                planner.measured = self.measured_costs()
             result.accept_lengths.append(len(nodes))
             emitted = [int(tree_tokens[n]) for n in nodes[1:]] + [int(next_tree[0])]  # what followed the root
             self._count(result, plan, steps.tree.size, len(emitted))

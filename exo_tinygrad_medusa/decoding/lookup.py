@@ -13,6 +13,7 @@ stands in for the heads the captured steps call; its placeholders are always ove
 promising draft is a plain one-token step, or the heads' tree where heads are loaded."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,9 @@ class LookupConfig:
     score_decay: float = 0.9
     step_costs: tuple[tuple[int, float], ...] = DEFAULT_STEP_COSTS
     head_cost: float = DEFAULT_HEAD_COST
+    # greedy decoding plans with the step times the generator measures (the device's own cost curve, under its
+    # current load) once they exist; sampling keeps the table, so a seed reproduces its tokens
+    measure_costs: bool = True
 
     def __post_init__(self):
         if not 1 <= self.min_ngram <= self.max_ngram:
@@ -58,12 +62,17 @@ class LookupConfig:
 
     def cost(self, size: int) -> float:
         """Relative cost of verifying `size` tokens, interpolated (and extrapolated linearly past the table)."""
-        table = sorted(self.step_costs)
-        sizes, costs = [T for T, _ in table], [c for _, c in table]
-        if size >= sizes[-1] and len(sizes) > 1:
-            slope = (costs[-1] - costs[-2]) / (sizes[-1] - sizes[-2])
-            return costs[-1] + slope * (size - sizes[-1])
-        return float(np.interp(size, sizes, costs))
+        return _table_cost(self.step_costs, size)
+
+
+@functools.lru_cache(maxsize=256)
+def _table_cost(step_costs: tuple[tuple[int, float], ...], size: int) -> float:
+    table = sorted(step_costs)
+    sizes, costs = [T for T, _ in table], [c for _, c in table]
+    if size >= sizes[-1] and len(sizes) > 1:
+        slope = (costs[-1] - costs[-2]) / (sizes[-1] - sizes[-2])
+        return costs[-1] + slope * (size - sizes[-1])
+    return float(np.interp(size, sizes, costs))
 
 
 class NgramIndex:
@@ -198,6 +207,7 @@ _PRIORS = {("context", 1): [0.2, 0.5], ("context", 2): [0.3, 0.6], ("context", 3
            ("context", 4): [0.5, 0.8], ("datastore", 2): [0.2, 0.5], ("datastore", 3): [0.25, 0.55],
            ("datastore", 4): [0.3, 0.6]}
 MATCH_BUCKETS = 4  # suffix matches of 4 or more tokens share statistics
+SURE_SHARE = 0.5   # a datastore draft whose first token continued at least this share of the matches
 
 
 @dataclass
@@ -216,62 +226,65 @@ class DraftPlanner:
     (`heads_tree`: its size and depth, None without heads), or a plain step. Every choice depends only on the tokens emitted
     so far, so drafts stay deterministic proposals (exact sampling stays distribution-preserving)."""
 
-    def __init__(self, cfg: LookupConfig, prompt_ids, datastore=None, heads_tree: tuple[int, int] | None = None):
+    def __init__(self, cfg: LookupConfig, prompt_ids, datastore=None, heads_tree: tuple[int, int] | None = None,
+                 measured: dict | None = None):
         self.cfg, self.datastore, self.heads_tree = cfg, datastore, heads_tree  # heads_tree: (size, depth)
+        # measured relative step costs (size -> cost, "heads" -> the heads' step): override the table where present
+        self.measured = measured if measured is not None else {}
         self.index = NgramIndex(cfg, prompt_ids)
         self.stats: dict[tuple[str, int], AcceptStats] = {}
         self.heads = AcceptStats([0.25, 0.5], max(cfg.max_draft, 1), cfg.score_decay)
-        self.drafts: dict[str, tuple[list[int], int]] = {}
+        self.drafts: dict[str, tuple[list[int], tuple]] = {}  # source -> (draft, statistics key)
 
-    def _stats(self, source: str, match: int) -> AcceptStats:
-        key = (source, min(match, MATCH_BUCKETS))
+    def _stats(self, key: tuple) -> AcceptStats:
         if key not in self.stats:
-            self.stats[key] = AcceptStats(_PRIORS[key], self.cfg.max_draft, self.cfg.score_decay)
+            self.stats[key] = AcceptStats(_PRIORS[key[:2]], self.cfg.max_draft, self.cfg.score_decay)
         return self.stats[key]
 
     def extend(self, tokens) -> None:
         self.index.extend(tokens)
 
-    def _draft(self) -> dict[str, tuple[list[int], int]]:
+    def _draft(self) -> dict[str, tuple[list[int], tuple]]:
         n = self.cfg.max_draft
         out = {}
         if n < 1:
             return out
         tokens, match = self.index.draft(n)
         if tokens:
-            out["context"] = (tokens, match)
+            out["context"] = (tokens, ("context", min(match, MATCH_BUCKETS)))
         if self.datastore is not None:
             from .datastore import MAX_MATCH
             d = self.datastore.draft(self.index.tokens[-MAX_MATCH:], n)
-            if d.tokens:
-                out["datastore"] = (d.tokens, d.match)
+            if d.tokens:  # statistics apart for a continuation most matches agree on
+                out["datastore"] = (d.tokens, ("datastore", min(d.match, MATCH_BUCKETS), d.shares[0] >= SURE_SHARE))
         return out
 
     def plan(self) -> Plan:
         """The step to run next (ties: the cheaper kind, plain first)."""
-        cfg = self.cfg
+        cfg, measured = self.cfg, self.measured
+        cost = {T: measured.get(T) or cfg.cost(T) for T in cfg.chain_sizes}
         self.drafts = self._draft()
         options = []
         if 1 in cfg.chain_sizes or self.heads_tree is None:
-            options.append(Plan("plain", 1, [], 1.0 / cfg.cost(1)))
+            options.append(Plan("plain", 1, [], 1.0 / (measured.get(1) or cfg.cost(1))))
         if self.heads_tree is not None:
             size, depth = self.heads_tree
             gain = self.heads.expected()[min(depth, len(self.heads.tries))]
-            options.append(Plan("heads", size, [], (1 + gain) / (cfg.cost(size) + cfg.head_cost)))
-        for source, (tokens, match) in self.drafts.items():
-            expected = self._stats(source, match).expected()
+            options.append(Plan("heads", size, [], (1 + gain) / (measured.get("heads") or cfg.cost(size) + cfg.head_cost)))
+        for source, (tokens, key) in self.drafts.items():
+            expected = self._stats(key).expected()
             for size in cfg.chain_sizes:
                 if size >= 2:
                     k = min(size - 1, len(tokens))
                     options.append(Plan(source, size, (tokens + tokens[-1:] * size)[:size - 1],
-                                        (1 + expected[k]) / cfg.cost(size)))
+                                        (1 + expected[k]) / cost[size]))
         return max(options, key=lambda p: p.value)
 
     def observe(self, emitted: list[int], heads_matched: int | None = None) -> None:
         """After a step: `emitted` is what followed the root (accepted tokens and the bonus); heads_matched: how many
         of them the heads' tree as proposed for that step held along one path (None when no proposals existed)."""
-        for source, (tokens, match) in self.drafts.items():
-            self._stats(source, match).update(tokens, emitted)
+        for tokens, key in self.drafts.values():
+            self._stats(key).update(tokens, emitted)
         if heads_matched is not None and self.heads_tree is not None:
             self.heads.update_matched(heads_matched, self.heads_tree[1], len(emitted))
 
