@@ -59,8 +59,9 @@ def generation_args() -> argparse.ArgumentParser:
     p.add_argument("--posterior-alpha", type=float, default=0.3,
                    help="typical acceptance: ... or exceeds alpha * exp(-entropy)")
     p.add_argument("--prompt-lookup", action=argparse.BooleanOptionalAction, default=None,
-                   help="drafts from the context (n-gram lookup in prompt and output): grafted into the Medusa tree, or "
-                        "verified as a 4-token chain without heads (default: on with Medusa, off without)")
+                   help="drafts from the context (prompt and output) and the model's datastore, verified as chains of "
+                        "2-8 tokens sized each step to what they are expected to return (default: on with Medusa, "
+                        "off without)")
     return p
 
 

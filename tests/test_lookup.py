@@ -220,3 +220,48 @@ def test_lookup_steps_are_captured_once(plain):
         gen.generate(prompt, cfg)
     assert len(to_program_cache) == kernels
     assert all(gen.chain_steps(T).verify_greedy.captured is captured[T] for T in used)
+
+
+# -- drafts as chains sized to them ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [GenerationConfig(temperature=1.0), GenerationConfig(temperature=0.7, top_k=3)],
+                         ids=["t1", "t0.7-topk3"])
+def test_exact_sampling_of_a_drafted_chain_preserves_the_distribution(cfg):
+    """A draft chain (context or datastore) is a deterministic proposal: exact acceptance keeps the model's law."""
+    toy, rng, n = ToyModel(seed=3), np.random.default_rng(11), 6000
+    order = np.argsort(-toy.logits[toy.root])
+    toy.tree = chain(3)
+    toy.tree_tokens = np.array([toy.root, order[1], int(np.argsort(-toy.logits[order[1]])[0]), order[-1]])
+    samples = [toy.draw(exact_accept, cfg, rng) for _ in range(n)]
+    assert goodness_of_fit(samples, toy.joint(cfg)) > SIGNIFICANCE
+
+
+def test_expected_accepted_tokens_follow_the_per_depth_rates():
+    stats = AcceptStats([0.5, 0.5], depth=3, decay=0.5, weight=1.0)
+    assert stats.expected().tolist() == pytest.approx([0, 0.5, 0.75, 0.875])
+    stats.update([1, 2, 3], [1, 9])          # right at depth 0, wrong at depth 1; depth 2 unknown
+    assert (stats.hits / stats.tries).tolist() == pytest.approx([1.25 / 1.5, 0.25 / 1.5, 0.5])
+    stats.update([1, 2, 3], [1])             # only depth 0 is known
+    assert stats.tries.tolist() == pytest.approx([1.75, 1.5, 1.0])
+
+
+def test_planner_prefers_the_longer_proven_draft_and_plain_without_one():
+    cfg = LookupConfig(chain_sizes=(1, 2, 4, 8))
+    assert DraftPlanner(cfg, [5, 6, 7]).plan().source == "plain"           # nothing in the context repeats
+    # a costly deep step is chosen only when it is expected to return enough
+    cheap = LookupConfig(chain_sizes=(1, 2, 4, 8), step_costs=((1, 1.0), (8, 1.0)))
+    planner = DraftPlanner(cheap, [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3])
+    plan = planner.plan()
+    assert plan.source == "context" and plan.size == 8 and plan.draft == [4, 5, 6, 7, 8, 9, 1]
+    costly = LookupConfig(chain_sizes=(1, 2, 4, 8), step_costs=((1, 1.0), (2, 1.0), (4, 3.0), (8, 9.0)))
+    assert DraftPlanner(costly, [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]).plan().size == 2
+    # measured costs override the table
+    measured = DraftPlanner(costly, [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3], measured={2: 5.0, 4: 1.0, 8: 9.0})
+    assert measured.plan().size == 4
+
+
+def test_capture_steps_measures_every_step_size(models):
+    gen = Generator(models["varied"].model, [], lookup=LookupConfig(chain_sizes=(1, 2, 4)))
+    gen.capture_steps()
+    assert set(gen.step_seconds) == {1, 2, 4} and gen.measured_costs()[1] == 1.0
+    result = gen.generate(_prompt(0), GenerationConfig(16, prompt_lookup=True))
+    assert set(result.step_sizes) <= {1, 2, 4} and sum(result.step_sizes.values()) == result.steps
