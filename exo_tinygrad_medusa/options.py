@@ -25,7 +25,9 @@ def model_args() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"model card id, HF directory, .gguf file or HF repo id (default {DEFAULT_MODEL})")
-    p.add_argument("--device", default=None, help="tinygrad device, e.g. CPU, CUDA, METAL (default: tinygrad's default)")
+    p.add_argument("--device", default=None,
+                   help="tinygrad device, e.g. CPU, CUDA, METAL, CL (default: DEV if set, else a GPU backend (METAL, AMD, "
+                        "NV, CUDA) when one opens, else the CPU; an OpenCL driver alone keeps the CPU; --verbose logs why)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="weights and activations (default float32 on CPU, float16 elsewhere)")
     p.add_argument("--max-context", type=int, default=2048, help="KV cache length in tokens (default 2048)")
