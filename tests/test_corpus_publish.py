@@ -180,6 +180,14 @@ def test_cli_distills_without_prompt_text_and_names_the_train_extra(tiny_checkpo
     monkeypatch.setattr(sources, "sharegpt_path", fake)
     assert main(train) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] >= 1
+    # the heads' train_info.json names its held-out prompts by corpus key, and eval-heads recovers them by default
+    info = json.loads((tmp_path / "heads" / "train_info.json").read_text())
+    assert "heldout_prompts" not in info and info["heldout_prompt_keys"]
+    assert not any(text in json.dumps(info) for text in FIRST_TURNS.values())
+    assert main(["eval-heads", model, "--medusa-heads", str(tmp_path / "heads"), "--max-context", "128",
+                 "--max-new-tokens", "8", "--trees", "chain-1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["samples"] == len(info["heldout_prompt_keys"]) and "held-out prompts of" in report["prompts"]
 
 
 @pytest.mark.slow
@@ -191,3 +199,6 @@ def test_committed_corpus_holds_no_prompt_text_and_its_prompts_are_recovered(def
     assert len(records) == 2493 and all("prompt" not in r and "prompt_ids" not in r for r in records)
     done = PromptRecovery(default_model.tokenizer, corpus.settings.chat_template).complete(records)
     assert len(done) == 2493 and all(r["prompt"] and r["prompt_ids"] for r in done)
+    # the shipped heads name their held-out prompts by key, all of them in this corpus
+    info = json.loads((COMMITTED.parent / "medusa-heads" / "train_info.json").read_text())
+    assert "heldout_prompts" not in info and set(info["heldout_prompt_keys"]) <= {r["key"] for r in records}

@@ -296,13 +296,40 @@ def cmd_train(args) -> int:
             "train_rows": result.train_rows, "steps": result.steps, "final_loss": result.final_loss,
             "heldout_top1": result.heldout_top1, "history": result.history, "best_step": result.best_step,
             "heldout_data": args.heldout_data,
-            "heldout_prompts": [trainer.held_split.store.samples[i].prompt for i in result.heldout_samples],
+            **_heldout_record([trainer.held_split.store.samples[i].prompt for i in result.heldout_samples], args.corpus),
             "train_wall_s": round(result.wall_s, 1), "total_wall_s": round(time.perf_counter() - t0, 1),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, device {loaded.device}"}
     write_heads(trainer, out, info)
     print(json.dumps({"out": str(out), "steps": result.steps, "final_loss": round(result.final_loss, 4),
                       "heldout_top1": [round(a, 4) for a in result.heldout_top1]}))
     return 0
+
+
+def _heldout_record(prompts: list[str], corpus: str | None) -> dict:
+    """What train_info.json keeps of the held-out prompts: from a corpus, their record keys (hashes: a corpus's
+    prompts may be text that is not ours to publish, such as ShareGPT's), else the texts themselves."""
+    from .sources import prompt_key
+    return {"heldout_prompt_keys": [prompt_key(p) for p in prompts]} if corpus else {"heldout_prompts": prompts}
+
+
+def _heldout_prompts(info: dict, heads_dir: Path, loaded) -> list[str]:
+    """The held-out prompt texts named by train_info.json: stored, or recovered by key from the training corpus (the
+    path it was trained from, else the distill-corpus beside the heads) and its source."""
+    if "heldout_prompts" in info:
+        return info["heldout_prompts"]
+    from .corpus import AnswerCorpus
+    from .sources import PromptRecovery
+    corpus_dir = next((d for d in (Path(str(info.get("prompts", ""))), heads_dir.parent / "distill-corpus")
+                       if (d / "corpus.json").is_file()), None)
+    if corpus_dir is None:
+        raise ValueError(f"the held-out prompts of {heads_dir} are keys into their training corpus, which was not found "
+                         f"(looked for {info.get('prompts')} and {heads_dir.parent / 'distill-corpus'}): pass --prompts FILE")
+    corpus = AnswerCorpus.open(corpus_dir)
+    wanted = set(info["heldout_prompt_keys"])
+    records = [r for r in corpus.records() if r["key"] in wanted]
+    recovered = PromptRecovery(loaded.tokenizer, corpus.settings.chat_template).complete(records, show_progress=True)
+    by_key = {r["key"]: r["prompt"] for r in recovered}
+    return [by_key[k] for k in info["heldout_prompt_keys"] if k in by_key]
 
 
 def cmd_eval(args) -> int:
@@ -325,7 +352,7 @@ def cmd_eval(args) -> int:
         info = Path(heads_path) / INFO_FILE
         if not info.is_file():
             raise ValueError(f"{heads_path} has no {INFO_FILE} listing held-out prompts: pass --prompts FILE.jsonl")
-        prompts, source = json.loads(info.read_text())["heldout_prompts"], f"held-out prompts of {info}"
+        prompts, source = _heldout_prompts(json.loads(info.read_text()), Path(heads_path), loaded), f"held-out prompts of {info}"
     prompts = _pick(prompts, args.num_samples, args.seed)
     with tempfile.TemporaryDirectory(prefix="exo-medusa-eval-") as scratch:
         store = _distill_data(loaded, prompts, Path(args.data).expanduser() if args.data else Path(scratch), args,
