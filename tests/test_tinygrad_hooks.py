@@ -216,9 +216,9 @@ def _cols(ggml_type: int, cols: int) -> int:
     per = GGML_BLOCKS[ggml_type][0]
     return -(-cols // per) * per
 PACKED_TYPES = list(BLOCKS)
-BYTES_PER_WEIGHT = {Q4_0: 0.5625, Q4_1: 0.625, Q5_0: 0.6875, Q5_1: 0.75, Q8_0: 1.0625, Q4_K: 0.578125, Q5_K: 0.703125,
+BYTES_PER_WEIGHT = {Q4_0: 0.5625, Q4_1: 0.625, Q5_0: 0.6875, Q5_1: 0.75, Q8_0: 1.0625, Q4_K: 0.578125, Q5_K: 1.078125,
                     Q6_K: 0.8203125}
-KERNEL_TAG = {Q4_0: "q4o8", Q4_1: "q4m", Q5_0: "q5o16", Q5_1: "q5m", Q8_0: "q8o128", Q4_K: "q4km", Q5_K: "q5km",
+KERNEL_TAG = {Q4_0: "q4o8", Q4_1: "q4m", Q5_0: "q5o16", Q5_1: "q5m", Q8_0: "q8o128", Q4_K: "q4km", Q5_K: "q8km",
               Q6_K: "q6ko32"}
 
 
@@ -278,7 +278,7 @@ def _hand_programs() -> set[str]:
 
 @pytest.mark.parametrize("ggml_type", PACKED_TYPES)
 def test_packed_products_run_the_hand_written_kernel_and_match_the_float_product(ggml_type):
-    """Products with packed weights compile from product_kernels' C (one or several cores, any token count, batches)
+    """Products with packed weights compile from products.py's C (one or several cores, any token count, batches)
     and equal the product with the dequantized matrix."""
     assert hooks.hand_kernels("CPU") and hooks.kernel_mode()["packed_products"] == "hand"
     rng = np.random.default_rng(5)
@@ -356,7 +356,9 @@ def test_hand_kernels_can_be_turned_off(monkeypatch):
 
 
 def test_unpackable_types_are_refused_by_name():
-    with pytest.raises(ValueError, match="GGML type 12 has no packed form"):
-        pack_ggml(np.zeros(1 << 12, np.uint8), 12, (32, 64))
+    with pytest.raises(ValueError, match="GGML type 23 has no packed form"):   # IQ4_XS
+        pack_ggml(np.zeros(1 << 12, np.uint8), 23, (32, 256))
+    with pytest.raises(ValueError, match="whole 256-weight blocks"):
+        pack_ggml(np.zeros(1 << 12, np.uint8), Q4_K, (32, 64))
     with pytest.raises(ValueError, match="whole 32-weight blocks"):
         pack_ggml(np.zeros(1 << 12, np.uint8), Q4_1, (32, 48))

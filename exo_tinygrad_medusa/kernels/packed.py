@@ -1,38 +1,66 @@
 """Weights kept as their GGUF codes, dequantized inside the product that reads them.
 
-A Q4_0 block holds 32 weights as 4-bit codes q with a float16 scale d (w = d * (q - 8)); Q4_1 adds a float16 minimum
-m (w = q * d + m); Q8_0 holds 32 int8 codes with a scale (w = d * q). Here the codes sit in the panels every product
-reads ([out / P, in, P], see model.Linear): 4-bit codes two to a byte (rows r and r + 1 of a panel in the low and high
-nibble), 8-bit codes one to a byte; scales and minimums stay the GGUF's float16 bits [out / P, in / 32, P], widened
-inside the product. Bytes a weight: Q4_0 0.5625, Q4_1 0.625, Q8_0 1.0625 (float32: 4). The product computes exactly
-the float32 value the dequantizing loader (tinygrad.llm.gguf) produces, right before the multiply-add that uses it:
-q * d is exact in float32 (at most 8 + 11 significant bits), so q * d + m and q * d + (-offset * d) round once, as
-the loader's q * d + m and d * (q - offset) do.
+GGML formats, a block of weights sharing a scale: Q4_0 (w = d * (q - 8)), Q4_1 (w = q * d + m), Q5_0 (5-bit,
+d * (q - 16)), Q5_1 (5-bit, q * d + m) and Q8_0 (int8, d * q) in blocks of 32 with float16 d, m; the K-quants in
+super-blocks of 256: Q4_K and Q5_K (w = (d * s) * q - dmin * mn, 6-bit s and mn a sub-block of 32) and Q6_K (6-bit
+codes, w = d * s * (q - 32), int8 s a sub-block of 16).
+
+Here the codes sit in the panels every product reads ([out / P, in, P], see model.Linear), in planes of packed bits:
+the low 4 bits of a code two to a byte (rows 2i and 2i + 1 of a panel in the low and high nibble; 8-bit codes one to a
+byte), and a Q5/Q6 code's high bits in a plane of their own (8 / h rows to a byte). Scales stay as stored: float16
+bits (uint16) a block, or for the K-quants the sub-block's integer scale (uint8, int8 for Q6_K) and the super-block's
+float16 d, dmin. Bytes a weight: Q4_0 0.5625, Q4_1 0.625, Q5_0 0.6875, Q5_1 0.75, Q8_0 1.0625, Q4_K 0.578,
+Q6_K 0.820, Q5_K 1.078 (a byte a code, see pack_ggml; float32: 4).
+
+The product computes exactly the float32 value the dequantizing loader (tinygrad.llm.gguf) produces, right before the
+multiply-add that uses it: the block's D = d (or d * s, exact: at most 11 + 8 significant bits) and M = m (or
+-(dmin * mn), exact) are exact, so q * D is exact where code and scale bits fit float32's 24 (all formats but Q6_K)
+and q * D + M rounds once, as the loader's expression does; Q6_K instead multiplies (q - 32), an exact integer, by D:
+one rounding of the same exact product the loader rounds once.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 from tinygrad import Tensor, dtypes
 
 BLOCK = 32
-Q4_0, Q4_1, Q8_0 = 2, 3, 8
-GGML_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
+SUPER = 256
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
+# GGML type -> (weights a block, bytes a block)
+GGML_BLOCKS = {Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34),
+               Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
+GGML_NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
+TENSORS = ("words", "scale", "minimum", "high", "super_scale", "super_minimum")
+
+
+def ggml_nbytes(ggml_type: int, n: int) -> int:
+    """Bytes of n weights stored as `ggml_type` blocks."""
+    weights, nbytes = GGML_BLOCKS[ggml_type]
+    return n // weights * nbytes
 
 
 @dataclass
 class PackedWeight:
-    """An [out, in] matrix as panels of codes in 32-bit words: words [out/P, in * bits / 8, P/4] (uint32), scales and
-    minimums [out/P, in/32, P] (uint16: float16 bits). A word row is one byte per output: output j = 4 * lane + w in
-    byte `lane` of word w; with 4-bit codes that byte holds rows 2i (low nibble) and 2i + 1 (high nibble) of word row
-    i. Words rather than bytes because tinygrad loads 32-bit elements as vectors and bytes one at a time; with this
-    order the lane-th byte of the 4 words is 4 consecutive outputs, one vector of the accumulators."""
+    """An [out, in] matrix in panels of P outputs. Planes of codes in 32-bit words [out/P, in * b / 8, P/4] (uint32):
+    a word row is one byte per output, output j = 4 * lane + w in byte `lane` of word w, and a byte holds 8 / b
+    consecutive rows (row 8i/b + k in bits k*b ..). `words` holds the low `bits` (4 or 8) of each code, `high` the
+    `high_bits` above them. Scales and minimums [out/P, in/block, P]: float16 bits (uint16), or for the K-quants the
+    sub-block's integer scale, with the super-block's float16 d and dmin in super_scale, super_minimum
+    [out/P, in/256, P]. Words rather than bytes because tinygrad loads 32-bit elements as vectors and bytes one at a
+    time; with this order the lane-th byte of the 4 words is 4 consecutive outputs, one vector of the accumulators."""
     words: Tensor
     scale: Tensor
-    minimum: Tensor | None = None   # Q4_0 and Q8_0 have none
-    offset: int = 0                 # codes are stored + offset, unsigned: Q8_0 128, Q4_0 8
-    bits: int = 8                   # 4: two codes to a byte
+    minimum: Tensor | None = None   # Q4_1, Q5_1 (float16); Q4_K, Q5_K (the sub-block's mn: w = ... - dmin * mn)
+    offset: int = 0                 # codes are stored + offset, unsigned: Q8_0 128, Q4_0 8, Q5_0 16, Q6_K 32
+    bits: int = 8                   # bits of a code in `words`: 4 (two to a byte) or 8
+    high: Tensor | None = None      # Q5: the 5th bit of each code; Q6_K: bits 5 and 6
+    high_bits: int = 0
+    super_scale: Tensor | None = None
+    super_minimum: Tensor | None = None
+    block: int = BLOCK              # rows sharing a scale (Q6_K: 16)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -45,38 +73,68 @@ class PackedWeight:
         """Bytes a product reads: every code, scale and minimum once."""
         return sum(t.nbytes() for t in self.tensors())
 
+    def named(self) -> dict[str, Tensor]:
+        return {name: t for name in TENSORS if (t := getattr(self, name)) is not None}
+
     def tensors(self) -> list[Tensor]:
-        return [t for t in (self.words, self.scale, self.minimum) if t is not None]
+        return list(self.named().values())
+
+    def map(self, fn) -> "PackedWeight":
+        """The same layout with fn applied to each tensor."""
+        return dataclasses.replace(self, **{name: fn(t) for name, t in self.named().items()})
 
     def to(self, device: str | None) -> "PackedWeight":
-        moved = (None if t is None else t.to(device).contiguous() for t in (self.words, self.scale, self.minimum))
-        return PackedWeight(*moved, offset=self.offset, bits=self.bits)
+        return self.map(lambda t: t.to(device).contiguous())
 
     def rows(self, ids: np.ndarray) -> "PackedWeight":
         """The matrix's rows `ids` (output features), still packed: the same codes and scales re-laid as panels."""
         ids = np.asarray(ids)
         if len(ids) % 4:
             raise ValueError(f"packed panels need a multiple of 4 output rows, got {len(ids)}")
-        codes = _codes(self.words.numpy(), self.bits)      # [out, in]
-        pick = lambda t: None if t is None else _panels(_unpanel(t.numpy())[ids])
-        return PackedWeight(_words(codes[ids], self.bits), pick(self.scale), pick(self.minimum), self.offset,
-                            self.bits).to(self.words.device)
+        bits = {"words": self.bits, "high": self.high_bits}
+        pick = lambda name, t: _words(_codes(t.numpy(), bits[name])[ids], bits[name]) if name in bits else \
+            _panels(_unpanel(t.numpy())[ids])
+        return dataclasses.replace(self, **{name: pick(name, t) for name, t in self.named().items()}).to(self.words.device)
 
     def dequantize(self) -> Tensor:
         """The float32 panels, lazily: used inside a product it fuses into the product's kernel. Plain integer ops on
-        the packed tensors (shifts, masks, an int-to-float conversion, a uint32-to-float32 bitcast), which every
+        the packed tensors (shifts, masks, int-to-float conversions, a uint32-to-float32 bitcast), which every
         tinygrad device lowers: no float16 arithmetic."""
-        panels, word_rows, words = self.words.shape
+        panels, _, words = self.words.shape
         width, rows = 4 * words, self.shape[1]
-        lanes = lambda shift: Tensor.stack(*[(self.words >> (8 * lane + shift)) & (0xFF >> (8 - self.bits))
-                                             for lane in range(4)], dim=-2).reshape(panels, word_rows, width)
-        q = lanes(0) if self.bits == 8 else Tensor.stack(lanes(0), lanes(4), dim=2).reshape(panels, rows, width)
+        q = _unpack(self.words, self.bits, rows)
+        if self.high is not None:
+            q = q + (_unpack(self.high, self.high_bits, rows) << self.bits)
+
+        def per_row(t: Tensor, block: int) -> Tensor:
+            return t.reshape(panels, rows // block, 1, width).expand(panels, rows // block, block, width).reshape(panels, rows, width)
+
+        def scaled(t: Tensor, super_t: Tensor | None) -> Tensor:   # a block's D or -M, exact
+            if super_t is None:
+                return per_row(widen_half(t), self.block)
+            # the super-block's float16 spread over its blocks, times each block's integer scale, then over the rows
+            n, per = rows // SUPER, SUPER // self.block
+            spread = widen_half(super_t).reshape(panels, n, 1, width).expand(panels, n, per, width).reshape(panels, n * per, width)
+            return per_row(spread * t.cast(dtypes.float32), self.block)
+
+        d = scaled(self.scale, self.super_scale)
+        if self.super_scale is not None and self.minimum is None and self.offset:
+            # Q6_K: (q - offset) * D, one rounding (q * D would not be exact)
+            return (q.cast(dtypes.int32) - self.offset).cast(dtypes.float32) * d
         q = q.cast(dtypes.float32)
-        per_row = lambda t: widen_half(t).reshape(panels, rows // BLOCK, 1, width) \
-            .expand(panels, rows // BLOCK, BLOCK, width).reshape(panels, rows, width)
-        d = per_row(self.scale)
-        # as the loader: q * d + m, or d * (q - offset) = q * d + (-offset * d) (q * d exact: one rounding either way)
-        return q * d + (per_row(self.minimum) if self.minimum is not None else d * -self.offset)
+        if self.minimum is None:   # as the loader's d * (q - offset): q * d exact, one rounding
+            return q * d + d * -self.offset if self.offset else q * d
+        m = scaled(self.minimum, self.super_minimum)
+        return q * d - m if self.super_minimum is not None else q * d + m
+
+
+def _unpack(plane: Tensor, bits: int, rows: int) -> Tensor:
+    """A plane of `bits`-bit values [panels, rows * bits / 8, P/4] (uint32) -> [panels, rows, P] (uint32)."""
+    panels, word_rows, words = plane.shape
+    width, per = 4 * words, 8 // bits
+    parts = [Tensor.stack(*[(plane >> (8 * lane + k * bits)) & ((1 << bits) - 1) for lane in range(4)], dim=-2)
+             .reshape(panels, word_rows, width) for k in range(per)]
+    return parts[0] if per == 1 else Tensor.stack(*parts, dim=2).reshape(panels, rows, width)
 
 
 def widen_half(bits: Tensor) -> Tensor:
@@ -96,23 +154,66 @@ def pack_ggml(raw: np.ndarray, ggml_type: int, shape: tuple[int, int], row_order
     """GGUF blocks of an [out, in] matrix (uint8 bytes) -> PackedWeight in panels. row_order permutes the output rows
     (llama's q/k rows, which the converter interleaved)."""
     out_f, in_f = shape
-    if ggml_type not in GGML_BLOCK_BYTES:
-        raise ValueError(f"GGML type {ggml_type} has no packed form (Q4_0, Q4_1 and Q8_0 do)")
-    if in_f % BLOCK:
-        raise ValueError(f"a packed matrix needs rows of whole {BLOCK}-weight blocks, got {shape}")
-    blocks = raw[:out_f * in_f // BLOCK * GGML_BLOCK_BYTES[ggml_type]].reshape(out_f, in_f // BLOCK, GGML_BLOCK_BYTES[ggml_type])
+    if ggml_type not in GGML_BLOCKS:
+        raise ValueError(f"GGML type {ggml_type} has no packed form ({', '.join(GGML_NAMES.values())} do)")
+    per_block, block_bytes = GGML_BLOCKS[ggml_type]
+    if in_f % per_block:
+        raise ValueError(f"a packed matrix needs rows of whole {per_block}-weight blocks, got {shape}")
+    blocks = raw[:ggml_nbytes(ggml_type, out_f * in_f)].reshape(out_f, in_f // per_block, block_bytes)
     if row_order is not None:
         blocks = blocks[row_order]
-    half = lambda b: _panels(np.ascontiguousarray(b).view(np.uint16)[..., 0])   # float16 bits, (out, in/32) in panels
+    codes, fields = _decode_blocks(blocks, ggml_type)
+    codes = codes.reshape(out_f, in_f)
+    # Q5_K keeps a byte a code: with a plane of high bits beside its four scale tensors, tinygrad's scheduler splits
+    # the product in two kernels (the dequantized matrix realized in float32), which no hand-written kernel replaces
+    low_bits = 8 if ggml_type in (Q8_0, Q5_K) else 4
+    planes = {"words": _words(codes & ((1 << low_bits) - 1), low_bits)}
+    high_bits = {Q5_0: 1, Q5_1: 1, Q6_K: 2}.get(ggml_type, 0)
+    if high_bits:
+        planes["high"] = _words(codes >> 4, high_bits)
+    offset = {Q4_0: 8, Q5_0: 16, Q8_0: 128, Q6_K: 32}.get(ggml_type, 0)
+    block = 16 if ggml_type == Q6_K else BLOCK
+    tensors = {name: _panels(a.reshape(out_f, -1)) for name, a in fields.items()}
+    return PackedWeight(**planes, **tensors, offset=offset, bits=low_bits, high_bits=high_bits, block=block)
+
+
+def _decode_blocks(b: np.ndarray, ggml_type: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Blocks [out, n, bytes] -> (unsigned codes [out, n, weights a block], the scale fields [out, n, k] by PackedWeight
+    name: float16 bits as uint16, K-quant sub-block scales as uint8 / int8)."""
+    half = lambda at: np.ascontiguousarray(b[..., at:at + 2]).view(np.uint16)          # [out, n, 1]
+    nibbles = lambda qs: np.concatenate([qs & 15, qs >> 4], axis=-1)                   # byte j: weights j, j + 16
     if ggml_type == Q8_0:
-        codes = (blocks[..., 2:].view(np.int8).reshape(out_f, in_f).astype(np.int16) + 128).astype(np.uint8)
-        return PackedWeight(_words(codes, 8), half(blocks[..., 0:2]), offset=128, bits=8)
-    qs = blocks[..., 4:] if ggml_type == Q4_1 else blocks[..., 2:]
-    # byte j of a block holds weight j in its low nibble and weight j + 16 in its high nibble
-    codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(out_f, in_f).astype(np.uint8)
-    if ggml_type == Q4_1:
-        return PackedWeight(_words(codes, 4), half(blocks[..., 0:2]), half(blocks[..., 2:4]), bits=4)
-    return PackedWeight(_words(codes, 4), half(blocks[..., 0:2]), offset=8, bits=4)
+        return (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), {"scale": half(0)}
+    if ggml_type in (Q4_0, Q4_1):
+        qs = b[..., 4:] if ggml_type == Q4_1 else b[..., 2:]
+        return nibbles(qs), {"scale": half(0), **({"minimum": half(2)} if ggml_type == Q4_1 else {})}
+    if ggml_type in (Q5_0, Q5_1):
+        at = 4 if ggml_type == Q5_1 else 2
+        qh = np.ascontiguousarray(b[..., at:at + 4]).view("<u4")                         # bit j: weight j's 5th bit
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+        return nibbles(b[..., at + 4:]) | (high << 4), {"scale": half(0), **({"minimum": half(2)} if ggml_type == Q5_1 else {})}
+    out, n = b.shape[:2]
+    if ggml_type in (Q4_K, Q5_K):
+        s = b[..., 4:16]
+        # 8 sub-blocks' 6-bit scales and minimums: the first 4 in bytes 0-3 / 4-7, the last 4 split over bytes 8-11
+        # (low 4 bits) and the top 2 bits of bytes 0-3 / 4-7
+        sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+        mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+        at = 48 if ggml_type == Q5_K else 16
+        qs = b[..., at:at + 128].reshape(out, n, 4, 32)   # 32 bytes: sub-block 2g in low nibbles, 2g + 1 in high
+        codes = np.stack([qs & 15, qs >> 4], axis=3).reshape(out, n, 256)
+        if ggml_type == Q5_K:   # byte i of qh: bit s is the 5th bit of weight i of sub-block s
+            qh = b[..., 16:48]
+            codes = codes | ((((qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4).reshape(out, n, 256))
+        fields = {"scale": sc, "minimum": mn, "super_scale": half(0), "super_minimum": half(2)}
+        return codes.astype(np.uint8), fields
+    if ggml_type == Q6_K:
+        ql, qh = b[..., 0:128].reshape(out, n, 2, 64), b[..., 128:192].reshape(out, n, 2, 32)
+        low = np.concatenate([ql & 15, ql >> 4], axis=-1)                                 # [.., 2, 128]
+        high = np.concatenate([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)             # [.., 2, 128]
+        codes = (low | (high << 4)).reshape(out, n, 256)
+        return codes.astype(np.uint8), {"scale": b[..., 192:208].view(np.int8), "super_scale": half(208)}
+    raise ValueError(f"GGML type {ggml_type} has no packed form")
 
 
 def panel_width(out_features: int) -> int:
@@ -138,11 +239,10 @@ def _panels(a: np.ndarray) -> Tensor:
 
 
 def _words(codes: np.ndarray, bits: int) -> Tensor:
-    """codes [out, in] (uint8, each < 2^bits) -> uint32 words [out/P, in * bits / 8, P/4]: output j = 4 * lane + w in
-    byte `lane` of word w; 4-bit codes of rows 2i and 2i + 1 in the low and high nibble of word row i."""
-    panels = _panel_array(codes)
-    if bits == 4:
-        panels = panels[:, 0::2] | (panels[:, 1::2] << 4)
+    """values [out, in] (uint8, each < 2^bits) -> uint32 words [out/P, in * bits / 8, P/4]: output j = 4 * lane + w in
+    byte `lane` of word w; the byte of word row i holds rows i * 8 / bits + k in bits k * bits."""
+    panels, per = _panel_array(codes.astype(np.uint8)), 8 // bits
+    panels = np.bitwise_or.reduce(np.stack([panels[:, k::per] << (k * bits) for k in range(per)]), axis=0).astype(np.uint8)
     n_panels, rows, width = panels.shape
     if width % 4:
         raise ValueError(f"packed panels need a multiple of 4 output columns, got {codes.shape[0]} rows")
@@ -151,10 +251,10 @@ def _words(codes: np.ndarray, bits: int) -> Tensor:
 
 
 def _codes(words: np.ndarray, bits: int) -> np.ndarray:
-    """uint32 words [out/P, in * bits / 8, P/4] -> codes [out, in] (the inverse of _words)."""
+    """uint32 words [out/P, in * bits / 8, P/4] -> values [out, in] (the inverse of _words)."""
     panels, rows, quarter = words.shape
     lanes = (words[:, :, None, :] >> (8 * np.arange(4, dtype=np.uint32))[None, None, :, None]) & 0xFF
     per_byte = lanes.reshape(panels, rows, 4 * quarter).astype(np.uint8)
-    if bits == 4:
-        per_byte = np.stack([per_byte & 15, per_byte >> 4], axis=2).reshape(panels, 2 * rows, 4 * quarter)
-    return _unpanel(per_byte)
+    per = 8 // bits
+    parts = [(per_byte >> (k * bits)) & ((1 << bits) - 1) for k in range(per)]
+    return _unpanel(np.stack(parts, axis=2).reshape(panels, rows * per, 4 * quarter))

@@ -2,67 +2,148 @@
 
 tinygrad renders a product as scalar C over 4-wide loads; clang then vectorises it 4 floats at a time and spends
 most of the time unpacking codes (shift, mask, convert, one lane at a time). Here one load of 16 bytes (a panel row of
-8-bit codes, or two rows of 4-bit codes, split by a mask and a shift in registers) is widened to 16 floats per row in
-two instructions (zero-extend bytes, convert), dequantized with one multiply-add against the block's scales and
-minimums (float16 bits, widened once a block), and then serves every token of a group with one multiply-add each: 16
-floats per instruction where the CPU has them (AVX-512), split by clang into what it has elsewhere (AVX2, NEON).
+8-bit codes, or two rows of 4-bit codes, split by a mask and a shift in registers; a Q5/Q6 code's high bits from a
+second plane, or'ed in) is widened to 16 floats per row (zero-extend bytes, convert), dequantized with one multiply-add
+against the block's scales and minimums (float16 bits, or the K-quants' integer sub-block scales times the super-block's
+float16, widened once a block), and then serves every token of a group with one multiply-add each: 16 floats per
+instruction where the CPU has them (AVX-512), split by clang into what it has elsewhere (AVX2, NEON).
 
 Numerics: every token accumulates its products in the same order whatever the number of tokens in the step (two
 running sums, even and odd rows, added at the end), so a token's outputs are bit for bit the same in a one-token
-decode step and in a many-token verify step. The dequantized weight q * d + m is the loader's float32 value: q * d is
-exact (a code of at most 8 bits times a float16), so the one rounding of the sum is the loader's.
+decode step and in a many-token verify step. The dequantized weight is the loader's float32 value (packed.py says why):
+q * D + M with q * D exact, or (q - offset) * D for Q6_K.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
 
-BLOCK = 32          # rows sharing one scale and minimum (a GGML block)
 WIDTH = 16          # outputs of one panel: one vector of 16 floats
+SUPER = 256         # rows of a K-quant super-block
 # byte k of a panel row holds the code of output 4 * (k % 4) + k // 4 (packed._words: output 4 * lane + w sits in
 # byte `lane` of word w); the kernel keeps its vectors in byte order and puts outputs back in order once per panel
 BYTE_OUTPUT = [4 * (k % 4) + k // 4 for k in range(WIDTH)]
 OUTPUT_BYTE = [BYTE_OUTPUT.index(j) for j in range(WIDTH)]
+C_PARAMS = {"out": "float* restrict out", "x": "const float* restrict x", "words": "const unsigned int* restrict words",
+            "high": "const unsigned int* restrict high", "scale": "const void* restrict scale",
+            "minimum": "const void* restrict minimum", "super_scale": "const unsigned short* restrict super_scale",
+            "super_minimum": "const unsigned short* restrict super_minimum", "core_id": "const int core_id"}
+BUFFERS = ["out", "x", "words", "high", "scale", "minimum", "super_scale", "super_minimum"]
 
 
 @dataclass(frozen=True)
 class PackedProduct:
     """out[n, p * 16 + j] = sum_r x[n, r] * w[p, r, j] for n < tokens, with w dequantized from a PackedWeight."""
     tokens: int             # rows of x (batch x sequence), fixed per captured step
-    rows: int               # the input features (the reduction), a multiple of 32
+    rows: int               # the input features (the reduction), a multiple of the block
     panels: int             # output features / 16
-    minimum: bool           # Q4_1: w = q * d + m; else Q4_0, Q8_0: w = d * (q - offset)
+    minimum: bool           # w = q * D + M; else w = D * (q - offset)
     offset: int = 0
     threads: int = 1        # slices of the panels, one per core (the pool passes the slice as core_id)
-    bits: int = 8           # 4: two codes to a byte (rows 2i, 2i + 1 in the low, high nibble)
+    bits: int = 8           # bits of a code in `words`: 4 (rows 2i, 2i + 1 in the low, high nibble) or 8
+    high_bits: int = 0      # bits of a code in `high` (Q5: 1, Q6_K: 2)
+    block: int = 32         # rows sharing a scale
+    scales: str = "f16"     # "f16": float16 bits; "u8" / "i8": a K-quant's sub-block scales (super-block float16s)
+
+    @staticmethod
+    def of(weight, tokens: int, threads: int) -> "PackedProduct":
+        """The product of `tokens` rows with a PackedWeight."""
+        scales = "f16" if weight.super_scale is None else ("i8" if weight.scale.dtype.name == "signed char" else "u8")
+        return PackedProduct(tokens, weight.shape[1], weight.shape[0] // WIDTH, weight.minimum is not None,
+                             weight.offset, threads, weight.bits, weight.high_bits, weight.block, scales)
+
+    @property
+    def tag(self) -> str:
+        """Names the format in the kernel's name: q<bits>, k for K-quants, m (minimum) or o<offset>."""
+        return f"q{self.bits + self.high_bits}{'' if self.scales == 'f16' else 'k'}" + ("m" if self.minimum else f"o{self.offset}")
 
     def source(self, name: str, params: list[str]) -> str:
-        """The kernel `name`; params: the C parameter list in the order tinygrad passes arguments ("out", "x",
-        "words", "scale", "minimum" for the buffers, "core_id" for the slice)."""
-        c_params = {"out": "float* restrict out", "x": "const float* restrict x", "words": "const unsigned int* restrict words",
-                    "scale": "const unsigned short* restrict scale", "minimum": "const unsigned short* restrict minimum",
-                    "core_id": "const int core_id"}
+        """The kernel `name`; params: the C parameter list in the order tinygrad passes arguments (BUFFERS' names
+        for the buffers, "core_id" for the slice)."""
         outputs = self.panels * WIDTH
-        perm, inv = ",".join(map(str, BYTE_OUTPUT)), ",".join(map(str, OUTPUT_BYTE))
-        if self.minimum:
-            minimum_line = f"const f16v m0 = widen_half(minimum + sb), m = __builtin_shufflevector(m0, m0, {perm});"
-        else:  # d * (q - offset) as one multiply-add: q * d + (-offset * d)
-            minimum_line = f"const f16v m = d * (float)-{self.offset};"
         group = group_size()
         sizes = sorted({min(self.tokens, group), self.tokens % group} - {0})
         full = self.tokens - self.tokens % group
         first, last = ("0", str(self.panels)) if self.threads == 1 else \
             (f"core_id * {self.panels} / {self.threads}", f"(core_id + 1) * {self.panels} / {self.threads}")
-        lines = [PRELUDE, *(_group_function(size, self.rows, outputs, perm, inv, minimum_line, self.bits) for size in sizes),
-                 f"void {name}({', '.join(c_params[p] for p in params)}) {{"]
-        if "minimum" not in params:
-            lines.append("  const unsigned short* minimum = 0;")
+        lines = [PRELUDE, *(self._group_function(size, outputs) for size in sizes),
+                 f"void {name}({', '.join(C_PARAMS[p] for p in params)}) {{"]
+        lines += [f"  const void* {b} = 0;" for b in BUFFERS if b not in params]
+        args = ", ".join(BUFFERS)
         lines.append(f"  for (int p = {first}; p < {last}; p++) {{")
         if full:
-            lines.append(f"    for (int n = 0; n < {full}; n += {group}) group{group}(out, x, words, scale, minimum, p, n);")
+            lines.append(f"    for (int n = 0; n < {full}; n += {group}) group{group}({args}, p, n);")
         if self.tokens % group:
-            lines.append(f"    group{self.tokens % group}(out, x, words, scale, minimum, p, {full});")
+            lines.append(f"    group{self.tokens % group}({args}, p, {full});")
         return "\n".join([*lines, "  }", "}"])
+
+    def _group_function(self, size: int, outputs: int) -> str:
+        """static void group<size>: `size` consecutive tokens from n, one panel p."""
+        rows, block, hb = self.rows, self.block, self.high_bits
+        blocks, perm, inv = rows // block, ",".join(map(str, BYTE_OUTPUT)), ",".join(map(str, OUTPUT_BYTE))
+        row_bytes = 16 * self.bits // 8   # bytes of codes a panel row takes (4-bit: a 16-byte load holds rows r, r + 1)
+        params = ", ".join(C_PARAMS[b] for b in BUFFERS)
+        lines = [f"static inline __attribute__((always_inline)) void group{size}({params}, int p, int n) {{"]
+        for t in range(size):
+            lines.append(f"  f16v even{t} = 0, odd{t} = 0;")
+        lines.append(f"  const unsigned char* codes = (const unsigned char*)(words + (long)p * {rows * row_bytes // 4});")
+        if hb:
+            lines.append(f"  const unsigned char* highs = (const unsigned char*)(high + (long)p * {rows * 16 * hb // 8 // 4});")
+        lines.append(f"  const float* xs = x + (long)n * {rows};")
+        lines.append(f"  for (int b = 0; b < {blocks}; b++) {{")
+        lines.append(f"    const int sb = (p * {blocks} + b) * 16;")
+        integer_offset = self.scales != "f16" and not self.minimum and self.offset   # Q6_K: (q - offset) * D
+        if self.scales == "f16":
+            lines.append("    const f16v d0 = widen_half((const unsigned short*)scale + sb);")
+        else:
+            ss = f"(p * {rows // SUPER} + b / {SUPER // block}) * 16"
+            kind = "i8x16" if self.scales == "i8" else "u8x16"
+            lines.append(f"    const f16v d0 = widen_half(super_scale + {ss}) * "
+                         f"__builtin_convertvector(*(const {kind}*)((const unsigned char*)scale + sb), f16v);")
+        lines.append(f"    const f16v d = __builtin_shufflevector(d0, d0, {perm});")
+        if self.minimum and self.scales == "f16":
+            lines.append("    const f16v m0 = widen_half((const unsigned short*)minimum + sb);")
+        elif self.minimum:   # M = -(dmin * mn)
+            lines.append(f"    const f16v m0 = -(widen_half(super_minimum + {ss}) * "
+                         "__builtin_convertvector(*(const u8x16*)((const unsigned char*)minimum + sb), f16v));")
+        if self.minimum:
+            lines.append(f"    const f16v m = __builtin_shufflevector(m0, m0, {perm});")
+        elif not integer_offset:   # d * (q - offset) as one multiply-add: q * d + (-offset * d), q * d exact
+            lines.append(f"    const f16v m = d * (float)-{self.offset};")
+        lines.append(f"    for (int i = 0; i < {block}; i += 2) {{")
+        lines.append(f"      const int r = b * {block} + i;")
+        # one prefetch a cache line of codes (the unrolled loop folds the test away)
+        lines.append(f"      if (r % {64 // row_bytes} == 0) __builtin_prefetch(codes + r * {row_bytes} + {PREFETCH}, 0, 0);")
+        if self.bits == 4:
+            # widened to 32 bits first: x86 has no byte shift, and the mask and shift then take one instruction each
+            lines.append(f"      const i32x16 v = __builtin_convertvector(*(const u8x16*)(codes + r * {row_bytes}), i32x16);")
+            lines.append("      i32x16 q0 = v & 15, q1 = v >> 4;")
+        else:
+            lines.append("      i32x16 q0 = __builtin_convertvector(*(const u8x16*)(codes + r * 16), i32x16);")
+            lines.append("      i32x16 q1 = __builtin_convertvector(*(const u8x16*)(codes + r * 16 + 16), i32x16);")
+        if hb:   # a byte of the high plane holds 8 / hb rows, hb bits each
+            per = 8 // hb
+            if 64 % per == 0:
+                lines.append(f"      if (r % {64 * per // 16} == 0) __builtin_prefetch(highs + r / {per} * 16 + {PREFETCH}, 0, 0);")
+            lines.append(f"      const i32x16 h = __builtin_convertvector(*(const u8x16*)(highs + r / {per} * 16), i32x16) >> (i % {per} * {hb});")
+            lines.append(f"      q0 |= (h & {(1 << hb) - 1}) << {self.bits};")
+            lines.append(f"      q1 |= ((h >> {hb}) & {(1 << hb) - 1}) << {self.bits};")
+        if integer_offset:
+            lines.append(f"      const f16v w0 = __builtin_convertvector(q0 - {self.offset}, f16v) * d;")
+            lines.append(f"      const f16v w1 = __builtin_convertvector(q1 - {self.offset}, f16v) * d;")
+        else:
+            lines.append("      const f16v w0 = __builtin_convertvector(q0, f16v) * d + m;")
+            lines.append("      const f16v w1 = __builtin_convertvector(q1, f16v) * d + m;")
+        for t in range(size):
+            lines.append(f"      even{t} += xs[{t * rows} + r] * w0;")
+            lines.append(f"      odd{t} += xs[{t * rows} + r + 1] * w1;")
+        lines.append("    }")
+        lines.append("  }")
+        for t in range(size):
+            lines.append(f"  {{ const f16v s = even{t} + odd{t}; *(f16v*)(out + (long)(n + {t}) * {outputs} + p * 16) = "
+                         f"__builtin_shufflevector(s, s, {inv}); }}")
+        lines.append("}")
+        return "\n".join(lines)
 
 
 @functools.cache
@@ -76,7 +157,7 @@ def group_size() -> int:
         return 2
 
 
-# codes are read this many bytes ahead (128 rows): the hardware prefetcher alone left a 1-token step ~20% slower
+# codes are read this many bytes ahead: the hardware prefetcher alone left a 1-token step ~20% slower
 # (interleaved A/B: 12.7 -> 10.2 ms at position 128; 4 tokens 14.0 -> 13.0)
 PREFETCH = 2048
 # widen_half: 16 float16 bits -> float32, exactly: the CPU's conversion instruction where it has one (AVX-512, F16C),
@@ -88,6 +169,8 @@ typedef float f8v __attribute__((aligned(4), ext_vector_type(8)));
 typedef unsigned char u8x16 __attribute__((aligned(1), ext_vector_type(16)));
 typedef unsigned short u16x16 __attribute__((aligned(2), ext_vector_type(16)));
 typedef unsigned int u32x16 __attribute__((aligned(4), ext_vector_type(16)));
+typedef signed char i8x16 __attribute__((aligned(1), ext_vector_type(16)));
+typedef int i32x16 __attribute__((aligned(4), ext_vector_type(16)));
 #if defined(__AVX512F__)
 #include <immintrin.h>
 static inline __attribute__((always_inline)) f16v widen_half(const unsigned short* p) {
@@ -111,39 +194,3 @@ static inline __attribute__((always_inline)) f16v widen_half(const unsigned shor
 #endif"""
 
 
-def _group_function(size: int, rows: int, outputs: int, perm: str, inv: str, minimum_line: str, bits: int) -> str:
-    """static void group<size>: `size` consecutive tokens from n, one panel p."""
-    blocks = rows // BLOCK
-    row_bytes = 16 * bits // 8   # bytes of codes a panel row takes (4-bit: a 16-byte load holds rows r and r + 1)
-    lines = [f"static inline __attribute__((always_inline)) void group{size}(float* restrict out, const float* restrict x, "
-             "const unsigned int* restrict words, const unsigned short* restrict scale, const unsigned short* restrict minimum, "
-             "int p, int n) {"]
-    for t in range(size):
-        lines.append(f"  f16v even{t} = 0, odd{t} = 0;")
-    lines.append(f"  const unsigned char* codes = (const unsigned char*)(words + (long)p * {rows * row_bytes // 4});")
-    lines.append(f"  const float* xs = x + (long)n * {rows};")
-    lines.append(f"  for (int b = 0; b < {blocks}; b++) {{")
-    lines.append(f"    const int sb = (p * {blocks} + b) * 16;")
-    lines.append(f"    const f16v d0 = widen_half(scale + sb), d = __builtin_shufflevector(d0, d0, {perm});")
-    lines.append(f"    {minimum_line}")
-    lines.append(f"    for (int r = b * {BLOCK}; r < b * {BLOCK} + {BLOCK}; r += 2) {{")
-    # one prefetch a cache line of codes (the unrolled loop folds the test away)
-    lines.append(f"      if (r % {64 // row_bytes} == 0) __builtin_prefetch(codes + r * {row_bytes} + {PREFETCH}, 0, 0);")
-    if bits == 4:
-        # widened to 32 bits first: x86 has no byte shift, and the mask and shift then take one instruction each
-        lines.append(f"      const u32x16 v = __builtin_convertvector(*(const u8x16*)(codes + r * {row_bytes}), u32x16);")
-        lines.append("      const f16v w0 = __builtin_convertvector(v & 15, f16v) * d + m;")
-        lines.append("      const f16v w1 = __builtin_convertvector(v >> 4, f16v) * d + m;")
-    else:
-        lines.append("      const f16v w0 = __builtin_convertvector(*(const u8x16*)(codes + r * 16), f16v) * d + m;")
-        lines.append("      const f16v w1 = __builtin_convertvector(*(const u8x16*)(codes + r * 16 + 16), f16v) * d + m;")
-    for t in range(size):
-        lines.append(f"      even{t} += xs[{t * rows} + r] * w0;")
-        lines.append(f"      odd{t} += xs[{t * rows} + r + 1] * w1;")
-    lines.append("    }")
-    lines.append("  }")
-    for t in range(size):
-        lines.append(f"  {{ const f16v s = even{t} + odd{t}; *(f16v*)(out + (long)(n + {t}) * {outputs} + p * 16) = "
-                     f"__builtin_shufflevector(s, s, {inv}); }}")
-    lines.append("}")
-    return "\n".join(lines)

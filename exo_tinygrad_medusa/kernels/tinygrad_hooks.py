@@ -17,8 +17,8 @@ tests/test_tinygrad_hooks.py, which fails loudly when an upgrade moves what this
 5. (none: a GGUF's raw codes are read with numpy, model/gguf_file.py, without tinygrad's internals)
 6. Host copies (`device_buffer`, `write_host`, `read_host`): a step's token ids in and its small result out, copied
    straight to and from realized buffers instead of through the scheduler.
-7. Hand-written C kernels (`_hand_program`): packed products (product_kernels.py) matched by their whole AST, and
-   kernels requested by name through Tensor.custom_kernel (attention_kernel.py), compiled from our C source.
+7. Hand-written C kernels (`_hand_program`): packed products (products.py) matched by their whole AST, and
+   kernels requested by name through Tensor.custom_kernel (attention.py), compiled from our C source.
 8. Devices without native float16 (`emulates_float16`). Sections 1-3 and 7 apply to the CPU device only (each checks
    the device; GPU-style devices such as CL, CUDA, METAL keep tinygrad's own kernels and launches, packed weights
    included). tinygrad 0.14 BUG: where the renderer lacks float16 (pocl's OpenCL on a CPU has no cl_khr_fp16), float16
@@ -540,9 +540,9 @@ def _np_dtype(dtype) -> np.dtype:
 # -- 7. hand-written kernels: packed products, captured steps' attention ---------------------------------------------
 # model.Linear announces each product with packed weights it builds (`expect_packed_product`): the kernel AST that
 # tinygrad will schedule for it is derived once per shape from the same expression on empty buffers, and remembered
-# with what each of its buffers holds. A kernel whose AST is one of those compiles from product_kernels' C instead of
+# with what each of its buffers holds. A kernel whose AST is one of those compiles from products.py's C instead of
 # tinygrad's rendering (`_hand_program`). Matching whole ASTs, not patterns, means a kernel that computes anything
-# else (a fused norm, another layout) keeps tinygrad's code. attention_kernel.py instead requests its kernel by name
+# else (a fused norm, another layout) keeps tinygrad's code. attention.py instead requests its kernel by name
 # through Tensor.custom_kernel (`expect_hand_kernel`). EXO_MEDUSA_KERNELS=tuned turns both off.
 _packed_products: dict[bytes, tuple["PackedProduct", tuple[str, ...]]] = {}
 _announced: set[tuple] = set()
