@@ -49,6 +49,9 @@ def check_device(device: str) -> str:
         Device[name]
     except Exception as e:  # each backend fails its own way (OSError, AttributeError, ExceptionGroup, ...)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if base == "CL" and "-1001" in reason:  # CL_PLATFORM_NOT_FOUND_KHR: the ICD loader found no driver
+            reason = ("no OpenCL platform (install a driver, e.g. apt-get install pocl-opencl-icd, or point "
+                      "OCL_ICD_VENDORS at the folder holding its .icd file)")
         raise DeviceUnavailable(f"device {name} cannot run here: {reason}") from e
     return name
 
