@@ -20,6 +20,7 @@ from ..kernels.tinygrad_hooks import read_host
 
 log = logging.getLogger(__name__)
 OnTokens = Callable[[list[int]], None]
+STALE_DECAY = 0.98  # per timed step: weight left to a step kind's measured cost since it last ran
 
 
 @dataclass
@@ -101,6 +102,8 @@ class Generator:
         self._chains: dict[int, ShardSteps] = {}
         # running mean seconds of a replayed step by kind (tokens verified, or "heads"), kept across generations
         self.step_seconds: dict = {}
+        self._last_timed: dict = {}   # kind -> count of timed steps when it last ran
+        self._timed_steps = 0
 
     def uses_lookup(self, cfg: GenerationConfig) -> bool:
         """cfg.prompt_lookup, or by default: on with a Medusa tree, off for plain decoding (plain stays the exact
@@ -136,13 +139,24 @@ class Generator:
                     self._timed(kind, time.perf_counter() - t0)
 
     def _timed(self, kind, seconds: float) -> None:
+        self._timed_steps += 1
         old = self.step_seconds.get(kind)
         self.step_seconds[kind] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        self._last_timed[kind] = self._timed_steps
 
     def measured_costs(self) -> dict:
-        """Step costs relative to a plain step, from the measured step times (empty until a plain step was timed)."""
+        """Step costs relative to a plain step, from the measured step times (empty until a plain step was timed).
+        A kind not run for a while drifts back to the cost table (STALE_DECAY a step), so that one slow measurement
+        (a load spike) does not rule it out for the rest of the process."""
         base = self.step_seconds.get(1)
-        return {kind: s / base for kind, s in self.step_seconds.items()} if base else {}
+        if not base:
+            return {}
+        out = {}
+        for kind, seconds in self.step_seconds.items():
+            table = self.lookup.cost(self.tree.size) + self.lookup.head_cost if kind == "heads" else self.lookup.cost(kind)
+            trust = STALE_DECAY ** (self._timed_steps - self._last_timed[kind])
+            out[kind] = trust * seconds / base + (1 - trust) * table
+        return out
 
     def _planner(self, prompt_ids: list[int], cfg: GenerationConfig) -> DraftPlanner | None:
         if not self.uses_lookup(cfg):

@@ -44,6 +44,7 @@ class LookupConfig:
     # greedy decoding plans with the step times the generator measures (the device's own cost curve, under its
     # current load) once they exist; sampling keeps the table, so a seed reproduces its tokens
     measure_costs: bool = True
+    store_min_match: int = 1   # shortest context suffix the datastore is queried with (1: its bigram counts)
 
     def __post_init__(self):
         if not 1 <= self.min_ngram <= self.max_ngram:
@@ -204,7 +205,7 @@ class AcceptStats:
 # priors of the per-depth acceptance (first token, deeper tokens) by source and length of the matched suffix,
 # from offline replays on the model's own answers: a context match predicts better the longer it is
 _PRIORS = {("context", 1): [0.2, 0.5], ("context", 2): [0.3, 0.6], ("context", 3): [0.4, 0.7],
-           ("context", 4): [0.5, 0.8], ("datastore", 2): [0.2, 0.5], ("datastore", 3): [0.25, 0.55],
+           ("context", 4): [0.5, 0.8], ("datastore", 1): [0.15, 0.4], ("datastore", 2): [0.2, 0.5], ("datastore", 3): [0.25, 0.55],
            ("datastore", 4): [0.3, 0.6]}
 MATCH_BUCKETS = 4  # suffix matches of 4 or more tokens share statistics
 SURE_SHARE = 0.5   # a datastore draft whose first token continued at least this share of the matches
@@ -254,7 +255,7 @@ class DraftPlanner:
             out["context"] = (tokens, ("context", min(match, MATCH_BUCKETS)))
         if self.datastore is not None:
             from .datastore import MAX_MATCH
-            d = self.datastore.draft(self.index.tokens[-MAX_MATCH:], n)
+            d = self.datastore.draft(self.index.tokens[-MAX_MATCH:], n, min_match=self.cfg.store_min_match)
             if d.tokens:  # statistics apart for a continuation most matches agree on
                 out["datastore"] = (d.tokens, ("datastore", min(d.match, MATCH_BUCKETS), d.shares[0] >= SURE_SHARE))
         return out
