@@ -154,3 +154,6 @@ def test_bench_random_heads_on_tiny_model(tiny_checkpoint, tmp_path, capsys):
     assert summary["kernels"]["weights"] == "float32" and summary["kernels"]["cores"] >= 1
     assert summary["prefill_tokens"] == 255 and summary["prefill_tokens_per_s"] > 0
     assert "Prefill of a 255-token prompt" in captured.out
+    # bytes of weights a token reads (float32 here: 4 a weight) and the bandwidth plain decoding reached with them
+    assert summary["weight_bytes_per_token"] > 0 and summary["plain_weight_gb_per_s"] > 0
+    assert "Weights read per token" in captured.out
