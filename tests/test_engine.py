@@ -179,8 +179,8 @@ def test_least_recently_used_request_is_evicted(tiny):
         tokens, state = await one_pass(hops, "first", prompt, None)
         await one_pass(hops, "second", prompt, None)
         assert list(engines[0][0].requests) == ["second"]
-        with pytest.raises(RingStateError, match="request first is unknown to layers 0..1: its prompt never ran here "
-                                                 r"or it was evicted \(at most 1 live requests\)"):
+        with pytest.raises(RingStateError, match=r"request first already ended on layers 0..1 \(evicted: more than 1 "
+                                                 r"live requests\): a pass came after its end"):
             await one_pass(hops, "first", tokens, state)
 
     asyncio.run(scenario())

@@ -330,6 +330,9 @@ def test_bench_ring_command_on_a_tiny_model(setup, tmp_path):
     assert cells[0]["link_ms_per_pass"] == 0.0
     assert {r["plain"]["decode_tokens"] for r in report["runs"]} == {5}
     assert report["model_fit"][0]["shards"] == 1
+    # the standalone step beside the ring's pass, on the same prompts
+    assert all(c["standalone_ms_per_step"] > 0 and c["plain_pass_per_standalone_step"] > 0 for c in cells)
+    assert {r["standalone"]["decode_tokens"] for r in report["runs"]} == {5}
     if not exo_available():
         assert "not importable" in report["exo"]["skipped"]
 

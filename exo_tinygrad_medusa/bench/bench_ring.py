@@ -10,7 +10,8 @@ network devices.
 
 Reported per (ring size, delay): decode tokens/s of both, their ratio, ring passes per token, Medusa's mean
 accepted length (tokens per verify step), compute per pass (decode time less the injected delay), and whether the
-token streams are identical. A pass costs c + N*d (compute c, delay d), so Medusa/plain = a*(c_plain + N*d) /
+token streams are identical. Beside them, a standalone plain decode step (the whole model in this process, no ring)
+on the same prompts, run after each pair: what a plain pass would cost if the ring added nothing. A pass costs c + N*d (compute c, delay d), so Medusa/plain = a*(c_plain + N*d) /
 (c_medusa + N*d) for accepted length a: the ratio grows with d towards a, and Medusa overtakes plain once N*d
 exceeds (c_medusa - a*c_plain) / (a - 1), the break-even delay the summary reports.
 
@@ -73,13 +74,17 @@ class PromptPair:
     prompt: str
     plain: RingResult
     medusa: RingResult
+    standalone_decode_s: float = 0.0      # the same prompt, plain, whole model in the bench's own process
+    standalone_decode_tokens: int = 0
 
     @property
     def identical(self) -> bool:
         return self.plain.tokens == self.medusa.tokens
 
     def to_json(self) -> dict:
-        out = {"shards": self.shards, "delay_ms": self.delay_ms, "prompt": self.prompt, "identical": self.identical}
+        out = {"shards": self.shards, "delay_ms": self.delay_ms, "prompt": self.prompt, "identical": self.identical,
+               "standalone": {"decode_s": round(self.standalone_decode_s, 4),
+                              "decode_tokens": self.standalone_decode_tokens}}
         for name, r in (("plain", self.plain), ("medusa", self.medusa)):
             out[name] = {"tokens": len(r.tokens), "decode_tokens": r.decode_tokens, "passes": r.decode_passes,
                          "decode_s": round(r.decode_s, 4), "link_s": round(r.link_s, 4),
@@ -104,6 +109,8 @@ class Cell:
     medusa_compute_ms_per_pass: float
     link_ms_per_pass: float            # delay actually slept per pass (N links), Medusa ring
     identical: bool
+    standalone_ms_per_step: float      # a plain decode step of the whole model, no ring
+    plain_pass_per_standalone_step: float | None   # plain compute per pass / standalone step: what the ring adds
 
     @classmethod
     def of(cls, pairs: list[PromptPair]) -> "Cell":
@@ -116,13 +123,17 @@ class Cell:
         link = {m: total(m, "link_s") for m in ("plain", "medusa")}
         speed = {m: tokens[m] / seconds[m] if seconds[m] > 0 else 0.0 for m in ("plain", "medusa")}
         accepted = [a for p in pairs for a in p.medusa.accepted]
+        alone_tokens = sum(p.standalone_decode_tokens for p in pairs)
+        alone_ms = 1e3 * sum(p.standalone_decode_s for p in pairs) / alone_tokens if alone_tokens else 0.0
+        plain_ms = 1e3 * (seconds["plain"] - link["plain"]) / max(passes["plain"], 1)
         return cls(pairs[0].shards, pairs[0].delay_ms, len(pairs), speed["plain"], speed["medusa"],
                    speed["medusa"] / speed["plain"] if speed["plain"] > 0 and speed["medusa"] > 0 else None,
                    passes["plain"] / max(tokens["plain"], 1), passes["medusa"] / max(tokens["medusa"], 1),
                    statistics.fmean(accepted) if accepted else 1.0,
                    1e3 * (seconds["plain"] - link["plain"]) / max(passes["plain"], 1),
                    1e3 * (seconds["medusa"] - link["medusa"]) / max(passes["medusa"], 1),
-                   1e3 * link["medusa"] / max(passes["medusa"], 1), all(p.identical for p in pairs))
+                   1e3 * link["medusa"] / max(passes["medusa"], 1), all(p.identical for p in pairs),
+                   alone_ms, plain_ms / alone_ms if alone_ms > 0 else None)
 
     def to_json(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -134,6 +145,7 @@ def ring_model(cells: list[Cell], shards: int) -> dict:
     mine = [c for c in cells if c.shards == shards]
     c_plain = statistics.median(c.plain_compute_ms_per_pass for c in mine)
     c_medusa = statistics.median(c.medusa_compute_ms_per_pass for c in mine)
+    alone = statistics.median(c.standalone_ms_per_step for c in mine)
     # tokens per pass, as measured (the budget cut of the last pass included): the ratio's limit for long links
     a = statistics.fmean(c.plain_passes_per_token / c.medusa_passes_per_token for c in mine)
     if a <= 1.0:
@@ -142,6 +154,8 @@ def ring_model(cells: list[Cell], shards: int) -> dict:
         break_even = max((c_medusa - a * c_plain) / (a - 1.0), 0.0) / shards
     return {"shards": shards, "plain_compute_ms_per_pass": round(c_plain, 2),
             "medusa_compute_ms_per_pass": round(c_medusa, 2), "tokens_per_pass_ratio": round(a, 4),
+            "standalone_ms_per_step": round(alone, 2),
+            "plain_pass_per_standalone_step": round(c_plain / alone, 3) if alone > 0 else None,
             "break_even_one_way_delay_ms": None if break_even is None else round(break_even, 1),
             "predicted_ratio": {str(c.delay_ms): round(a * (c_plain + shards * c.delay_ms)
                                                        / (c_medusa + shards * c.delay_ms), 4) for c in mine}}
@@ -183,14 +197,34 @@ async def warm_up(ring: Ring, prompt_ids: list[int], passes: int) -> None:
         await ring.generate(f"warm-up-{i}", prompt_ids, max_passes=passes)
 
 
+class Standalone:
+    """Plain greedy decoding of the whole model in this process: the decode step a ring pass is compared with."""
+
+    def __init__(self, cfg: RingBenchConfig):
+        from ..decoding.session import open_session
+        self.generator = open_session(cfg.model, device=cfg.device, dtype=cfg.dtype,
+                                      max_context=cfg.max_context).generator
+        self.max_new_tokens = cfg.max_new_tokens
+
+    def warm_up(self, prompt_ids: list[int], tokens: int) -> None:
+        for _ in range(2):  # TinyJit captures on a step's second call
+            self.decode(prompt_ids, tokens)
+
+    def decode(self, prompt_ids: list[int], tokens: int | None = None) -> tuple[float, int]:
+        from ..decoding.sampling import GenerationConfig
+        result = self.generator.generate(prompt_ids, GenerationConfig(max_new_tokens=tokens or self.max_new_tokens))
+        return result.decode_s, max(len(result.generated_ids) - 1, 0)
+
+
 async def bench_one_ring_size(cfg: RingBenchConfig, plain: LocalRing, medusa: LocalRing, shards: int,
-                              progress) -> tuple[list[PromptPair], dict]:
+                              progress, standalone: Standalone) -> tuple[list[PromptPair], dict]:
     rings = {"plain": plain.ring, "medusa": medusa.ring}
     try:
         prompt_ids = [await medusa.ring.encode_chat(p.text) for p in cfg.prompts]
         t0 = time.perf_counter()
         for ring in rings.values():
             await warm_up(ring, prompt_ids[0], cfg.warmup_tokens)
+        standalone.warm_up(prompt_ids[0], cfg.warmup_tokens)
         progress(f"{shards} shards: warmed up in {time.perf_counter() - t0:.0f} s")
         tree = (await medusa.ring.hops[-1].status())["tree"]
         pairs = []
@@ -203,7 +237,7 @@ async def bench_one_ring_size(cfg: RingBenchConfig, plain: LocalRing, medusa: Lo
                 runs = {}
                 for mode in order:
                     runs[mode] = await rings[mode].generate(f"{mode}-{shards}-{delay}-{prompt.id}", ids)
-                pair = PromptPair(shards, delay, prompt.id, runs["plain"], runs["medusa"])
+                pair = PromptPair(shards, delay, prompt.id, runs["plain"], runs["medusa"], *standalone.decode(ids))
                 pairs.append(pair)
                 progress(f"{shards} shards, {delay:g} ms: {prompt.id}: plain {pair.plain.decode_tokens_per_s:.2f} "
                          f"tok/s, Medusa {pair.medusa.decode_tokens_per_s:.2f} tok/s, accepted "
@@ -216,6 +250,7 @@ async def bench_one_ring_size(cfg: RingBenchConfig, plain: LocalRing, medusa: Lo
 
 def run_ring_bench(cfg: RingBenchConfig, progress=lambda line: print(line, file=sys.stderr, flush=True)) -> dict:
     n_layers = model_layers(cfg.model)
+    standalone = Standalone(cfg)
     pairs: list[PromptPair] = []
     trees = {}
     for shards in cfg.shard_counts:
@@ -230,7 +265,7 @@ def run_ring_bench(cfg: RingBenchConfig, progress=lambda line: print(line, file=
             plain.start()
             medusa.start()
             progress(f"{shards} shards: loaded in {time.perf_counter() - t0:.0f} s")
-            more, trees[shards] = asyncio.run(bench_one_ring_size(cfg, plain, medusa, shards, progress))
+            more, trees[shards] = asyncio.run(bench_one_ring_size(cfg, plain, medusa, shards, progress, standalone))
             pairs += more
         finally:
             for p in plain.processes + medusa.processes:
@@ -260,20 +295,23 @@ def markdown_report(report: dict) -> str:
              f"nodes)", "", f"{len(s['prompts'])} prompts, up to {s['max_generate_tokens']} new tokens each, greedy; "
              "shards are processes on loopback, the delay is one-way per ring link.", "",
              "| shards | link delay | plain tok/s | Medusa tok/s | Medusa/plain | passes/token plain | passes/token "
-             "Medusa | accepted/step | compute ms/pass plain | compute ms/pass Medusa | identical |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+             "Medusa | accepted/step | compute ms/pass plain | compute ms/pass Medusa | standalone ms/step | plain pass "
+             "/ standalone step | identical |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for c in report["cells"]:
         lines.append(f"| {c['shards']} | {c['delay_ms']:g} ms | {_fmt(c['plain_tokens_per_s'])} | "
                      f"{_fmt(c['medusa_tokens_per_s'])} | {_fmt(c['ratio'])}x | {_fmt(c['plain_passes_per_token'])} | "
                      f"{_fmt(c['medusa_passes_per_token'])} | {_fmt(c['mean_accepted'])} | "
-                     f"{_fmt(c['plain_compute_ms_per_pass'], 0)} | {_fmt(c['medusa_compute_ms_per_pass'], 0)} | "
+                     f"{_fmt(c['plain_compute_ms_per_pass'], 1)} | {_fmt(c['medusa_compute_ms_per_pass'], 1)} | "
+                     f"{_fmt(c['standalone_ms_per_step'], 1)} | {_fmt(c['plain_pass_per_standalone_step'])}x | "
                      f"{'yes' if c['identical'] else '**NO**'} |")
     lines += ["", "Pass-cost model (a pass costs compute + shards x delay; ratio = a (c_plain + N d) / (c_Medusa + N d)):",
-              "", "| shards | c_plain ms | c_Medusa ms | tokens/pass ratio a (limit for long links) | Medusa wins "
-                  "above (one-way) |", "|---:|---:|---:|---:|---:|"]
+              "", "| shards | c_plain ms | c_Medusa ms | standalone step ms | c_plain / standalone | tokens/pass "
+                  "ratio a (limit for long links) | Medusa wins above (one-way) |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for m in report["model_fit"]:
         wins = m["break_even_one_way_delay_ms"]
-        lines.append(f"| {m['shards']} | {m['plain_compute_ms_per_pass']:.0f} | {m['medusa_compute_ms_per_pass']:.0f} | "
+        lines.append(f"| {m['shards']} | {m['plain_compute_ms_per_pass']:.1f} | {m['medusa_compute_ms_per_pass']:.1f} | "
+                     f"{m['standalone_ms_per_step']:.1f} | {_fmt(m['plain_pass_per_standalone_step'])}x | "
                      f"{m['tokens_per_pass_ratio']:.3f} | {'never' if wins is None else f'{wins:g} ms'} |")
     exo = report.get("exo")
     if exo and "skipped" in exo:

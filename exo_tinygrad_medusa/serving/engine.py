@@ -22,6 +22,7 @@ Wire contract (what Exo's node loop, or any driver, does between passes):
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections import OrderedDict
@@ -85,16 +86,34 @@ class StepState:
             raise RingStateError(f"malformed Medusa ring state {state[STATE_KEY]!r}: {e}") from None
 
 
+class _Slot:
+    """A KV cache with its own captured steps, the cache's buffers baked into every capture. Passing a request's cache
+    to shared captures instead costs TinyJit's per-input bookkeeping on every call (two tensors a layer: ~1 ms a
+    pass per shard of SmolLM2's 15 layers on two cores, an eighth of a decode step). A slot is reused request after
+    request (nothing reads a cache past its request's own positions), so each slot captures its steps once."""
+
+    def __init__(self, steps_for, cache: KVCache):
+        self.cache, self.steps = cache, steps_for(cache=cache)
+
+
 @dataclass
 class _Request:
     """One shard's record of one request."""
-    cache: KVCache
+    slot: _Slot
     prompt_len: int
     step: int = 0              # passes this shard has run
     pos: int = 0               # committed cache length
     pending: bool = False      # the last tree sits at pos.. and waits for the next pass to say which nodes to keep
     generated: int = 0         # last shard: tokens emitted so far
     rng: np.random.Generator | None = None
+
+    @property
+    def cache(self) -> KVCache:
+        return self.slot.cache
+
+    @property
+    def steps(self) -> ShardSteps:
+        return self.slot.steps
 
 
 def tree_fingerprint(tree: MedusaTree) -> str:
@@ -106,7 +125,8 @@ class MedusaInferenceEngine(_EngineBase):
 
     Models are resolved by our registry from the shard's model_id (card id, HF directory, .gguf, HF repo id);
     Exo's shard_downloader is kept for Exo's API but not used. Per-request KV caches live here, keyed by
-    request_id, at most `max_requests` of them (least recently used evicted)."""
+    request_id, at most `max_requests` of them (least recently used evicted); each sits in a slot (_Slot) that the
+    next request reuses once its request ends, so the steps a slot captured are replayed, not captured again."""
 
     def __init__(self, medusa: MedusaOptions = MedusaOptions(), generation: GenerationConfig = GenerationConfig(),
                  *, device: str | None = None, dtype: str | None = None, max_context: int = 2048,
@@ -122,7 +142,9 @@ class MedusaInferenceEngine(_EngineBase):
         self.shard: Shard | None = None
         self.loaded: LoadedModel | None = None
         self.tokenizer = None
-        self.steps: ShardSteps | None = None
+        self.slots: list[_Slot] = []           # every slot made so far, at most max_requests
+        self.free_slots: list[_Slot] = []      # slots of no live request; the last one freed is reused first
+        self._steps_for = None                 # cache -> ShardSteps baked on that cache, for the loaded shard
         self.tree: MedusaTree = PLAIN
         self.tree_id = tree_fingerprint(PLAIN)
         self.requests: OrderedDict[str, _Request] = OrderedDict()
@@ -203,7 +225,8 @@ class MedusaInferenceEngine(_EngineBase):
                  shard.end_layer, shard.n_layers, tree.name, tree.size, ", Medusa heads" if heads else "")
 
     def _build_steps(self, loaded: LoadedModel, shard: Shard) -> tuple[MedusaTree, object]:
-        """The tree, the heads (last shard, with Medusa) and the captured steps over the model's current tensors."""
+        """The tree, the heads (last shard, with Medusa) and the captured steps over the model's current tensors.
+        Slots made for earlier weights or another shard are dropped (their captures hold the old buffers)."""
         tree, heads = PLAIN, None
         if self.medusa.enabled:
             heads_path = resolve_heads_path(loaded, self.medusa)
@@ -211,11 +234,15 @@ class MedusaInferenceEngine(_EngineBase):
             if shard.is_last_layer():
                 heads = load_heads_for(heads_path, loaded.model).use_first(
                     self.medusa.num_heads, self.medusa.num_layers)
-        self.steps = ShardSteps(loaded.model, tree, heads)
+        self._steps_for = functools.partial(ShardSteps, loaded.model, tree, heads)
+        self.slots, self.free_slots = [], []
         return tree, heads
 
     def _release(self, request_id: str, why: str) -> bool:
-        held = self.requests.pop(request_id, None) is not None
+        req = self.requests.pop(request_id, None)
+        if req is not None and any(req.slot is slot for slot in self.slots):  # not a slot of replaced steps
+            self.free_slots.append(req.slot)
+        held = req is not None
         self.ended[request_id] = why
         self.ended.move_to_end(request_id)
         while len(self.ended) > 64 * self.max_requests:  # only for error messages: keep the recent ones
@@ -223,11 +250,30 @@ class MedusaInferenceEngine(_EngineBase):
         return held
 
     def _warm_up(self) -> None:
+        """Makes the slot the next request gets, and compiles and captures its compaction (nothing while every slot
+        holds a live request: warming up must not evict one)."""
+        if not self.free_slots and len(self.slots) >= self.max_requests:
+            return
+        slot = self._acquire_slot()
+        self.free_slots.append(slot)
         if self.tree.is_chain:
             return  # a chain's accepted nodes are always consecutive: it never compacts
-        cache, keep = self.loaded.model.new_cache(), self.steps.host("keep", np.arange(self.tree.size))
-        for _ in range(2):  # TinyJit captures on the second call; an identity move at slot 0 of a scratch cache
-            self.steps.compact(cache.layers, self.steps.bind(0), keep)
+        keep = slot.steps.host("keep", np.arange(self.tree.size))
+        for _ in range(2):  # TinyJit captures on the second call; an identity move at position 0 of a free slot
+            slot.steps.compact(slot.cache.layers, slot.steps.bind(0), keep)
+
+    def _acquire_slot(self) -> _Slot:
+        """A free slot, else a new one while there are fewer than max_requests, else the least recently used
+        request's (that request is evicted)."""
+        if self.free_slots:
+            return self.free_slots.pop()
+        if len(self.slots) < self.max_requests:
+            self.slots.append(_Slot(self._steps_for, self.loaded.model.new_cache()))
+            return self.slots[-1]
+        evicted, req = self.requests.popitem(last=False)
+        log.info("evicted request %s (more than %d live requests)", evicted, self.max_requests)
+        self.ended[evicted] = f"evicted: more than {self.max_requests} live requests"
+        return req.slot
 
     def _load_weights(self, path: str) -> None:
         weights = safe_load(str(path))
@@ -281,24 +327,23 @@ class MedusaInferenceEngine(_EngineBase):
         return req
 
     def _prompt_pass(self, request_id: str, x: np.ndarray, st: StepState) -> tuple[np.ndarray, dict]:
-        model, steps = self.loaded.model, self.steps
+        model = self.loaded.model
         prompt_len = self._check_input(x, None)
         if prompt_len >= model.max_context:
             raise ValueError(f"the prompt has {prompt_len} tokens but the context holds {model.max_context} "
                              "(at least one must be left to generate)")
-        req = _Request(model.new_cache(), prompt_len, rng=np.random.default_rng(self.generation.seed))
-        self.requests.pop(request_id, None)
-        self.ended.pop(request_id, None)  # a request id may start again after it ended
+        if request_id in self.requests:  # a request id may start again: its old cache is garbage now
+            self._release(request_id, "restarted")
+        req = _Request(self._acquire_slot(), prompt_len, rng=np.random.default_rng(self.generation.seed))
+        self.ended.pop(request_id, None)
         self.requests[request_id] = req
-        while len(self.requests) > self.max_requests:
-            evicted, _ = self.requests.popitem(last=False)
-            log.info("evicted request %s (more than %d live requests)", evicted, self.max_requests)
+        steps = req.steps
         outputs, hidden, row = [], None, 0
         for start, C in steps.prefill_plan(prompt_len):
             chunk = x[:, start:start + C]
             row = chunk.shape[1] - 1
             padded = np.concatenate([chunk, np.zeros((1, C - chunk.shape[1], *chunk.shape[2:]), chunk.dtype)], 1)
-            hidden = steps.prefill(self._tensor(padded), req.cache.layers, steps.bind(start))
+            hidden = steps.prefill(self._tensor(padded, steps), req.cache.layers, steps.bind(start))
             if not self.shard.is_last_layer():
                 outputs.append(read_host(hidden)[:, :row + 1])
         req.pos, req.step = prompt_len, 1
@@ -312,7 +357,7 @@ class MedusaInferenceEngine(_EngineBase):
         return np.array([emitted], dtype=np.int64), nxt.to_state()
 
     def _tree_pass(self, request_id: str, req: _Request, x: np.ndarray, st: StepState) -> tuple[np.ndarray, dict]:
-        steps, T = self.steps, self.tree.size
+        steps, T = req.steps, self.tree.size
         where = f"request {request_id}, layers {self._layers()}"
         if st.step != req.step:
             raise RingStateError(f"{where}: the ring state is for pass {st.step} but this shard has run {req.step} "
@@ -340,7 +385,7 @@ class MedusaInferenceEngine(_EngineBase):
             x = np.array([st.tree], dtype=np.int32)
         else:
             self._check_input(x, T)
-        xt = self._tensor(x)
+        xt = self._tensor(x, steps)
         req.step, req.pending = req.step + 1, True
         if not self.shard.is_last_layer():
             return read_host(steps.verify_logits(xt, req.cache.layers, steps.bind(req.pos))), st.to_state()
@@ -381,8 +426,8 @@ class MedusaInferenceEngine(_EngineBase):
             raise RingStateError(f"layers {self._layers()} expected {tokens} positions, got {x.shape[1]}")
         return x.shape[1]
 
-    def _tensor(self, x: np.ndarray) -> Tensor:
+    def _tensor(self, x: np.ndarray, steps: ShardSteps) -> Tensor:
         """A pass's input on the device: token ids, or hidden states in the weights' dtype."""
         if np.issubdtype(x.dtype, np.integer):
-            return self.steps.host("tokens", x)
-        return self.steps.host("hidden", x, self.loaded.model.float_weight.dtype)
+            return steps.host("tokens", x)
+        return steps.host("hidden", x, self.loaded.model.float_weight.dtype)
