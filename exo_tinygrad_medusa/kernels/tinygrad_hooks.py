@@ -679,7 +679,8 @@ def install() -> None:
     for name in list(Device._opened_devices):
         if isinstance(Device[name], ops_cpu.CPUDevice):
             Device[name].graph = CPUGraph
-    log.info("kernels: product choices from the AST, %d core(s), captured steps in one C call", _pool.threads)
+    log.info("kernels on the CPU device: product choices from the AST, %d core(s), captured steps in one C call "
+             "(other devices keep tinygrad's own)", _pool.threads)
 
 
 def kernel_mode() -> dict:
