@@ -106,9 +106,13 @@ class Generator:
         self._timed_steps = 0
 
     def uses_lookup(self, cfg: GenerationConfig) -> bool:
-        """cfg.prompt_lookup, or by default: on with a Medusa tree, off for plain decoding (plain stays the exact
-        baseline that benchmarks compare against; --prompt-lookup turns drafts on there)."""
-        return self.tree.size > 1 if cfg.prompt_lookup is None else cfg.prompt_lookup
+        """cfg.prompt_lookup, or by default: on for greedy Medusa decoding (planned with the step costs measured on
+        this device), off for plain decoding (the exact baseline that benchmarks compare against; --prompt-lookup
+        turns drafts on there) and for sampling with heads, which keeps the tree the user chose every step: it
+        would be planned with the CPU cost table (measured times would make a seed's tokens depend on the load)."""
+        if cfg.prompt_lookup is not None:
+            return cfg.prompt_lookup
+        return self.tree.size > 1 and cfg.greedy
 
     def chain_steps(self, size: int) -> ShardSteps:
         """Captured steps verifying `size` tokens (the root and size - 1 drafted ones), made on first use; size 1 is
@@ -162,7 +166,11 @@ class Generator:
         if not self.uses_lookup(cfg):
             return None
         heads_tree = (self.tree.size, self.tree.depth) if self.tree.size > 1 else None
-        measured = self.measured_costs() if cfg.greedy and self.lookup.measure_costs else {}
+        measured = {}
+        if cfg.greedy and self.lookup.measure_costs:
+            if not self.step_seconds:  # the first greedy generation measures this device's steps (and captures them)
+                self.capture_steps()
+            measured = self.measured_costs()
         planner = DraftPlanner(self.lookup, prompt_ids, self.datastore, heads_tree, measured)
         for size in self.lookup.chain_sizes:  # make the steps (and any error) before the clock
             self.chain_steps(size)

@@ -184,7 +184,13 @@ class AcceptStats:
         prior = list(prior) + [prior[-1]] * max(depth - len(prior), 0)
         self.hits = np.array(prior[:depth], dtype=np.float64) * weight
         self.tries = np.full(depth, weight, dtype=np.float64)
+        self.prior_hits, self.prior_tries = self.hits.copy(), self.tries.copy()
         self.decay = decay
+
+    def relax(self, keep: float) -> None:
+        """Move `1 - keep` of the way back to the prior: for a source that was not observed this step."""
+        self.hits = keep * self.hits + (1 - keep) * self.prior_hits
+        self.tries = keep * self.tries + (1 - keep) * self.prior_tries
 
     def expected(self) -> np.ndarray:
         """(depth + 1,): expected accepted tokens of a draft of 0..depth tokens."""
@@ -207,6 +213,8 @@ class AcceptStats:
 _PRIORS = {("context", 1): [0.2, 0.5], ("context", 2): [0.3, 0.6], ("context", 3): [0.4, 0.7],
            ("context", 4): [0.5, 0.8], ("datastore", 1): [0.15, 0.4], ("datastore", 2): [0.2, 0.5], ("datastore", 3): [0.25, 0.55],
            ("datastore", 4): [0.3, 0.6]}
+HEADS_PRIOR = [0.5, 0.6]
+HEADS_RELAX = 0.97  # per step without the heads' proposals: ~30 steps to forget what they scored
 MATCH_BUCKETS = 4  # suffix matches of 4 or more tokens share statistics
 SURE_SHARE = 0.5   # a datastore draft whose first token continued at least this share of the matches
 
@@ -234,7 +242,9 @@ class DraftPlanner:
         self.measured = measured if measured is not None else {}
         self.index = NgramIndex(cfg, prompt_ids)
         self.stats: dict[tuple[str, int], AcceptStats] = {}
-        self.heads = AcceptStats([0.25, 0.5], max(cfg.max_draft, 1), cfg.score_decay)
+        # heads are scored only on steps that ran them (their proposals come from the last step); while unobserved
+        # their statistics relax back to a hopeful prior, so heads that got better with the text are tried again
+        self.heads = AcceptStats(HEADS_PRIOR, max(cfg.max_draft, 1), cfg.score_decay)
         self.drafts: dict[str, tuple[list[int], tuple]] = {}  # source -> (draft, statistics key)
 
     def _stats(self, key: tuple) -> AcceptStats:
@@ -288,6 +298,8 @@ class DraftPlanner:
             self._stats(key).update(tokens, emitted)
         if heads_matched is not None and self.heads_tree is not None:
             self.heads.update_matched(heads_matched, self.heads_tree[1], len(emitted))
+        elif self.heads_tree is not None:
+            self.heads.relax(HEADS_RELAX)
 
 
 class NoProposals:
