@@ -252,6 +252,18 @@ def test_float16_is_refused_where_tinygrad_would_emulate_it(tiny_checkpoint):
                            "tinygrad 0.14's float16 emulation fails to compile reductions: use float32")
 
 
+@needs_cl
+def test_tinygrad_still_fails_float16_reductions_where_it_emulates_float16():
+    """The bug the float16 refusal works around (tinygrad_hooks section 8). When this fails, tinygrad compiles them:
+    float16 can be allowed on such devices again."""
+    code = ("import numpy as np; from tinygrad import Tensor\n"
+            "x = Tensor(np.ones((4, 8, 192), np.float16))\n"
+            "try: print('compiled', x.max(-1).numpy().max())\n"
+            "except RuntimeError as e: print('failed:', e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=CL_ENV, timeout=120).stdout
+    assert out.startswith("failed: UOp verification failed at ") and " on Ops.AFTER dtypes.float " in out, out
+
+
 def _gpu_present() -> bool:
     return any(_opens(d) for d in ("METAL", "AMD", "NV", "CUDA"))
 
