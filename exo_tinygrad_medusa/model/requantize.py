@@ -1,0 +1,142 @@
+"""Requantize a GGUF's matrices into other GGML formats (Q4_0, Q8_0, Q4_K, Q6_K), for benchmarks and tests: the
+files people download in those formats, made from the one GGUF this package embeds.
+
+The quantizers are plain round-to-nearest with per-block scales from the block's range (not llama.cpp's search for
+the best scales), so a requantized model is a valid file of the format, close to but not the same as one llama.cpp
+would make. The writer keeps the source file's metadata bytes as they are and rewrites the tensor infos and data."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..kernels.packed import GGML_BLOCKS, Q4_0, Q4_K, Q6_K, Q8_0
+
+F32, F16 = 0, 1
+
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float16)
+
+
+def _safe(d: np.ndarray) -> np.ndarray:
+    """d as float32 with zeros replaced by 1 (a block of zeros quantizes to any code times a zero scale)."""
+    d = d.astype(np.float32)
+    return np.where(d == 0, 1, d)
+
+
+def quantize(w: np.ndarray, ggml_type: int) -> np.ndarray:
+    """An [out, in] float matrix as `ggml_type` blocks (uint8 bytes, row after row)."""
+    out, n = w.shape
+    per, _ = GGML_BLOCKS[ggml_type]
+    b = w.astype(np.float32).reshape(out, n // per, per)
+    if ggml_type == Q8_0:
+        d = _f16(np.abs(b).max(-1, keepdims=True) / 127)
+        q = np.clip(np.round(b / _safe(d)), -127, 127).astype(np.int8)
+        return np.concatenate([d.view(np.uint8), q.view(np.uint8)], -1).reshape(-1)
+    if ggml_type == Q4_0:
+        d = _f16(np.abs(b).max(-1, keepdims=True) / 7)
+        q = np.clip(np.round(b / _safe(d)) + 8, 0, 15).astype(np.uint8)
+        return np.concatenate([d.view(np.uint8), q[..., :16] | (q[..., 16:] << 4)], -1).reshape(-1)
+    if ggml_type == Q4_K:
+        sub = b.reshape(out, n // 256, 8, 32)
+        low = np.minimum(sub.min(-1), 0)                               # w = D * q - M with M = -low >= 0
+        scale = (sub.max(-1) - low) / 15
+        d, dmin = _f16(scale.max(-1, keepdims=True) / 63), _f16(-low.min(-1, keepdims=True) / 63)
+        sc = np.clip(np.round(scale / _safe(d)), 1, 63).astype(np.uint8)
+        mn = np.clip(np.round(-low / _safe(dmin)), 0, 63).astype(np.uint8)
+        D = d.astype(np.float32) * sc
+        M = dmin.astype(np.float32) * mn
+        q = np.clip(np.round((sub + M[..., None]) / _safe(D)[..., None]), 0, 15).astype(np.uint8)
+        scales = np.concatenate([sc[..., :4] | ((sc[..., 4:] >> 4) << 6), mn[..., :4] | ((mn[..., 4:] >> 4) << 6),
+                                 (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)], -1)
+        qs = (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).reshape(out, n // 256, 128)   # sub-blocks 2g, 2g + 1 in group g
+        return np.concatenate([d.view(np.uint8), dmin.view(np.uint8), scales, qs], -1).reshape(-1)
+    if ggml_type == Q6_K:
+        sub = b.reshape(out, n // 256, 16, 16)
+        scale = np.abs(sub).max(-1) / 31
+        d = _f16(scale.max(-1, keepdims=True) / 127)
+        sc = np.clip(np.round(scale / _safe(d)), 1, 127).astype(np.int8)
+        D = d.astype(np.float32) * sc
+        q = np.clip(np.round(sub / D[..., None]) + 32, 0, 63).astype(np.uint8).reshape(out, n // 256, 2, 128)
+        ql = (q[..., :64] & 15) | ((q[..., 64:] & 15) << 4)                            # [.., 2, 64]
+        qh = sum(((q[..., 32 * k:32 * k + 32] >> 4) << (2 * k)) for k in range(4)).astype(np.uint8)   # [.., 2, 32]
+        return np.concatenate([ql.reshape(out, n // 256, 128), qh.reshape(out, n // 256, 64), sc.view(np.uint8),
+                               d.view(np.uint8)], -1).reshape(-1)
+    raise ValueError(f"no quantizer for GGML type {ggml_type}")
+
+
+def requantize_gguf(source: str | Path, target: str | Path, plan) -> None:
+    """Write `target`: `source` with each 2-D tensor whose row length fits the new format's blocks requantized to
+    plan(name) (a GGML type, or None to keep it as it is); every other tensor and all metadata unchanged."""
+    from tinygrad.llm.gguf import gguf_load
+    from .gguf_file import tensor_bytes
+    data = Path(source).read_bytes()
+    _, state = gguf_load(str(source))
+    raw = tensor_bytes(source)
+    pos, alignment = _tensor_infos_start(data)
+    n_tensors = struct.unpack_from("<Q", data, 8)[0]
+    infos, blobs, offset = [], [], 0
+    for _ in range(n_tensors):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        name = data[pos + 8:pos + 8 + length].decode()
+        pos += 8 + length
+        (n_dims,) = struct.unpack_from("<I", data, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", data, pos + 4)
+        pos += 4 + 8 * n_dims
+        ggml_type, _ = struct.unpack_from("<IQ", data, pos)
+        pos += 12
+        new_type = plan(name) if n_dims == 2 else None
+        if new_type is not None and new_type != ggml_type and dims[0] % GGML_BLOCKS[new_type][0] == 0:
+            blob = quantize(state[name].numpy().reshape(dims[1], dims[0]), new_type).tobytes()
+            ggml_type = new_type
+        else:
+            count = int(np.prod(dims))
+            size = {F32: 4 * count, F16: 2 * count}.get(ggml_type) or count // GGML_BLOCKS[ggml_type][0] * GGML_BLOCKS[ggml_type][1]
+            blob = raw[name][1][:size].tobytes()
+        infos.append(struct.pack("<Q", length) + name.encode() + struct.pack(f"<I{n_dims}Q", n_dims, *dims)
+                     + struct.pack("<IQ", ggml_type, offset))
+        padded = blob + bytes(-len(blob) % alignment)
+        blobs.append(padded)
+        offset += len(padded)
+    header = data[:_tensor_infos_start(data)[0]] + b"".join(infos)
+    with open(target, "wb") as f:
+        f.write(header + bytes(-len(header) % alignment))
+        for blob in blobs:
+            f.write(blob)
+
+
+def _tensor_infos_start(data: bytes) -> tuple[int, int]:
+    """(byte position of the first tensor info, the file's data alignment) of GGUF v2/v3 bytes."""
+    from .gguf_file import _Reader
+    reader = _Reader(memoryview(data))
+    reader.pos = 4
+    _, _, n_kv = reader.take("I"), reader.take("Q"), reader.take("Q")
+    alignment = 32
+    for _ in range(n_kv):
+        key, kind = reader.string(), reader.take("I")
+        value = reader.value(kind)
+        if key == "general.alignment":
+            alignment = int(value)
+    return reader.pos, alignment
+
+
+def q4_k_m(name: str) -> int:
+    """Roughly llama.cpp's Q4_K_M mix: Q6_K for the output and value / down projections, Q4_K elsewhere."""
+    return Q6_K if any(k in name for k in ("output.weight", "attn_v", "ffn_down", "token_embd")) else Q4_K
+
+
+def main(argv=None) -> None:
+    import argparse
+    plans = {"Q4_0": lambda n: Q4_0, "Q8_0": lambda n: Q8_0, "Q4_K": lambda n: Q4_K, "Q6_K": lambda n: Q6_K, "Q4_K_M": q4_k_m}
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("source")
+    p.add_argument("target")
+    p.add_argument("--format", choices=sorted(plans), required=True)
+    args = p.parse_args(argv)
+    requantize_gguf(args.source, args.target, plans[args.format])
+
+
+if __name__ == "__main__":
+    main()
