@@ -335,6 +335,8 @@ def test_bench_ring_command_on_a_tiny_model(setup, tmp_path):
     assert {r["standalone"]["decode_tokens"] for r in report["runs"]} == {5}
     if not exo_available():
         assert "not importable" in report["exo"]["skipped"]
+    else:  # a real two-node classic Exo ring, plain then Medusa, through Exo's API
+        assert report["exo"]["identical"] and report["exo"]["ratio"] > 0, report["exo"]
 
 
 def test_bench_ring_rejects_bad_options(capsys):

@@ -358,9 +358,9 @@ def plot_report(report: dict, out: str | Path) -> Path:
 
 
 # -- classic Exo ---------------------------------------------------------------------------------------------------
-# Written against classic Exo's node flags, gRPC peer handle and ChatGPT-compatible API; classic Exo could not be
-# installed where this was developed, so this part has only ever run to its "skipped" branch.
+# Classic Exo's node flags, gRPC peer handle and ChatGPT-compatible API (run for real in the Exo venv).
 EXO_NODE_FLAG = "--exo-node-with-link-delay-ms"
+EXO_SETTLE_S = 3.0  # one more topology refresh (Exo polls every 2 s) after both views agree
 
 
 def run_exo_comparison(cfg: RingBenchConfig, delay_ms: float, timeout_s: float = 1800.0) -> dict:
@@ -410,15 +410,15 @@ def _exo_ring_request(cfg: RingBenchConfig, text: str, medusa: bool, delay_ms: f
                                               stderr=(Path(tmp) / f"node{i + 1}.log").open("w")))
             api = f"http://127.0.0.1:{ports[2]}"
             deadline = time.monotonic() + cfg.start_timeout_s
-            while True:
-                try:
-                    urllib.request.urlopen(f"{api}/healthcheck", timeout=5).read()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or any(n.poll() is not None for n in nodes):
-                        logs = "\n".join((Path(tmp) / f"node{i + 1}.log").read_text()[-2000:] for i in range(2))
-                        raise RuntimeError(f"the Exo ring did not come up:\n{logs}") from None
-                    time.sleep(1)
+            # each node partitions the layers from its own view of the topology (the peers' memory included): a
+            # request sent before both views agree crosses mismatched shards, which the engine refuses
+            while (views := [_topology(f"http://127.0.0.1:{port}") for port in ports[2:]])[0] is None \
+                    or len(views[0]) < 2 or views[0] != views[1]:
+                if time.monotonic() > deadline or any(n.poll() is not None for n in nodes):
+                    logs = "\n".join((Path(tmp) / f"node{i + 1}.log").read_text()[-2000:] for i in range(2))
+                    raise RuntimeError(f"the Exo ring did not come up:\n{logs}") from None
+                time.sleep(1)
+            time.sleep(EXO_SETTLE_S)
             body = {"model": cfg.model, "messages": [{"role": "user", "content": text}], "temperature": 0,
                     "stream": True}
             _stream(api, body, timeout_s)  # warm-up: loads the shards and compiles
@@ -434,22 +434,37 @@ def _exo_ring_request(cfg: RingBenchConfig, text: str, medusa: bool, delay_ms: f
                     n.wait(timeout=30)
 
 
+def _topology(api: str) -> dict | None:
+    """The node's view of the ring: node id -> its capabilities, or None while its API does not answer."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"{api}/v1/topology", timeout=5) as response:
+            return json.loads(response.read()).get("nodes", {})
+    except (OSError, ValueError):
+        return None
+
+
 def _stream(api: str, body: dict, timeout_s: float) -> dict:
     import urllib.request
     request = urllib.request.Request(f"{api}/v1/chat/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
-    pieces, first = [], None
+    pieces, first, finish = [], None, None
     t0 = time.perf_counter()
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         for raw in response:
             line = raw.decode().strip()
             if not line.startswith("data:") or line == "data: [DONE]":
                 continue
-            delta = json.loads(line[5:])["choices"][0].get("delta", {}).get("content") or ""
+            choice = json.loads(line[5:])["choices"][0]
+            finish = choice.get("finish_reason") or finish
+            delta = choice.get("delta", {}).get("content") or ""
             if delta:
                 first = first or time.perf_counter()
                 pieces.append(delta)
     end = time.perf_counter()
+    if finish is None:  # Exo's API closes a stream that timed out without saying so
+        raise RuntimeError(f"the Exo ring's answer ended without a finish_reason after {len(pieces)} chunks "
+                           "(Exo's API timed out: see --chatgpt-api-response-timeout)")
     return {"text": "".join(pieces), "chunks": len(pieces), "first_chunk_s": round((first or end) - t0, 4),
             "decode_s": round(end - (first or end), 4)}
 
