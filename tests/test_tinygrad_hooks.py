@@ -362,3 +362,47 @@ def test_unpackable_types_are_refused_by_name():
         pack_ggml(np.zeros(1 << 12, np.uint8), Q4_K, (32, 64))
     with pytest.raises(ValueError, match="whole 32-weight blocks"):
         pack_ggml(np.zeros(1 << 12, np.uint8), Q4_1, (32, 48))
+
+
+_CL_PACKED_SCRIPT = r"""
+import json, sys
+import numpy as np
+from tinygrad import Tensor
+from tinygrad.llm.gguf import ggml_data_to_tensor
+from exo_tinygrad_medusa.kernels.packed import pack_ggml
+from exo_tinygrad_medusa.model.transformer import Linear
+raw, ggml_type, rows, cols = np.frombuffer(bytes.fromhex(sys.argv[1]), np.uint8), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+dense = ggml_data_to_tensor(Tensor(raw.copy(), device="CPU"), rows * cols, ggml_type).reshape(rows, cols).numpy()
+linear = Linear(cols, rows)
+Tensor.realize(*linear.set(pack_ggml(raw, ggml_type, (rows, cols)).to("CL")))
+x = np.random.default_rng(0).standard_normal((1, 2, cols)).astype(np.float32)
+got = linear(Tensor(x, device="CL")).numpy()
+print(json.dumps({"exact": bool(np.array_equal(linear.matrix().numpy(), dense)),
+                  "error": float(np.abs(got - x @ dense.T).max() / np.abs(x @ dense.T).max())}))
+"""
+
+
+def _cl_env() -> dict | None:
+    import glob
+    import os
+    vendors = os.environ.get("OCL_ICD_VENDORS", "/etc/OpenCL/vendors")
+    if not glob.glob(os.path.join(vendors, "*.icd")) and not vendors.endswith(".icd"):
+        return None
+    return {**os.environ, "DEV": "CL", "OCL_ICD_VENDORS": vendors}
+
+
+@pytest.mark.skipif(_cl_env() is None, reason="no OpenCL ICD (apt-get install pocl-opencl-icd; OCL_ICD_VENDORS=<its folder>)")
+@pytest.mark.parametrize("ggml_type", [Q4_1, Q4_K, Q6_K])
+def test_packed_products_on_a_gpu_style_device_are_tinygrads_kernel_over_the_packed_tensors(ggml_type):
+    """On CL (pocl: GPU-style lowering) the hooks step aside: tinygrad's own kernel reads the packed tensors (no float32
+    copy), its dequantization is bit for bit the loader's and its product the float product."""
+    import json
+    import subprocess
+    import sys
+    rows, cols = 32, 256
+    raw = BLOCKS[ggml_type](np.random.default_rng(9), rows, cols)
+    proc = subprocess.run([sys.executable, "-c", _CL_PACKED_SCRIPT, raw.tobytes().hex(), str(ggml_type), str(rows), str(cols)],
+                          env=_cl_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["exact"] and result["error"] < 1e-5, result
