@@ -264,6 +264,21 @@ def test_tinygrad_still_fails_float16_reductions_where_it_emulates_float16():
     assert out.startswith("failed: UOp verification failed at ") and " on Ops.AFTER dtypes.float " in out, out
 
 
+@needs_cl
+def test_tinygrad_still_dequantizes_gguf_blocks_wrongly_where_it_emulates_float16():
+    """The bug the loader's CPU dequantization works around (model/loader.py _gguf_reader_device): tinygrad's GGUF
+    reader computes in float16, and on CL it zeroes whole Q8_0 blocks of random data. When this fails, the loader may
+    dequantize on the model's device again."""
+    code = ("import numpy as np; from tinygrad import Tensor; from tinygrad.llm.gguf import ggml_data_to_tensor\n"
+            "from test_tinygrad_hooks import BLOCKS, _cols; from exo_tinygrad_medusa.kernels.packed import Q8_0\n"
+            "rows, cols = 48, _cols(Q8_0, 64); raw = BLOCKS[Q8_0](np.random.default_rng(2), rows, cols)\n"
+            "cl, cpu = (ggml_data_to_tensor(Tensor(raw, device=d), rows * cols, Q8_0).numpy() for d in ('CL', 'CPU'))\n"
+            "print(int((cl != cpu).sum()), int(((cl == 0) & (cpu != 0)).sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=CL_ENV, timeout=120).stdout
+    differ, zeroed = map(int, out.split()[-2:])
+    assert differ > 0 and zeroed == differ, out
+
+
 def _gpu_present() -> bool:
     return any(_opens(d) for d in ("METAL", "AMD", "NV", "CUDA"))
 

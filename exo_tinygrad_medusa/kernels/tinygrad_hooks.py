@@ -25,7 +25,9 @@ tests/test_tinygrad_hooks.py, which fails loudly when an upgrade moves what this
    is emulated as float32, and the emulation breaks every reduction computed in float16 (a max, or the one-hot sum of
    an embedding gather): its accumulator comes out as AFTER(CAST(...)), which fails UOp verification ("UOp
    verification failed ... Ops.AFTER") when the kernel compiles. Workaround: such devices default to float32, and
-   --dtype float16 there is refused with that reason (model/loader.py).
+   --dtype float16 there is refused with that reason (model/loader.py). The same emulation zeroes whole blocks when
+   tinygrad's GGUF reader dequantizes there (it computes in float16): the CPU dequantizes GGUFs for such devices
+   (loader._gguf_reader_device). tests/test_device_cl.py fails when a tinygrad upgrade fixes either.
 """
 from __future__ import annotations
 
