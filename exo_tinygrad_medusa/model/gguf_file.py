@@ -44,23 +44,30 @@ class _Reader:
         raise ValueError(f"unknown GGUF value type {kind}")
 
 
-def tensor_bytes(path: str | Path) -> dict[str, tuple[int, np.ndarray]]:
-    """{tensor name: (GGML type, its bytes as a read-only uint8 view of the memory-mapped file)}. Each view runs to
-    the next tensor's data (or the file's end): callers cut it to the size their type and shape need."""
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
-    reader = _Reader(memoryview(mapped))
-    if bytes(mapped[:4]) != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file")
+def read_metadata(data: memoryview, name: str = "the file") -> tuple[_Reader, int, int]:
+    """Reads past the header and the metadata of GGUF bytes: (a reader at the first tensor info, the tensor count,
+    the data alignment)."""
+    if bytes(data[:4]) != b"GGUF":
+        raise ValueError(f"{name} is not a GGUF file")
+    reader = _Reader(data)
     reader.pos = 4
     version, n_tensors, n_kv = reader.take("I"), reader.take("Q"), reader.take("Q")
     if version not in (2, 3):
-        raise ValueError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+        raise ValueError(f"{name}: GGUF version {version} is not supported (2 and 3 are)")
     alignment = 32
     for _ in range(n_kv):
         key, kind = reader.string(), reader.take("I")
         value = reader.value(kind)
         if key == "general.alignment":
             alignment = int(value)
+    return reader, n_tensors, alignment
+
+
+def tensor_bytes(path: str | Path) -> dict[str, tuple[int, np.ndarray]]:
+    """{tensor name: (GGML type, its bytes as a read-only uint8 view of the memory-mapped file)}. Each view runs to
+    the next tensor's data (or the file's end): callers cut it to the size their type and shape need."""
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    reader, n_tensors, alignment = read_metadata(memoryview(mapped), str(path))
     infos = []
     for _ in range(n_tensors):
         name, n_dims = reader.string(), reader.take("I")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .gguf_file import read_metadata
+
 from ..kernels.packed import GGML_BLOCKS, Q4_0, Q4_K, Q6_K, Q8_0
 
 F32, F16 = 0, 1
@@ -109,16 +111,7 @@ def requantize_gguf(source: str | Path, target: str | Path, plan) -> None:
 
 def _tensor_infos_start(data: bytes) -> tuple[int, int]:
     """(byte position of the first tensor info, the file's data alignment) of GGUF v2/v3 bytes."""
-    from .gguf_file import _Reader
-    reader = _Reader(memoryview(data))
-    reader.pos = 4
-    _, _, n_kv = reader.take("I"), reader.take("Q"), reader.take("Q")
-    alignment = 32
-    for _ in range(n_kv):
-        key, kind = reader.string(), reader.take("I")
-        value = reader.value(kind)
-        if key == "general.alignment":
-            alignment = int(value)
+    reader, _, alignment = read_metadata(memoryview(data))
     return reader.pos, alignment
 
 
