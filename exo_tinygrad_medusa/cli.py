@@ -30,7 +30,7 @@ def cmd_run(args) -> int:
     session = session_from_args(args)
     prompt_ids = session.prompt_ids(prompt, chat_template=not args.no_chat_template)
     session.generator.check_prompt(prompt_ids)
-    status.show("compiling kernels and capturing steps (tens of seconds on a 2-core CPU, more on a first run)")
+    status.show("compiling kernels and capturing steps (about a minute on a 2-core CPU, more on a first run)")
     session.warm_up(prompt_ids, cfg)
     status.clear()
     stream = StreamDecoder(session.tokenizer, skip_special_tokens=True)
