@@ -170,3 +170,18 @@ def test_near_zero_temperature_with_datastore_drafts_reproduces_greedy(toy):
     result = gen.generate(prompts[0], GenerationConfig(NEW, temperature=1e-4, seed=0, medusa_sampling="exact",
                                                        prompt_lookup=True))
     assert result.generated_ids == outputs[0] and result.source_steps.get("datastore", 0) > 0
+
+
+@pytest.mark.slow
+def test_the_shipped_datastore_rebuilds_from_the_published_corpus():
+    """The committed corpus withholds its prompts; the assistant header stands in for them, and the rebuild equals the
+    shipped datastore token for token."""
+    from exo_tinygrad_medusa.decoding.datastore import corpus_datastore
+    from exo_tinygrad_medusa.model.registry import MODELS_DIR
+    from exo_tinygrad_medusa.training.cli import _assistant_header
+    corpus, shipped = MODELS_DIR / "smollm2-135m" / "distill-corpus", Datastore.load(MODELS_DIR / "smollm2-135m" / "datastore")
+    with pytest.raises(ValueError, match="withholds prompts"):
+        corpus_datastore(corpus)
+    rebuilt = corpus_datastore(corpus, header_ids=_assistant_header("smollm2-135m"))
+    assert np.array_equal(np.asarray(rebuilt.seq), np.asarray(shipped.seq))
+    assert np.array_equal(np.asarray(rebuilt.suffixes), np.asarray(shipped.suffixes))

@@ -223,13 +223,18 @@ class Datastore:
         return int(np.asarray(self.seq).nbytes + np.asarray(self.suffixes).nbytes)
 
 
-def corpus_datastore(corpus_dir: str | Path, tail: int = PROMPT_TAIL) -> Datastore:
-    """A datastore over every answer of a distill corpus (training/corpus.py)."""
+def corpus_datastore(corpus_dir: str | Path, tail: int = PROMPT_TAIL, header_ids: list[int] | None = None) -> Datastore:
+    """A datastore over every answer of a distill corpus (training/corpus.py). A record whose prompt is withheld (a
+    published corpus keeps no prompt text) gets `header_ids` as its prompt, the chat template's assistant header:
+    only a prompt's last `tail` tokens enter the store, and every prompt ends with that header."""
     from ..training.corpus import AnswerCorpus
     corpus = AnswerCorpus.open(corpus_dir)
     records = corpus.records()
     if not records:
         raise ValueError(f"{corpus_dir} holds no answers")
+    if header_ids is None and any("prompt_ids" not in r for r in records):
+        raise ValueError(f"{corpus_dir} withholds prompts: the assistant header (header_ids) is needed in their place")
     meta = {"model": corpus.settings.model, "answers": len(records), "source": "distill corpus",
             "answer_tokens": int(sum(len(r["answer_ids"]) for r in records))}
-    return Datastore.build([r["answer_ids"] for r in records], [r["prompt_ids"] for r in records], tail, meta)
+    prompts = [r.get("prompt_ids", header_ids) for r in records]
+    return Datastore.build([r["answer_ids"] for r in records], prompts, tail, meta)

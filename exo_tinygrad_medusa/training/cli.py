@@ -195,13 +195,24 @@ def cmd_build_prompts(args) -> int:
     return 0
 
 
+def _assistant_header(model: str) -> list[int]:
+    """What the model's chat template puts before an answer: the last tokens of any rendered conversation."""
+    from ..model.gguf_file import load_gguf
+    from ..model.registry import resolve
+    from ..model.tokenizer import Tokenizer
+    resolved = resolve(model)
+    tokenizer = Tokenizer.from_dir(resolved.path) if resolved.path.is_dir() else \
+        Tokenizer.from_gguf_metadata(load_gguf(resolved.path)[0])
+    return tokenizer.encode_chat([{"role": "user", "content": "x"}])
+
+
 def cmd_build_datastore(args) -> int:
     from ..decoding.datastore import corpus_datastore
     from ..model.registry import MODELS_DIR
     corpus = Path(args.corpus) if args.corpus else MODELS_DIR / args.model / "distill-corpus"
     out = Path(args.out) if args.out else MODELS_DIR / args.model / "datastore"
     t0 = time.perf_counter()
-    store = corpus_datastore(corpus)
+    store = corpus_datastore(corpus, header_ids=_assistant_header(args.model))
     if store.meta.get("model") != args.model and not args.corpus:
         raise ValueError(f"{corpus} holds answers of {store.meta.get('model')}, not {args.model}")
     store.save(out)
