@@ -300,16 +300,17 @@ def test_packed_products_run_the_hand_written_kernel_and_match_the_float_product
 
 @pytest.mark.parametrize("ggml_type", PACKED_TYPES)
 def test_a_tokens_outputs_do_not_depend_on_the_other_tokens_of_the_step(ggml_type):
-    """Bit for bit: the outputs for a token are the same alone (a decode step) and among 2, 5 or 8 tokens (a verify
-    step), so a product never makes Medusa's logits differ from plain decoding's."""
+    """Bit for bit: the outputs for a token are the same alone (a decode step) and among 2, 5, 8 or 11 tokens (a
+    verify step; 11 spans a full group of tokens and a partial one), so a product never makes Medusa's logits differ
+    from plain decoding's."""
     rng = np.random.default_rng(6)
     rows, cols = 512, _cols(ggml_type, 576)
     raw = BLOCKS[ggml_type](rng, rows, cols)
     linear = Linear(cols, rows)
     Tensor.realize(*linear.set(pack_ggml(raw, ggml_type, (rows, cols))))
-    x = rng.standard_normal((1, 8, cols)).astype(np.float32)
-    alone = np.concatenate([linear(Tensor(x[:, i:i + 1])).numpy() for i in range(8)], axis=1)
-    for n in (2, 5, 8):
+    x = rng.standard_normal((1, 11, cols)).astype(np.float32)
+    alone = np.concatenate([linear(Tensor(x[:, i:i + 1])).numpy() for i in range(11)], axis=1)
+    for n in (2, 5, 8, 11):
         np.testing.assert_array_equal(linear(Tensor(x[:, :n])).numpy(), alone[:, :n])
 
 
