@@ -32,9 +32,10 @@ def model_args() -> argparse.ArgumentParser:
                    help="weights and activations (default float32 on CPU, float16 elsewhere)")
     p.add_argument("--max-context", type=int, default=2048, help="KV cache length in tokens (default 2048)")
     p.add_argument("--weights", choices=["compact", "float32"], default=None,
-                   help="compact: a GGUF's Q4_0/Q4_1/Q8_0 codes stay packed as stored (0.56-1.06 bytes a weight) and are "
-                        "dequantized inside each product (the same float32 values, 4-7x fewer bytes read than float32; "
-                        "default for GGUF in float32); float32: dequantized on load")
+                   help="compact: a GGUF's codes (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q4_K/Q5_K/Q6_K) stay packed as stored "
+                        "(0.56-1.08 bytes a weight) and a safetensors checkpoint's bfloat16/float16 matrices in 16 bits, "
+                        "widened inside each product (the same float32 values, 2-7x fewer bytes read than float32; "
+                        "default in float32); float32: widened on load")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     m = p.add_argument_group("Medusa")
     m.add_argument("--medusa-enabled", "--medusa", dest="medusa_enabled", action="store_true",

@@ -3,6 +3,7 @@ continuation token for token."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from exo_tinygrad_medusa.decoding.generate import Generator
@@ -38,9 +39,11 @@ def test_float32_weights_reproduce_the_oracle_too(default_model):
     assert result.generated_ids == ORACLE["greedy_new_ids"]
 
 
-def test_compact_weights_need_a_gguf_in_float32(tiny_checkpoint):
+def test_compact_weights_need_packed_or_16_bit_weights_in_float32(tiny_checkpoint):
     from exo_tinygrad_medusa.model.loader import load_model
-    with pytest.raises(ValueError, match="--weights compact needs a GGUF checkpoint and --dtype float32"):
+    with pytest.raises(ValueError, match="stores no bfloat16 or float16 matrices"):
         load_model(str(tiny_checkpoint()), weights="compact")
+    with pytest.raises(ValueError, match="--weights compact needs --dtype float32"):
+        load_model(str(tiny_checkpoint(dtype=np.float16)), weights="compact", dtype="float16")
     with pytest.raises(ValueError, match="unknown weight format 'int4'"):
         load_model(str(tiny_checkpoint()), weights="int4")

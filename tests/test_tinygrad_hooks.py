@@ -407,3 +407,31 @@ def test_packed_products_on_a_gpu_style_device_are_tinygrads_kernel_over_the_pac
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["exact"] and result["error"] < 1e-5, result
+
+
+@pytest.mark.parametrize("half", ["bf16", "f16"])
+def test_half_precision_products_widen_exactly_and_run_the_hand_written_kernel(half):
+    """16-bit weights kept as their bits (2 bytes a weight): the product equals the product of the exactly widened
+    float32 matrix, runs the hand-written kernel, and a token's outputs do not depend on the other tokens."""
+    from exo_tinygrad_medusa.kernels.packed import pack_half
+    rng = np.random.default_rng(9)
+    rows, cols = 48, 64
+    dense = (rng.standard_normal((rows, cols)) * 0.1).astype(np.float32)
+    if half == "bf16":
+        bits = (dense.view(np.uint32) >> 16).astype(np.uint16)
+        widened = (bits.astype(np.uint32) << 16).view(np.float32)
+    else:
+        bits = dense.astype(np.float16).view(np.uint16)
+        widened = bits.view(np.float16).astype(np.float32)
+    weight = pack_half(bits, half)
+    assert weight.nbytes == rows * cols * 2 and weight.shape == (rows, cols)
+    linear = Linear(cols, rows)
+    Tensor.realize(*linear.set(weight))
+    assert np.array_equal(linear.matrix().numpy(), widened)
+    before = _hand_programs()
+    x = rng.standard_normal((1, 11, cols)).astype(np.float32)
+    got = linear(Tensor(x)).numpy()
+    np.testing.assert_allclose(got, x @ widened.T, rtol=1e-5, atol=1e-5)
+    assert f"packed_{half}_11_{cols}_{rows}" in _hand_programs() | before
+    alone = np.concatenate([linear(Tensor(x[:, i:i + 1])).numpy() for i in range(11)], axis=1)
+    np.testing.assert_array_equal(got, alone)

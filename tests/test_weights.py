@@ -69,6 +69,30 @@ def test_bfloat16_checkpoint_loads_as_float32(tiny_checkpoint, engine, tmp_path)
     np.testing.assert_allclose(engine.logits(loaded.model, IDS), reference_logits(rounded_dir, IDS), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("half", ["bf16", "f16"])
+def test_16_bit_checkpoints_stay_16_bit_and_decode_as_float32(tiny_checkpoint, engine, tmp_path, half):
+    """A bfloat16 / float16 checkpoint keeps 2 bytes a weight in its products ("compact", the default in float32)
+    and gives the logits and greedy tokens of the same checkpoint widened on load."""
+    from exo_tinygrad_medusa.decoding.generate import Generator
+    from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+    from exo_tinygrad_medusa.kernels.packed import PackedWeight
+    if half == "bf16":
+        directory = tmp_path / "bf16"
+        shutil.copytree(tiny_checkpoint("llama", tie=True), directory)
+        _write_bf16_safetensors(directory / "model.safetensors", load_file(str(directory / "model.safetensors")))
+    else:
+        directory = tiny_checkpoint("qwen2", dtype=np.float16)
+    compact, wide = load_model(str(directory)), load_model(str(directory), weights="float32")
+    assert compact.weights == "compact" and wide.weights == "float32"
+    linears = compact.model.linears()
+    assert all(isinstance(l.weight, PackedWeight) and l.weight.half == half for l in linears.values())
+    assert weight_bytes_per_token(compact.model) * 2 <= weight_bytes_per_token(wide.model) + 4 * 64
+    np.testing.assert_allclose(engine.logits(compact.model, IDS), engine.logits(wide.model, IDS), atol=1e-4, rtol=0)
+    cfg = GenerationConfig(max_new_tokens=24)
+    tokens = [Generator(m.model, [-1]).generate(IDS, cfg).generated_ids for m in (compact, wide)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 24
+
+
 def test_float16_checkpoint_loads_as_float32(tiny_checkpoint, engine):
     directory = tiny_checkpoint("qwen2", dtype=np.float16)
     assert load_file(str(directory / "model.safetensors"))["model.norm.weight"].dtype == np.float16

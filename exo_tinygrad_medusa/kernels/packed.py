@@ -12,6 +12,10 @@ bits (uint16) a block, or for the K-quants the sub-block's integer scale (uint8,
 float16 d, dmin. Bytes a weight: Q4_0 0.5625, Q4_1 0.625, Q5_0 0.6875, Q5_1 0.75, Q8_0 1.0625, Q4_K 0.578,
 Q6_K 0.820, Q5_K 1.078 (a byte a code, see pack_ggml; float32: 4).
 
+Half-precision checkpoints (bfloat16 or float16 safetensors, as Hugging Face ships them) keep their 16 bits a weight
+the same way (`pack_half`): the bits in panels [out / P, in, P] (uint16), widened to float32 inside the product. Both
+widenings are exact, so the product is the float32 model's.
+
 The product computes exactly the float32 value the dequantizing loader (tinygrad.llm.gguf) produces, right before the
 multiply-add that uses it: the block's D = d (or d * s, exact: at most 11 + 8 significant bits) and M = m (or
 -(dmin * mn), exact) are exact, so q * D is exact where code and scale bits fit float32's 24 (all formats but Q6_K)
@@ -52,7 +56,7 @@ class PackedWeight:
     [out/P, in/256, P]. Words rather than bytes because tinygrad loads 32-bit elements as vectors and bytes one at a
     time; with this order the lane-th byte of the 4 words is 4 consecutive outputs, one vector of the accumulators."""
     words: Tensor
-    scale: Tensor
+    scale: Tensor | None            # None for half-precision bits
     minimum: Tensor | None = None   # Q4_1, Q5_1 (float16); Q4_K, Q5_K (the sub-block's mn: w = ... - dmin * mn)
     offset: int = 0                 # codes are stored + offset, unsigned: Q8_0 128, Q4_0 8, Q5_0 16, Q6_K 32
     bits: int = 8                   # bits of a code in `words`: 4 (two to a byte) or 8
@@ -60,13 +64,21 @@ class PackedWeight:
     high_bits: int = 0
     super_scale: Tensor | None = None
     super_minimum: Tensor | None = None
-    block: int = BLOCK              # rows sharing a scale (Q6_K: 16)
+    block: int = BLOCK              # rows sharing a scale (Q6_K: 16; half-precision bits: 2, the rows of one step)
+    half: str = ""                  # "bf16" or "f16": `words` holds a 16-bit float per weight, no scales
 
     @property
     def shape(self) -> tuple[int, int]:
         """The [out, in] shape of the matrix."""
         panels, rows, words = self.words.shape
+        if self.half:
+            return panels * words, rows
         return panels * words * 4, rows * 8 // self.bits
+
+    @property
+    def width(self) -> int:
+        """P, the outputs of one panel."""
+        return self.words.shape[2] * (1 if self.half else 4)
 
     @property
     def nbytes(self) -> int:
@@ -89,6 +101,8 @@ class PackedWeight:
     def rows(self, ids: np.ndarray) -> "PackedWeight":
         """The matrix's rows `ids` (output features), still packed: the same codes and scales re-laid as panels."""
         ids = np.asarray(ids)
+        if self.half:
+            return pack_half(_unpanel(self.words.numpy())[ids], self.half).to(self.words.device)
         if len(ids) % 4:
             raise ValueError(f"packed panels need a multiple of 4 output rows, got {len(ids)}")
         bits = {"words": self.bits, "high": self.high_bits}
@@ -100,6 +114,10 @@ class PackedWeight:
         """The float32 panels, lazily: used inside a product it fuses into the product's kernel. Plain integer ops on
         the packed tensors (shifts, masks, int-to-float conversions, a uint32-to-float32 bitcast), which every
         tinygrad device lowers: no float16 arithmetic."""
+        if self.half == "bf16":   # a bfloat16 is the upper half of a float32
+            return (self.words.cast(dtypes.uint32) << 16).bitcast(dtypes.float32)
+        if self.half == "f16":
+            return widen_half(self.words)
         panels, _, words = self.words.shape
         width, rows = 4 * words, self.shape[1]
         q = _unpack(self.words, self.bits, rows)
@@ -175,6 +193,16 @@ def pack_ggml(raw: np.ndarray, ggml_type: int, shape: tuple[int, int], row_order
     block = 16 if ggml_type == Q6_K else BLOCK
     tensors = {name: _panels(a.reshape(out_f, -1)) for name, a in fields.items()}
     return PackedWeight(**planes, **tensors, offset=offset, bits=low_bits, high_bits=high_bits, block=block)
+
+
+def pack_half(bits: np.ndarray, half: str) -> PackedWeight:
+    """An [out, in] matrix of bfloat16 or float16 bits (uint16) -> PackedWeight in panels, 2 bytes a weight."""
+    if half not in ("bf16", "f16"):
+        raise ValueError(f"half-precision weights are bf16 or f16, got {half!r}")
+    bits = np.asarray(bits)
+    if bits.dtype != np.uint16 or bits.ndim != 2:
+        raise ValueError(f"half-precision weights take an [out, in] uint16 matrix, got {bits.dtype} {bits.shape}")
+    return PackedWeight(words=_panels(bits), scale=None, bits=16, block=2, half=half)
 
 
 def _decode_blocks(b: np.ndarray, ggml_type: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -44,17 +44,23 @@ class PackedProduct:
     high_bits: int = 0      # bits of a code in `high` (Q5: 1, Q6_K: 2)
     block: int = 32         # rows sharing a scale
     scales: str = "f16"     # "f16": float16 bits; "u8" / "i8": a K-quant's sub-block scales (super-block float16s)
+    half: str = ""          # "bf16" / "f16": 16-bit float weights (no codes, no scales)
 
     @staticmethod
     def of(weight, tokens: int, threads: int) -> "PackedProduct":
         """The product of `tokens` rows with a PackedWeight."""
+        if weight.half:
+            return PackedProduct(tokens, weight.shape[1], weight.shape[0] // WIDTH, False, threads=threads, bits=16,
+                                 block=weight.block, half=weight.half)
         scales = "f16" if weight.super_scale is None else ("i8" if weight.scale.dtype.name == "signed char" else "u8")
         return PackedProduct(tokens, weight.shape[1], weight.shape[0] // WIDTH, weight.minimum is not None,
                              weight.offset, threads, weight.bits, weight.high_bits, weight.block, scales)
 
     @property
     def tag(self) -> str:
-        """Names the format in the kernel's name: q<bits>, k for K-quants, m (minimum) or o<offset>."""
+        """Names the format in the kernel's name: q<bits>, k for K-quants, m (minimum) or o<offset>; or the 16-bit float."""
+        if self.half:
+            return self.half
         return f"q{self.bits + self.high_bits}{'' if self.scales == 'f16' else 'k'}" + ("m" if self.minimum else f"o{self.offset}")
 
     def source(self, name: str, params: list[str]) -> str:
@@ -79,6 +85,8 @@ class PackedProduct:
 
     def _group_function(self, size: int, outputs: int) -> str:
         """static void group<size>: `size` consecutive tokens from n, one panel p."""
+        if self.half:
+            return self._half_group_function(size, outputs)
         rows, block, hb = self.rows, self.block, self.high_bits
         blocks, perm, inv = rows // block, ",".join(map(str, BYTE_OUTPUT)), ",".join(map(str, OUTPUT_BYTE))
         row_bytes = 16 * self.bits // 8   # bytes of codes a panel row takes (4-bit: a 16-byte load holds rows r, r + 1)
@@ -142,6 +150,32 @@ class PackedProduct:
         for t in range(size):
             lines.append(f"  {{ const f16v s = even{t} + odd{t}; *(f16v*)(out + (long)(n + {t}) * {outputs} + p * 16) = "
                          f"__builtin_shufflevector(s, s, {inv}); }}")
+        lines.append("}")
+        return "\n".join(lines)
+
+
+    def _half_group_function(self, size: int, outputs: int) -> str:
+        """group<size> for 16-bit float weights: each panel row (16 outputs in order, 32 bytes) widened exactly to
+        float32 (bfloat16: the upper half of a float32; float16: widen_half), then one multiply-add per token, with
+        the same two running sums (even, odd rows) as the codes' kernel."""
+        rows = self.rows
+        params = ", ".join(C_PARAMS[b] for b in BUFFERS)
+        widen = (lambda at: f"(f16v)(__builtin_convertvector(*(const u16x16*)({at}), u32x16) << 16)") \
+            if self.half == "bf16" else (lambda at: f"widen_half({at})")
+        lines = [f"static inline __attribute__((always_inline)) void group{size}({params}, int p, int n) {{"]
+        lines += [f"  f16v even{t} = 0, odd{t} = 0;" for t in range(size)]
+        lines.append(f"  const unsigned short* ws = (const unsigned short*)words + (long)p * {rows * 16};")
+        lines.append(f"  const float* xs = x + (long)n * {rows};")
+        lines.append(f"  for (int r = 0; r < {rows}; r += 2) {{")
+        lines.append(f"    __builtin_prefetch(ws + r * 16 + {PREFETCH // 2}, 0, 0);")   # a cache line: the two rows
+        lines.append(f"    const f16v w0 = {widen('ws + r * 16')};")
+        lines.append(f"    const f16v w1 = {widen('ws + r * 16 + 16')};")
+        for t in range(size):
+            lines.append(f"    even{t} += xs[{t * rows} + r] * w0;")
+            lines.append(f"    odd{t} += xs[{t * rows} + r + 1] * w1;")
+        lines.append("  }")
+        for t in range(size):
+            lines.append(f"  *(f16v*)(out + (long)(n + {t}) * {outputs} + p * 16) = even{t} + odd{t};")
         lines.append("}")
         return "\n".join(lines)
 

@@ -566,14 +566,14 @@ def expect_packed_product(x: "Tensor", weight, product) -> None:
     `product` builds the expression; it is run once per shape on empty buffers, scheduled, never executed."""
     from tinygrad import Tensor
     from .products import PackedProduct, WIDTH
-    (outputs, rows), quarter = weight.shape, weight.words.shape[2]
+    (outputs, rows), width = weight.shape, weight.width
     panels, tokens = outputs // WIDTH, math.prod(x.shape[:-1])
     layout = tuple((name, tuple(t.shape), t.dtype) for name, t in weight.named().items())
-    key = (tuple(x.shape), str(x.device), layout, weight.offset, weight.bits, weight.high_bits, weight.block)
+    key = (tuple(x.shape), str(x.device), layout, weight.offset, weight.bits, weight.high_bits, weight.block, weight.half)
     if key in _announced:
         return
     _announced.add(key)
-    if 4 * quarter != WIDTH or rows % weight.block or not all(isinstance(s, int) for s in x.shape):
+    if width != WIDTH or rows % weight.block or not all(isinstance(s, int) for s in x.shape):
         return
     empty = lambda t: Tensor.empty(*t.shape, dtype=t.dtype, device=t.device)
     ref_x, ref_w = empty(x), weight.map(empty)

@@ -19,7 +19,8 @@ from ..kernels.tinygrad_hooks import emulates_float16, install as install_hooks
 from .device import choose_device
 from .gguf_file import load_gguf
 from .tokenizer import Tokenizer
-from .weights import DTYPES, gguf_packed, gguf_tensors, load_into, safetensors_tensors
+from ..kernels.packed import PackedWeight
+from .weights import DTYPES, gguf_packed, gguf_tensors, half_packed, load_into, safetensors_tensors
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ WEIGHT_FORMATS = ("compact", "float32")
 
 def load_model(model: str | None = None, shard: Shard | None = None, *, dtype: str | None = None, device: str | None = None,
                max_context: int | None = 2048, weights: str | None = None) -> LoadedModel:
-    """weights: "compact" keeps a GGUF's Q4_0/Q4_1/Q8_0 codes packed and dequantizes them inside the products (the
-    same float32 values, 4-7x fewer bytes read); "float32" dequantizes on load. Default: compact for a GGUF in float32."""
+    """weights: "compact" keeps a GGUF's codes packed, and a safetensors checkpoint's bfloat16 / float16 matrices in 16
+    bits, widening them inside the products (the same float32 values, 2-7x fewer bytes read); "float32" widens on
+    load. Default: compact in float32."""
     device, _ = choose_device(device)  # first: a device that cannot run is one clear error before any work
     install_hooks()
     dtype = dtype or default_dtype(device)
@@ -68,10 +70,10 @@ def load_model(model: str | None = None, shard: Shard | None = None, *, dtype: s
         raise ValueError(f"--dtype float16 is not supported on {device}: its compiler has no native float16, and "
                          "tinygrad 0.14's float16 emulation fails to compile reductions: use float32")
     resolved = resolve(model)
-    if weights == "compact" and (resolved.kind != "gguf" or dtype != "float32"):
-        raise ValueError("--weights compact needs a GGUF checkpoint and --dtype float32 (it dequantizes GGUF codes to "
-                         f"float32 inside the products); this is a {resolved.kind} model in {dtype}: use --weights float32")
-    weights = weights or ("compact" if resolved.kind == "gguf" and dtype == "float32" else "float32")
+    if weights == "compact" and dtype != "float32":
+        raise ValueError("--weights compact needs --dtype float32 (it widens GGUF codes and 16-bit weights to float32 "
+                         f"inside the products); this is {dtype}: use --weights float32")
+    asked, weights = weights, weights or ("compact" if dtype == "float32" else "float32")
     logits_weight = None
     if resolved.kind == "gguf":
         with _gguf_reader_device(device):
@@ -91,6 +93,11 @@ def load_model(model: str | None = None, shard: Shard | None = None, *, dtype: s
         transformer = Transformer(config, _check_shard(shard, config), max_context)
         wanted = set(transformer.parameters()) | {"model.embed_tokens.weight"}
         tensors = safetensors_tensors(resolved.path, wanted)
+        if weights == "compact":
+            tensors, logits_weight = half_packed(tensors, transformer)
+            if asked and not any(isinstance(t, PackedWeight) for t in tensors.values()):
+                raise ValueError(f"--weights compact: {resolved.path} stores no bfloat16 or float16 matrices to keep "
+                                 "in 16 bits (its weights are float32): use --weights float32")
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}")
     load_into(transformer, tensors, dtype, device, logits_weight)

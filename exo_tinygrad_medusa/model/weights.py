@@ -12,7 +12,7 @@ from tinygrad.nn.state import safe_load
 
 from .config import ModelConfig
 from .transformer import Transformer
-from ..kernels.packed import GGML_BLOCKS, PackedWeight, ggml_nbytes, pack_ggml
+from ..kernels.packed import GGML_BLOCKS, PackedWeight, ggml_nbytes, pack_ggml, pack_half
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,24 @@ def safetensors_tensors(model_dir: Path, wanted: set[str]) -> dict[str, Tensor]:
             if name in wanted:
                 out[name] = t
     return out
+
+
+HALF_KINDS = {dtypes.bfloat16: "bf16", dtypes.float16: "f16"}
+
+
+def half_packed(tensors: dict[str, Tensor], model: Transformer) -> tuple[dict, PackedWeight | None]:
+    """The model's matrices that a checkpoint stores as bfloat16 or float16, kept in 16 bits (packed.pack_half), and
+    the lm_head's for the logits product (the tied embedding's, which lookups still read widened); other tensors as
+    they are."""
+    def pack(t: Tensor) -> PackedWeight:
+        return pack_half(t.bitcast(dtypes.uint16).to("CPU").numpy(), HALF_KINDS[t.dtype])
+    out = dict(tensors)
+    for name in model.linears():
+        if name != "lm_head.weight" and name in out and out[name].dtype in HALF_KINDS:
+            out[name] = pack(out[name])
+    head = tensors.get("lm_head.weight", tensors.get("model.embed_tokens.weight") if model.config.tie_embeddings else None)
+    logits = pack(head) if model.shard.is_last_layer() and head is not None and head.dtype in HALF_KINDS else None
+    return out, logits
 
 
 def widen_bfloat16(t: Tensor, device: str | None) -> Tensor:
