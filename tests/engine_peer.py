@@ -5,7 +5,7 @@ a JSON header plus the raw bytes of one numpy array, so tensors and inference_st
                                 [--max-new-tokens N]
 
 prints `PORT <n>` once it listens on 127.0.0.1 and serves until stdin closes. Same as
-`python -m exo_tinygrad_medusa.serving.ring`, kept as a script for the tests that start a peer by path."""
+`python -m exo_tinygrad_medusa.serving.ring` (started by ring_local.py), kept as a script for the tests that start a peer by path."""
 from __future__ import annotations
 
 import asyncio

@@ -13,8 +13,9 @@ import pytest
 from exo_tinygrad_medusa.serving.exo_patch import exo_available
 from exo_tinygrad_medusa.serving.engine import MedusaInferenceEngine, RingStateError, StepState
 from exo_tinygrad_medusa.decoding.heads import random_heads
-from exo_tinygrad_medusa.serving.ring import (LinkConfig, LocalRing, RemoteShard, Ring, ShardRefused, ShardSpec,
-                                      ShardUnavailable, StaleReply, send_frame, recv_frame, split_layers)
+from exo_tinygrad_medusa.serving.ring import (LinkConfig, RemoteShard, Ring, ShardRefused, ShardUnavailable, StaleReply,
+                                              send_frame, recv_frame)
+from exo_tinygrad_medusa.serving.ring_local import LocalRing, ShardSpec, split_layers
 from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
 from exo_tinygrad_medusa.decoding.session import MedusaOptions, open_session
 from exo_tinygrad_medusa.model.shard import Shard
