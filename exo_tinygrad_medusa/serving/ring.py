@@ -98,8 +98,11 @@ async def serve_shard(engine, shard: Shard, host: str = HOST, port: int = 0,
                     target = Shard(**header["shard"]) if header.get("shard") else shard
                     op = header.get("op", "infer")
                     if op == "infer":
+                        t0 = time.perf_counter()
                         out, reply["state"] = await engine.infer_tensor(header["request_id"], target, x,
                                                                         header.get("state"))
+                        # the engine's share of the hop (its thread handoff included): the rest is the transport's
+                        reply["engine_s"] = time.perf_counter() - t0
                     elif op == "encode":
                         await engine.ensure_shard(target)
                         out = np.array(engine.tokenizer.encode_chat(header["messages"]), dtype=np.int64)
@@ -158,6 +161,7 @@ class RemoteShard:
         self.writer: asyncio.StreamWriter | None = None
         self.next_id = 0
         self.link_s = 0.0            # delay actually slept (asyncio wakes a little late): the benchmark reports it
+        self.engine_s = 0.0          # time the shard's engine spent on the passes, as the shard reports it
 
     def __repr__(self) -> str:
         return f"shard {shard_label(self.shard) if self.shard else ''} at {self.host}:{self.port}".replace("  ", " ")
@@ -168,6 +172,7 @@ class RemoteShard:
             await asyncio.sleep(self.link.delay_s)
             self.link_s += time.perf_counter() - t0
         header, out = await self.call({"op": "infer", "request_id": request_id, "state": state}, x)
+        self.engine_s += float(header.get("engine_s", 0.0))
         return out, header.get("state")
 
     async def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -244,6 +249,7 @@ class RingResult:
     decode_s: float                   # every later pass: what Medusa changes
     accepted: list[int] = field(default_factory=list)   # tokens emitted by each decode pass (len of its keep)
     link_s: float = 0.0               # injected delay slept during the decode passes
+    engine_s: float = 0.0             # the shards' engines during the decode passes (the rest: transport and relay)
 
     @property
     def decode_passes(self) -> int:
@@ -277,6 +283,7 @@ class Ring:
             await self._release_pending()
         x, state, tokens, accepted = np.array([prompt_ids], dtype=np.int64), None, [], []
         link0 = sum(h.link_s for h in self.hops)
+        engine0 = sum(h.engine_s for h in self.hops)
         t0 = time.perf_counter()
         prompt_s, t_decode, finish = 0.0, t0, None
         try:
@@ -288,6 +295,7 @@ class Ring:
                     t_decode = time.perf_counter()
                     prompt_s = t_decode - t0
                     link0 = sum(h.link_s for h in self.hops)
+                    engine0 = sum(h.engine_s for h in self.hops)
                 else:
                     accepted.append(len(step.keep))
                 if on_pass is not None:
@@ -299,7 +307,7 @@ class Ring:
         finally:
             await self.release(request_id)
         return RingResult(request_id, tokens, finish, prompt_s, decode_s, accepted,
-                          sum(h.link_s for h in self.hops) - link0)
+                          sum(h.link_s for h in self.hops) - link0, sum(h.engine_s for h in self.hops) - engine0)
 
     async def _pass(self, request_id: str, n: int, x: np.ndarray, state: dict | None):
         sent = StepState.from_state(state)
