@@ -91,6 +91,7 @@ class PromptPair:
         for name, r in (("plain", self.plain), ("medusa", self.medusa)):
             out[name] = {"tokens": len(r.tokens), "decode_tokens": r.decode_tokens, "passes": r.decode_passes,
                          "decode_s": round(r.decode_s, 4), "link_s": round(r.link_s, 4),
+                         "engine_s": round(r.engine_s, 4),
                          "prompt_s": round(r.prompt_s, 4), "tokens_per_s": round(r.decode_tokens_per_s, 4),
                          "finish_reason": r.finish_reason, "accepted": r.accepted}
         return out
@@ -108,7 +109,8 @@ class Cell:
     plain_passes_per_token: float
     medusa_passes_per_token: float
     mean_accepted: float
-    plain_compute_ms_per_pass: float
+    plain_compute_ms_per_pass: float   # decode time less the injected delay, per pass: engines + transport
+    plain_engine_ms_per_pass: float    # of which the shards' engines, as each shard times its own (the rest: transport)
     medusa_compute_ms_per_pass: float
     link_ms_per_pass: float            # delay actually slept per pass (N links), Medusa ring
     identical: bool
@@ -124,6 +126,7 @@ class Cell:
         seconds = {m: total(m, "decode_s") for m in ("plain", "medusa")}
         passes = {m: total(m, "decode_passes") for m in ("plain", "medusa")}
         link = {m: total(m, "link_s") for m in ("plain", "medusa")}
+        engine_ms = 1e3 * total("plain", "engine_s") / max(passes["plain"], 1)
         speed = {m: tokens[m] / seconds[m] if seconds[m] > 0 else 0.0 for m in ("plain", "medusa")}
         accepted = [a for p in pairs for a in p.medusa.accepted]
         alone_tokens = sum(p.standalone_decode_tokens for p in pairs)
@@ -133,8 +136,7 @@ class Cell:
                    speed["medusa"] / speed["plain"] if speed["plain"] > 0 and speed["medusa"] > 0 else None,
                    passes["plain"] / max(tokens["plain"], 1), passes["medusa"] / max(tokens["medusa"], 1),
                    statistics.fmean(accepted) if accepted else 1.0,
-                   1e3 * (seconds["plain"] - link["plain"]) / max(passes["plain"], 1),
-                   1e3 * (seconds["medusa"] - link["medusa"]) / max(passes["medusa"], 1),
+                   plain_ms, engine_ms, 1e3 * (seconds["medusa"] - link["medusa"]) / max(passes["medusa"], 1),
                    1e3 * link["medusa"] / max(passes["medusa"], 1), all(p.identical for p in pairs),
                    alone_ms, plain_ms / alone_ms if alone_ms > 0 else None)
 
@@ -148,6 +150,7 @@ def ring_model(cells: list[Cell], shards: int) -> dict:
     mine = [c for c in cells if c.shards == shards]
     c_plain = statistics.median(c.plain_compute_ms_per_pass for c in mine)
     c_medusa = statistics.median(c.medusa_compute_ms_per_pass for c in mine)
+    engines = statistics.median(c.plain_engine_ms_per_pass for c in mine)
     alone = statistics.median(c.standalone_ms_per_step for c in mine)
     # tokens per pass, as measured (the budget cut of the last pass included): the ratio's limit for long links
     a = statistics.fmean(c.plain_passes_per_token / c.medusa_passes_per_token for c in mine)
@@ -156,6 +159,7 @@ def ring_model(cells: list[Cell], shards: int) -> dict:
     else:
         break_even = max((c_medusa - a * c_plain) / (a - 1.0), 0.0) / shards
     return {"shards": shards, "plain_compute_ms_per_pass": round(c_plain, 2),
+            "plain_engine_ms_per_pass": round(engines, 2),
             "medusa_compute_ms_per_pass": round(c_medusa, 2), "tokens_per_pass_ratio": round(a, 4),
             "standalone_ms_per_step": round(alone, 2),
             "plain_pass_per_standalone_step": round(c_plain / alone, 3) if alone > 0 else None,

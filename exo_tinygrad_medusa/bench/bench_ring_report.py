@@ -12,16 +12,19 @@ def markdown_report(report: dict) -> str:
     s = report["summary"]
     lines = [f"## exo-medusa bench-ring: {s['model']} ({s['n_layers']} layers), tree {s['tree']} ({s['tree_size']} "
              f"nodes)", "", f"{len(s['prompts'])} prompts, up to {s['max_generate_tokens']} new tokens each, greedy; "
-             "shards are processes on loopback, the delay is one-way per ring link.", "",
+             "shards are processes on loopback, the delay is one-way per ring link. Compute per pass is the decode "
+             "time less the injected delay: the shards' engines (as each shard times its own) plus the transport "
+             "(framing, loopback sockets, the driver's relay, process wake-ups).", "",
              "| shards | link delay | plain tok/s | Medusa tok/s | Medusa/plain | passes/token plain | passes/token "
-             "Medusa | accepted/step | compute ms/pass plain | compute ms/pass Medusa | standalone ms/step | plain pass "
-             "/ standalone step | identical |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+             "Medusa | accepted/step | compute ms/pass plain | of which engines | compute ms/pass Medusa | "
+             "standalone ms/step | plain pass / standalone step | identical |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for c in report["cells"]:
         lines.append(f"| {c['shards']} | {c['delay_ms']:g} ms | {_fmt(c['plain_tokens_per_s'])} | "
                      f"{_fmt(c['medusa_tokens_per_s'])} | {_fmt(c['ratio'])}x | {_fmt(c['plain_passes_per_token'])} | "
                      f"{_fmt(c['medusa_passes_per_token'])} | {_fmt(c['mean_accepted'])} | "
-                     f"{_fmt(c['plain_compute_ms_per_pass'], 1)} | {_fmt(c['medusa_compute_ms_per_pass'], 1)} | "
+                     f"{_fmt(c['plain_compute_ms_per_pass'], 1)} | {_fmt(c['plain_engine_ms_per_pass'], 1)} | "
+                     f"{_fmt(c['medusa_compute_ms_per_pass'], 1)} | "
                      f"{_fmt(c['standalone_ms_per_step'], 1)} | {_fmt(c['plain_pass_per_standalone_step'])}x | "
                      f"{'yes' if c['identical'] else '**NO**'} |")
     lines += ["", "Pass-cost model (a pass costs compute + shards x delay; ratio = a (c_plain + N d) / (c_Medusa + N d)):",

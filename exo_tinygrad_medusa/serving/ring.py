@@ -1,12 +1,13 @@
-"""A driver that runs requests around engine shards served on sockets, and the shard server: the transport of
-`exo-medusa bench-ring` and of the ring fault tests (the shard processes on one machine: ring_local.py).
+"""A driver that runs requests around engine shards served on sockets: the transport of `exo-medusa bench-ring`
+and of the ring fault tests (the shard server: ring_shard.py; shard processes on one machine: ring_local.py).
 
 Topology. On Exo's ring each node forwards a pass to the next one; here a driver relays it (driver -> shard 0 ->
 driver -> shard 1 -> ...). Every shard sees the same sequence of `MedusaInferenceEngine.infer_tensor` calls with
 the same JSON step state as on Exo's ring (the wire contract in engine.py). The injected one-way link delay is paid
 once per ring link, when a hop's input is delivered: shard i-1 -> shard i, and the last shard's tokens going back
-to shard 0. An N-shard pass therefore pays N delays, as on a ring of N machines; the relay itself adds ~0.1 ms of
-loopback per hop.
+to shard 0. An N-shard pass therefore pays N delays, as on a ring of N machines. The relay itself costs a loopback
+round trip per hop (wake-ups of the driver and the shard process: ~0.5 ms a hop on a 2-core VM); each reply says
+how long the shard's engine took (`engine_s`), so the benchmark can tell compute from transport.
 
 Wire. A message is one frame: 4-byte big-endian header length, JSON header, 8-byte payload length, the raw bytes
 of one numpy array (its dtype and shape in the header). A request names an op (`infer`, `encode`, `release`,
@@ -17,20 +18,13 @@ reply (another message's id, or a step state that is not the pass just sent) all
 names the request, the pass and the shard. After any error the connection is dropped and reopened on the next
 call, so a late reply can never be read as the answer to a later message. The driver releases the request on
 every shard it can reach when the request ends, finished or failed, so no KV cache outlives its request.
-
-    python -m exo_tinygrad_medusa.serving.ring MODEL START END N_LAYERS [--medusa-heads DIR] [--medusa-choices TREE] ...
-
-serves one shard on 127.0.0.1, prints `PORT <n>` once it listens, and exits when its stdin closes (the parent
-ended, whatever the way it ended), so a shard never outlives the process that started it.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import struct
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -62,14 +56,24 @@ class StaleReply(RingError):
 
 
 # -- framing ---------------------------------------------------------------------------------------------------
-async def send_frame(writer: asyncio.StreamWriter, header: dict, array: np.ndarray | None = None) -> None:
+def pack_frame(header: dict, array: np.ndarray | None = None) -> bytes:
     payload = b""
     if array is not None:
         array = np.ascontiguousarray(array)
         header = {**header, "dtype": str(array.dtype), "shape": list(array.shape)}
         payload = array.tobytes()
     head = json.dumps(header).encode()
-    writer.write(struct.pack(">I", len(head)) + head + struct.pack(">Q", len(payload)) + payload)
+    return struct.pack(">I", len(head)) + head + struct.pack(">Q", len(payload)) + payload
+
+
+def frame_array(header: dict, payload: bytes) -> np.ndarray | None:
+    if "dtype" not in header:
+        return None
+    return np.frombuffer(payload, dtype=header["dtype"]).reshape(header["shape"])
+
+
+async def send_frame(writer: asyncio.StreamWriter, header: dict, array: np.ndarray | None = None) -> None:
+    writer.write(pack_frame(header, array))
     await writer.drain()
 
 
@@ -77,58 +81,7 @@ async def recv_frame(reader: asyncio.StreamReader) -> tuple[dict, np.ndarray | N
     (n,) = struct.unpack(">I", await reader.readexactly(4))
     header = json.loads(await reader.readexactly(n))
     (m,) = struct.unpack(">Q", await reader.readexactly(8))
-    payload = await reader.readexactly(m)
-    if "dtype" not in header:
-        return header, None
-    return header, np.frombuffer(payload, dtype=header["dtype"]).reshape(header["shape"])
-
-
-# -- shard server ------------------------------------------------------------------------------------------------
-async def serve_shard(engine, shard: Shard, host: str = HOST, port: int = 0,
-                      until: Callable[[], None] | None = None) -> None:
-    """Serve `engine` for `shard` (the default when a request names none) until `until()` returns (blocking call,
-    run on a worker thread), then stop. Prints `PORT <n>` once listening."""
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                header, x = await recv_frame(reader)
-                reply: dict = {"id": header.get("id")}
-                out = None
-                try:
-                    target = Shard(**header["shard"]) if header.get("shard") else shard
-                    op = header.get("op", "infer")
-                    if op == "infer":
-                        t0 = time.perf_counter()
-                        out, reply["state"] = await engine.infer_tensor(header["request_id"], target, x,
-                                                                        header.get("state"))
-                        # the engine's share of the hop (its thread handoff included): the rest is the transport's
-                        reply["engine_s"] = time.perf_counter() - t0
-                    elif op == "encode":
-                        await engine.ensure_shard(target)
-                        out = np.array(engine.tokenizer.encode_chat(header["messages"]), dtype=np.int64)
-                    elif op == "release":  # no shard load: a shard switch already dropped every cache
-                        reply["held"] = await engine.release(header["request_id"])
-                    elif op == "warm_up":
-                        await engine.warm_up(target)
-                    elif op == "status":  # what the engine holds now, whatever shard it holds
-                        reply["requests"] = list(engine.requests)
-                        reply["tree"] = {"name": engine.tree.name, "size": engine.tree.size}
-                    else:
-                        raise ValueError(f"unknown op {op!r}")
-                except Exception as e:  # the driver raises it with the request, pass and shard named
-                    log.info("shard %s: %s: %s", shard_label(shard), type(e).__name__, e)
-                    reply, out = {"id": header.get("id"), "error": f"{type(e).__name__}: {e}"}, None
-                await send_frame(writer, reply, out)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the driver went away or dropped the connection after an error: wait for the next one
-        finally:
-            writer.close()
-
-    await engine.ensure_shard(shard)
-    server = await asyncio.start_server(handle, host, port)
-    print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, until or sys.stdin.read)
-    server.close()
+    return header, frame_array(header, await reader.readexactly(m))
 
 
 def shard_label(shard: Shard) -> str:
@@ -351,35 +304,3 @@ class Ring:
 
     async def close(self) -> None:
         await asyncio.gather(*(h.close() for h in self.hops))
-
-
-# -- shard process entry point ---------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> None:
-    from .engine import MedusaInferenceEngine
-    from ..decoding.sampling import GenerationConfig
-    from ..decoding.session import MedusaOptions
-
-    p = argparse.ArgumentParser(prog="python -m exo_tinygrad_medusa.serving.ring", description="serve one engine shard")
-    p.add_argument("model")
-    p.add_argument("start", type=int)
-    p.add_argument("end", type=int)
-    p.add_argument("n_layers", type=int)
-    p.add_argument("--medusa-enabled", action="store_true")
-    p.add_argument("--medusa-heads", default=None)
-    p.add_argument("--medusa-choices", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--max-context", type=int, default=2048)
-    p.add_argument("--max-requests", type=int, default=4)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s shard {args.start}..{args.end} %(name)s: %(message)s")
-    medusa = MedusaOptions(args.medusa_enabled or args.medusa_heads is not None, args.medusa_heads,
-                           choices=args.medusa_choices)
-    engine = MedusaInferenceEngine(medusa, GenerationConfig(max_new_tokens=args.max_new_tokens), device=args.device,
-                                   dtype=args.dtype, max_context=args.max_context, max_requests=args.max_requests)
-    asyncio.run(serve_shard(engine, Shard(args.model, args.start, args.end, args.n_layers)))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
 """Engine shards as processes on one machine: what each loads (`ShardSpec`), one process per shard
-(`ShardProcess`, `python -m exo_tinygrad_medusa.serving.ring`) and a `LocalRing` of them on loopback, the ring of
+(`ShardProcess`, `python -m exo_tinygrad_medusa.serving.ring_shard`) and a `LocalRing` of them on loopback, the ring of
 `exo-medusa bench-ring` and of the ring fault tests."""
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class ShardProcess:
         self.log_path, self.port = Path(name), None
         self._log = self.log_path.open("w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "exo_tinygrad_medusa.serving.ring", *self.spec.argv()],
+        self.proc = subprocess.Popen([sys.executable, "-m", "exo_tinygrad_medusa.serving.ring_shard", *self.spec.argv()],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
                                      cwd=str(Path(__file__).resolve().parents[2]))
 
