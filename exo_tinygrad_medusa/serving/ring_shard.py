@@ -84,7 +84,7 @@ class ShardServer:
     def _read(self, conn: socket.socket) -> bool:
         """Read what arrived and answer every whole message in it; False when the connection is finished."""
         try:
-            chunk = conn.recv(1 << 20)
+            chunk = conn.recv(1 << 16)  # below malloc's mmap threshold: no fresh mapping for every message
         except OSError:  # reset by the driver (it dropped the connection after an error)
             return False
         if not chunk:
