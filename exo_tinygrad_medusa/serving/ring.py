@@ -6,7 +6,7 @@ driver -> shard 1 -> ...). Every shard sees the same sequence of `MedusaInferenc
 the same JSON step state as on Exo's ring (the wire contract in engine.py). The injected one-way link delay is paid
 once per ring link, when a hop's input is delivered: shard i-1 -> shard i, and the last shard's tokens going back
 to shard 0. An N-shard pass therefore pays N delays, as on a ring of N machines. The relay itself costs a loopback
-round trip per hop (wake-ups of the driver and the shard process: ~0.5 ms a hop on a 2-core VM); each reply says
+round trip per hop (wake-ups of the driver and the shard process: 0.3-1 ms a hop on a 2-core VM); each reply says
 how long the shard's engine took (`engine_s`), so the benchmark can tell compute from transport.
 
 Wire. A message is one frame: 4-byte big-endian header length, JSON header, 8-byte payload length, the raw bytes
