@@ -5,7 +5,7 @@ a JSON header plus the raw bytes of one numpy array, so tensors and inference_st
                                 [--max-new-tokens N]
 
 prints `PORT <n>` once it listens on 127.0.0.1 and serves until stdin closes. Same as
-`python -m exo_tinygrad_medusa.serving.ring`, kept as a script for the tests that start a peer by path."""
+`python -m exo_tinygrad_medusa.serving.ring_shard` (started by ring_local.py), kept as a script for the tests that start a peer by path."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exo_tinygrad_medusa.serving import ring  # noqa: E402
+from exo_tinygrad_medusa.serving import ring, ring_shard  # noqa: E402
 
 
 class RemoteShard(ring.RemoteShard):
@@ -28,4 +28,4 @@ class RemoteShard(ring.RemoteShard):
 
 
 if __name__ == "__main__":
-    ring.main()
+    ring_shard.main()

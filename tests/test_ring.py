@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,8 +16,10 @@ import pytest
 from exo_tinygrad_medusa.serving.exo_patch import exo_available
 from exo_tinygrad_medusa.serving.engine import MedusaInferenceEngine, RingStateError, StepState
 from exo_tinygrad_medusa.decoding.heads import random_heads
-from exo_tinygrad_medusa.serving.ring import (LinkConfig, LocalRing, RemoteShard, Ring, ShardRefused, ShardSpec,
-                                      ShardUnavailable, StaleReply, send_frame, recv_frame, split_layers)
+from exo_tinygrad_medusa.serving.ring import (HOST, LinkConfig, RemoteShard, Ring, ShardRefused, ShardUnavailable,
+                                              StaleReply, frame_array, pack_frame, send_frame, recv_frame)
+from exo_tinygrad_medusa.serving.ring_shard import ShardServer, _take_frame
+from exo_tinygrad_medusa.serving.ring_local import LocalRing, ShardSpec, split_layers
 from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
 from exo_tinygrad_medusa.decoding.session import MedusaOptions, open_session
 from exo_tinygrad_medusa.model.shard import Shard
@@ -249,7 +254,7 @@ def test_stale_reply_is_refused(setup, local_ring):
     replies = []
 
     class Replaying:
-        link_s = 0.0
+        link_s = engine_s = 0.0
 
         def __repr__(self):
             return repr(last)
@@ -300,6 +305,60 @@ def test_reply_to_another_message_is_refused():
     asyncio.run(asyncio.wait_for(scenario(), BOUND_S))
 
 
+class _DoublingEngine:
+    """The blocking engine calls ShardServer makes, answered without a model: infer doubles its input."""
+    requests = {"held": None}
+    tree = SimpleNamespace(name="plain", size=1)
+
+    def load_now(self, shard):
+        pass
+
+    def infer_tensor_now(self, request_id, shard, x, state):
+        if request_id == "bad":
+            raise RingStateError("refused on purpose")
+        return x * 2, {"seen": [request_id, shard.start_layer, state]}
+
+    def release_now(self, request_id):
+        return request_id in self.requests
+
+
+def test_shard_server_answers_whole_messages_however_they_arrive():
+    """Messages split into 7-byte pieces and run together still get one reply each, in order; an engine error is a
+    reply naming it, not a dropped connection; stop() ends serving and closes the port."""
+    server = ShardServer(_DoublingEngine(), Shard("m", 0, 0, 2))
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection((HOST, server.port), timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            data = (pack_frame({"id": 1, "op": "infer", "request_id": "r", "state": {"s": 1},
+                                "shard": Shard("m", 1, 1, 2).to_dict()}, np.arange(3, dtype=np.int32))
+                    + pack_frame({"id": 2, "op": "infer", "request_id": "bad"}, np.zeros(1))
+                    + pack_frame({"id": 3, "op": "release", "request_id": "held"}))
+            for i in range(0, len(data), 7):
+                sock.sendall(data[i:i + 7])
+                time.sleep(0.001)
+            buf, replies = bytearray(), []
+            while len(replies) < 3:
+                chunk = sock.recv(1 << 16)
+                assert chunk, f"the server closed the connection after {len(replies)} replies"
+                buf += chunk
+                while (frame := _take_frame(buf)) is not None:
+                    header = json.loads(frame[0])
+                    replies.append((header, frame_array(header, frame[1])))
+    finally:
+        server.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+    (first, out), (second, none), (third, _) = replies
+    assert first["id"] == 1 and first["state"] == {"seen": ["r", 1, {"s": 1}]} and first["engine_s"] >= 0
+    assert out.dtype == np.int32 and out.tolist() == [0, 2, 4]
+    assert second == {"id": 2, "error": "RingStateError: refused on purpose"} and none is None
+    assert third == {"id": 3, "held": True}
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((HOST, server.port), timeout=5)
+
+
 def test_a_shard_that_cannot_start_says_why(tmp_path):
     lr = LocalRing([ShardSpec(str(tmp_path / "missing"), 0, 0, 1)], FAST, start_timeout_s=60)
     with pytest.raises(ShardUnavailable, match=r"shard process layers 0..0 \(pid \d+\) exited with code 1 while "
@@ -332,6 +391,9 @@ def test_bench_ring_command_on_a_tiny_model(setup, tmp_path):
     assert report["model_fit"][0]["shards"] == 1
     # the standalone step beside the ring's pass, on the same prompts
     assert all(c["standalone_ms_per_step"] > 0 and c["plain_pass_per_standalone_step"] > 0 for c in cells)
+    # compute per pass splits into the shard's engine (timed by the shard) and the transport around it
+    assert all(0 < c["plain_engine_ms_per_pass"] < c["plain_compute_ms_per_pass"] for c in cells)
+    assert all(0 < r["plain"]["engine_s"] < r["plain"]["decode_s"] for r in report["runs"])
     assert {r["standalone"]["decode_tokens"] for r in report["runs"]} == {5}
     if not exo_available():
         assert "not importable" in report["exo"]["skipped"]

@@ -30,7 +30,10 @@ from pathlib import Path
 
 from ..prompts import Prompt, load_prompts
 from ..model.registry import resolve
-from ..serving.ring import LinkConfig, LocalRing, Ring, RingResult, ShardSpec, split_layers
+from ..serving.ring import LinkConfig, Ring, RingResult
+from ..serving.ring_local import LocalRing, ShardSpec, split_layers
+from .bench_ring_exo import run_exo_comparison
+from .bench_ring_report import markdown_report, plot_report
 
 log = logging.getLogger(__name__)
 DEFAULT_DELAYS_MS = (0.0, 2.0, 5.0, 20.0)
@@ -88,6 +91,7 @@ class PromptPair:
         for name, r in (("plain", self.plain), ("medusa", self.medusa)):
             out[name] = {"tokens": len(r.tokens), "decode_tokens": r.decode_tokens, "passes": r.decode_passes,
                          "decode_s": round(r.decode_s, 4), "link_s": round(r.link_s, 4),
+                         "engine_s": round(r.engine_s, 4),
                          "prompt_s": round(r.prompt_s, 4), "tokens_per_s": round(r.decode_tokens_per_s, 4),
                          "finish_reason": r.finish_reason, "accepted": r.accepted}
         return out
@@ -105,7 +109,8 @@ class Cell:
     plain_passes_per_token: float
     medusa_passes_per_token: float
     mean_accepted: float
-    plain_compute_ms_per_pass: float
+    plain_compute_ms_per_pass: float   # decode time less the injected delay, per pass: engines + transport
+    plain_engine_ms_per_pass: float    # of which the shards' engines, as each shard times its own (the rest: transport)
     medusa_compute_ms_per_pass: float
     link_ms_per_pass: float            # delay actually slept per pass (N links), Medusa ring
     identical: bool
@@ -121,6 +126,7 @@ class Cell:
         seconds = {m: total(m, "decode_s") for m in ("plain", "medusa")}
         passes = {m: total(m, "decode_passes") for m in ("plain", "medusa")}
         link = {m: total(m, "link_s") for m in ("plain", "medusa")}
+        engine_ms = 1e3 * total("plain", "engine_s") / max(passes["plain"], 1)
         speed = {m: tokens[m] / seconds[m] if seconds[m] > 0 else 0.0 for m in ("plain", "medusa")}
         accepted = [a for p in pairs for a in p.medusa.accepted]
         alone_tokens = sum(p.standalone_decode_tokens for p in pairs)
@@ -130,8 +136,7 @@ class Cell:
                    speed["medusa"] / speed["plain"] if speed["plain"] > 0 and speed["medusa"] > 0 else None,
                    passes["plain"] / max(tokens["plain"], 1), passes["medusa"] / max(tokens["medusa"], 1),
                    statistics.fmean(accepted) if accepted else 1.0,
-                   1e3 * (seconds["plain"] - link["plain"]) / max(passes["plain"], 1),
-                   1e3 * (seconds["medusa"] - link["medusa"]) / max(passes["medusa"], 1),
+                   plain_ms, engine_ms, 1e3 * (seconds["medusa"] - link["medusa"]) / max(passes["medusa"], 1),
                    1e3 * link["medusa"] / max(passes["medusa"], 1), all(p.identical for p in pairs),
                    alone_ms, plain_ms / alone_ms if alone_ms > 0 else None)
 
@@ -145,6 +150,7 @@ def ring_model(cells: list[Cell], shards: int) -> dict:
     mine = [c for c in cells if c.shards == shards]
     c_plain = statistics.median(c.plain_compute_ms_per_pass for c in mine)
     c_medusa = statistics.median(c.medusa_compute_ms_per_pass for c in mine)
+    engines = statistics.median(c.plain_engine_ms_per_pass for c in mine)
     alone = statistics.median(c.standalone_ms_per_step for c in mine)
     # tokens per pass, as measured (the budget cut of the last pass included): the ratio's limit for long links
     a = statistics.fmean(c.plain_passes_per_token / c.medusa_passes_per_token for c in mine)
@@ -153,6 +159,7 @@ def ring_model(cells: list[Cell], shards: int) -> dict:
     else:
         break_even = max((c_medusa - a * c_plain) / (a - 1.0), 0.0) / shards
     return {"shards": shards, "plain_compute_ms_per_pass": round(c_plain, 2),
+            "plain_engine_ms_per_pass": round(engines, 2),
             "medusa_compute_ms_per_pass": round(c_medusa, 2), "tokens_per_pass_ratio": round(a, 4),
             "standalone_ms_per_step": round(alone, 2),
             "plain_pass_per_standalone_step": round(c_plain / alone, 3) if alone > 0 else None,
@@ -284,209 +291,6 @@ def run_ring_bench(cfg: RingBenchConfig, progress=lambda line: print(line, file=
             "runs": [p.to_json() for p in pairs]}
 
 
-# -- report --------------------------------------------------------------------------------------------------------
-def _fmt(value, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def markdown_report(report: dict) -> str:
-    s = report["summary"]
-    lines = [f"## exo-medusa bench-ring: {s['model']} ({s['n_layers']} layers), tree {s['tree']} ({s['tree_size']} "
-             f"nodes)", "", f"{len(s['prompts'])} prompts, up to {s['max_generate_tokens']} new tokens each, greedy; "
-             "shards are processes on loopback, the delay is one-way per ring link.", "",
-             "| shards | link delay | plain tok/s | Medusa tok/s | Medusa/plain | passes/token plain | passes/token "
-             "Medusa | accepted/step | compute ms/pass plain | compute ms/pass Medusa | standalone ms/step | plain pass "
-             "/ standalone step | identical |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
-    for c in report["cells"]:
-        lines.append(f"| {c['shards']} | {c['delay_ms']:g} ms | {_fmt(c['plain_tokens_per_s'])} | "
-                     f"{_fmt(c['medusa_tokens_per_s'])} | {_fmt(c['ratio'])}x | {_fmt(c['plain_passes_per_token'])} | "
-                     f"{_fmt(c['medusa_passes_per_token'])} | {_fmt(c['mean_accepted'])} | "
-                     f"{_fmt(c['plain_compute_ms_per_pass'], 1)} | {_fmt(c['medusa_compute_ms_per_pass'], 1)} | "
-                     f"{_fmt(c['standalone_ms_per_step'], 1)} | {_fmt(c['plain_pass_per_standalone_step'])}x | "
-                     f"{'yes' if c['identical'] else '**NO**'} |")
-    lines += ["", "Pass-cost model (a pass costs compute + shards x delay; ratio = a (c_plain + N d) / (c_Medusa + N d)):",
-              "", "| shards | c_plain ms | c_Medusa ms | standalone step ms | c_plain / standalone | tokens/pass "
-                  "ratio a (limit for long links) | Medusa wins above (one-way) |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    for m in report["model_fit"]:
-        wins = m["break_even_one_way_delay_ms"]
-        lines.append(f"| {m['shards']} | {m['plain_compute_ms_per_pass']:.1f} | {m['medusa_compute_ms_per_pass']:.1f} | "
-                     f"{m['standalone_ms_per_step']:.1f} | {_fmt(m['plain_pass_per_standalone_step'])}x | "
-                     f"{m['tokens_per_pass_ratio']:.3f} | {'never' if wins is None else f'{wins:g} ms'} |")
-    exo = report.get("exo")
-    if exo and "skipped" in exo:
-        lines += ["", f"Classic Exo: skipped ({exo['skipped']})."]
-    elif exo:
-        lines += ["", f"Classic Exo, two-node ring, {exo['delay_ms']:g} ms one-way on its gRPC links, prompt "
-                      f"{exo['prompt']!r}: plain {exo['plain']['decode_s']:.2f} s, Medusa {exo['medusa']['decode_s']:.2f} s "
-                      f"of decoding, Medusa/plain {_fmt(exo['ratio'])}x, identical text: "
-                      f"{'yes' if exo['identical'] else '**NO**'}."]
-    return "\n".join(lines)
-
-
-def plot_report(report: dict, out: str | Path) -> Path:
-    from .bench import require_matplotlib
-    plt = require_matplotlib()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
-    for i, shards in enumerate(dict.fromkeys(c["shards"] for c in report["cells"])):
-        cells = [c for c in report["cells"] if c["shards"] == shards]
-        delays = [c["delay_ms"] for c in cells]
-        color = colors[i % len(colors)]
-        left.plot(delays, [c["plain_tokens_per_s"] for c in cells], marker="o", linestyle="--", color=color,
-                  label=f"plain, {shards} shards")
-        left.plot(delays, [c["medusa_tokens_per_s"] for c in cells], marker="s", color=color,
-                  label=f"Medusa, {shards} shards")
-        right.plot(delays, [c["ratio"] or 0.0 for c in cells], marker="s", color=color, label=f"{shards} shards")
-        fit = next((m for m in report.get("model_fit", []) if m["shards"] == shards), None)
-        if fit:  # what the pass-cost model predicts from the median compute per pass: the noise-free trend
-            right.plot(delays, [fit["predicted_ratio"][str(d)] for d in delays], linestyle=":", color=color,
-                       label=f"{shards} shards, pass-cost model")
-    left.set_xlabel("one-way link delay (ms)")
-    left.set_ylabel("decode tokens/s")
-    left.set_title("Ring throughput vs link delay")
-    left.legend()
-    right.axhline(1.0, color="grey", linewidth=1, linestyle="--")
-    right.set_xlabel("one-way link delay (ms)")
-    right.set_ylabel("Medusa / plain tokens/s")
-    right.set_title(f"Speedup (tree {report['summary']['tree']})")
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return Path(out)
-
-
-# -- classic Exo ---------------------------------------------------------------------------------------------------
-# Classic Exo's node flags, gRPC peer handle and ChatGPT-compatible API (run for real in the Exo venv).
-EXO_NODE_FLAG = "--exo-node-with-link-delay-ms"
-EXO_SETTLE_S = 3.0  # one more topology refresh (Exo polls every 2 s) after both views agree
-
-
-def run_exo_comparison(cfg: RingBenchConfig, delay_ms: float, timeout_s: float = 1800.0) -> dict:
-    """The first prompt on a two-node Exo ring (two processes, Exo's gRPC on loopback, our engine inside), plain
-    then Medusa: decode seconds from the first streamed chunk to the last, and whether the texts agree."""
-    from ..serving.exo_patch import exo_available
-    if not exo_available():
-        return {"skipped": "classic Exo (github.com/exo-explore/exo) is not importable here; install it beside this "
-                           "package as the README says and rerun with --exo"}
-    prompt = cfg.prompts[0]
-    runs = {name: _exo_ring_request(cfg, prompt.text, medusa, delay_ms, timeout_s)
-            for name, medusa in (("plain", False), ("medusa", True))}
-    p, m = runs["plain"], runs["medusa"]
-    return {"delay_ms": delay_ms, "prompt": prompt.id, "plain": p, "medusa": m, "identical": p["text"] == m["text"],
-            "ratio": p["decode_s"] / m["decode_s"] if m["decode_s"] > 0 and p["decode_s"] > 0 else None}
-
-
-def _exo_ring_request(cfg: RingBenchConfig, text: str, medusa: bool, delay_ms: float, timeout_s: float) -> dict:
-    import socket
-    import subprocess
-    import tempfile
-    import urllib.request
-
-    socks = [socket.socket() for _ in range(4)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    caps = {"model": "bench", "chip": "bench", "memory": 1000, "flops": {"fp32": 0, "fp16": 0, "int8": 0}}
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "ring.json"
-        config.write_text(json.dumps({"peers": {f"node{i + 1}": {"address": "127.0.0.1", "port": ports[i],
-                                                                 "device_capabilities": caps} for i in range(2)}}))
-        flags = (["--medusa-enabled"] + (["--medusa-heads", cfg.medusa_heads] if cfg.medusa_heads else [])
-                 + (["--medusa-choices", cfg.medusa_choices] if cfg.medusa_choices else [])) if medusa else []
-        nodes = []
-        try:
-            for i in range(2):
-                argv = [sys.executable, "-m", "exo_tinygrad_medusa.bench.bench_ring", EXO_NODE_FLAG, str(delay_ms),
-                        "--inference-engine", "tinygrad", *flags, "--disable-tui", "--discovery-module", "manual",
-                        "--discovery-config-path", str(config), "--node-id", f"node{i + 1}", "--node-host",
-                        "127.0.0.1", "--node-port", str(ports[i]), "--chatgpt-api-port", str(ports[2 + i]),
-                        "--max-generate-tokens", str(cfg.max_new_tokens), "--default-temp", "0", "--default-model",
-                        cfg.model, "--wait-for-peers", "1"]
-                nodes.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                              stderr=(Path(tmp) / f"node{i + 1}.log").open("w")))
-            api = f"http://127.0.0.1:{ports[2]}"
-            deadline = time.monotonic() + cfg.start_timeout_s
-            # each node partitions the layers from its own view of the topology (the peers' memory included): a
-            # request sent before both views agree crosses mismatched shards, which the engine refuses
-            while (views := [_topology(f"http://127.0.0.1:{port}") for port in ports[2:]])[0] is None \
-                    or len(views[0]) < 2 or views[0] != views[1]:
-                if time.monotonic() > deadline or any(n.poll() is not None for n in nodes):
-                    logs = "\n".join((Path(tmp) / f"node{i + 1}.log").read_text()[-2000:] for i in range(2))
-                    raise RuntimeError(f"the Exo ring did not come up:\n{logs}") from None
-                time.sleep(1)
-            time.sleep(EXO_SETTLE_S)
-            body = {"model": cfg.model, "messages": [{"role": "user", "content": text}], "temperature": 0,
-                    "stream": True}
-            _stream(api, body, timeout_s)  # warm-up: loads the shards and compiles
-            return _stream(api, body, timeout_s)
-        finally:
-            for n in nodes:
-                n.terminate()
-            for n in nodes:
-                try:
-                    n.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    n.kill()
-                    n.wait(timeout=30)
-
-
-def _topology(api: str) -> dict | None:
-    """The node's view of the ring: node id -> its capabilities, or None while its API does not answer."""
-    import urllib.request
-    try:
-        with urllib.request.urlopen(f"{api}/v1/topology", timeout=5) as response:
-            return json.loads(response.read()).get("nodes", {})
-    except (OSError, ValueError):
-        return None
-
-
-def _stream(api: str, body: dict, timeout_s: float) -> dict:
-    import urllib.request
-    request = urllib.request.Request(f"{api}/v1/chat/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-    pieces, first, finish = [], None, None
-    t0 = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        for raw in response:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            choice = json.loads(line[5:])["choices"][0]
-            finish = choice.get("finish_reason") or finish
-            delta = choice.get("delta", {}).get("content") or ""
-            if delta:
-                first = first or time.perf_counter()
-                pieces.append(delta)
-    end = time.perf_counter()
-    if finish is None:  # Exo's API closes a stream that timed out without saying so
-        raise RuntimeError(f"the Exo ring's answer ended without a finish_reason after {len(pieces)} chunks "
-                           "(Exo's API timed out: see --chatgpt-api-response-timeout)")
-    return {"text": "".join(pieces), "chunks": len(pieces), "first_chunk_s": round((first or end) - t0, 4),
-            "decode_s": round(end - (first or end), 4)}
-
-
-def exo_node_main(argv: list[str]) -> int:
-    """An Exo node whose gRPC sends wait `delay_ms` first: the one-way link delay, injected in Exo's transport."""
-    delay_s = float(argv[0]) / 1e3
-    from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
-
-    from ..serving.exo_patch import run_exo
-
-    def delayed(send):
-        async def send_after_delay(self, *args, **kwargs):
-            await asyncio.sleep(delay_s)
-            return await send(self, *args, **kwargs)
-        return send_after_delay
-
-    GRPCPeerHandle.send_prompt = delayed(GRPCPeerHandle.send_prompt)
-    GRPCPeerHandle.send_tensor = delayed(GRPCPeerHandle.send_tensor)
-    return run_exo(argv[1:])
-
-
 # -- command -------------------------------------------------------------------------------------------------------
 def parse_list(text: str, kind, flag: str) -> tuple:
     try:
@@ -548,8 +352,3 @@ def register(subparsers, model_args, generation_args) -> None:
     p.add_argument("--plot", default=None, metavar="OUT.png", help="plot tokens/s and speedup vs link delay")
     p.set_defaults(func=cmd_bench_ring)
 
-
-if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == EXO_NODE_FLAG:
-        sys.exit(exo_node_main(sys.argv[2:]))
-    sys.exit("usage: exo-medusa bench-ring [options] (this module runs Exo nodes for it)")

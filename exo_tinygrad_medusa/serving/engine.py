@@ -182,8 +182,7 @@ class MedusaInferenceEngine(_EngineBase):
 
     async def infer_tensor(self, request_id: str, shard, input_data: np.ndarray,
                            inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
-        return await self._on_engine_thread(self._infer, request_id, Shard.of(shard), np.asarray(input_data),
-                                            inference_state)
+        return await self._on_engine_thread(self.infer_tensor_now, request_id, shard, input_data, inference_state)
 
     async def load_checkpoint(self, shard, path: str) -> None:
         await self.ensure_shard(shard)
@@ -197,13 +196,28 @@ class MedusaInferenceEngine(_EngineBase):
     async def release(self, request_id: str) -> bool:
         """Free this shard's KV cache of a request (finished, failed or abandoned); True if it held one. A later
         pass of that request is refused. Safe to call for unknown ids and more than once."""
-        return await self._on_engine_thread(self._release, request_id, "released")
+        return await self._on_engine_thread(self.release_now, request_id)
 
     async def warm_up(self, shard) -> None:
         """Compile and capture the KV compaction, which otherwise compiles inside the first request whose accepted
         path leaves the tree's first branch (seconds on a CPU, in the middle of a timed run)."""
-        await self.ensure_shard(shard)
-        await self._on_engine_thread(self._warm_up)
+        await self._on_engine_thread(self.warm_up_now, shard)
+
+    # -- the same calls, blocking, for a caller that is the process's one tinygrad thread (a shard server,
+    # serving/ring_shard.py: it skips the hand-off to the engine thread and back, two thread wake-ups a hop) ------
+    def load_now(self, shard) -> None:
+        self._load(Shard.of(shard))
+
+    def infer_tensor_now(self, request_id: str, shard, input_data: np.ndarray,
+                         inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
+        return self._infer(request_id, Shard.of(shard), np.asarray(input_data), inference_state)
+
+    def release_now(self, request_id: str) -> bool:
+        return self._release(request_id, "released")
+
+    def warm_up_now(self, shard) -> None:
+        self._load(Shard.of(shard))
+        self._warm_up()
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -1,12 +1,13 @@
-"""Engine shards as processes on loopback and a driver that runs requests around them: the transport of
-`exo-medusa bench-ring` and of the ring fault tests.
+"""A driver that runs requests around engine shards served on sockets: the transport of `exo-medusa bench-ring`
+and of the ring fault tests (the shard server: ring_shard.py; shard processes on one machine: ring_local.py).
 
 Topology. On Exo's ring each node forwards a pass to the next one; here a driver relays it (driver -> shard 0 ->
 driver -> shard 1 -> ...). Every shard sees the same sequence of `MedusaInferenceEngine.infer_tensor` calls with
 the same JSON step state as on Exo's ring (the wire contract in engine.py). The injected one-way link delay is paid
 once per ring link, when a hop's input is delivered: shard i-1 -> shard i, and the last shard's tokens going back
-to shard 0. An N-shard pass therefore pays N delays, as on a ring of N machines; the relay itself adds ~0.1 ms of
-loopback per hop.
+to shard 0. An N-shard pass therefore pays N delays, as on a ring of N machines. The relay itself costs a loopback
+round trip per hop (wake-ups of the driver and the shard process: 0.3-1 ms a hop on a 2-core VM); each reply says
+how long the shard's engine took (`engine_s`), so the benchmark can tell compute from transport.
 
 Wire. A message is one frame: 4-byte big-endian header length, JSON header, 8-byte payload length, the raw bytes
 of one numpy array (its dtype and shape in the header). A request names an op (`infer`, `encode`, `release`,
@@ -17,28 +18,15 @@ reply (another message's id, or a step state that is not the pass just sent) all
 names the request, the pass and the shard. After any error the connection is dropped and reopened on the next
 call, so a late reply can never be read as the answer to a later message. The driver releases the request on
 every shard it can reach when the request ends, finished or failed, so no KV cache outlives its request.
-
-    python -m exo_tinygrad_medusa.serving.ring MODEL START END N_LAYERS [--medusa-heads DIR] [--medusa-choices TREE] ...
-
-serves one shard on 127.0.0.1, prints `PORT <n>` once it listens, and exits when its stdin closes (the parent
-ended, whatever the way it ended), so a shard never outlives the process that started it.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
-import os
-import select
-import signal
 import struct
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -68,14 +56,24 @@ class StaleReply(RingError):
 
 
 # -- framing ---------------------------------------------------------------------------------------------------
-async def send_frame(writer: asyncio.StreamWriter, header: dict, array: np.ndarray | None = None) -> None:
+def pack_frame(header: dict, array: np.ndarray | None = None) -> bytes:
     payload = b""
     if array is not None:
         array = np.ascontiguousarray(array)
         header = {**header, "dtype": str(array.dtype), "shape": list(array.shape)}
         payload = array.tobytes()
     head = json.dumps(header).encode()
-    writer.write(struct.pack(">I", len(head)) + head + struct.pack(">Q", len(payload)) + payload)
+    return struct.pack(">I", len(head)) + head + struct.pack(">Q", len(payload)) + payload
+
+
+def frame_array(header: dict, payload: bytes) -> np.ndarray | None:
+    if "dtype" not in header:
+        return None
+    return np.frombuffer(payload, dtype=header["dtype"]).reshape(header["shape"])
+
+
+async def send_frame(writer: asyncio.StreamWriter, header: dict, array: np.ndarray | None = None) -> None:
+    writer.write(pack_frame(header, array))
     await writer.drain()
 
 
@@ -83,55 +81,7 @@ async def recv_frame(reader: asyncio.StreamReader) -> tuple[dict, np.ndarray | N
     (n,) = struct.unpack(">I", await reader.readexactly(4))
     header = json.loads(await reader.readexactly(n))
     (m,) = struct.unpack(">Q", await reader.readexactly(8))
-    payload = await reader.readexactly(m)
-    if "dtype" not in header:
-        return header, None
-    return header, np.frombuffer(payload, dtype=header["dtype"]).reshape(header["shape"])
-
-
-# -- shard server ------------------------------------------------------------------------------------------------
-async def serve_shard(engine, shard: Shard, host: str = HOST, port: int = 0,
-                      until: Callable[[], None] | None = None) -> None:
-    """Serve `engine` for `shard` (the default when a request names none) until `until()` returns (blocking call,
-    run on a worker thread), then stop. Prints `PORT <n>` once listening."""
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                header, x = await recv_frame(reader)
-                reply: dict = {"id": header.get("id")}
-                out = None
-                try:
-                    target = Shard(**header["shard"]) if header.get("shard") else shard
-                    op = header.get("op", "infer")
-                    if op == "infer":
-                        out, reply["state"] = await engine.infer_tensor(header["request_id"], target, x,
-                                                                        header.get("state"))
-                    elif op == "encode":
-                        await engine.ensure_shard(target)
-                        out = np.array(engine.tokenizer.encode_chat(header["messages"]), dtype=np.int64)
-                    elif op == "release":  # no shard load: a shard switch already dropped every cache
-                        reply["held"] = await engine.release(header["request_id"])
-                    elif op == "warm_up":
-                        await engine.warm_up(target)
-                    elif op == "status":  # what the engine holds now, whatever shard it holds
-                        reply["requests"] = list(engine.requests)
-                        reply["tree"] = {"name": engine.tree.name, "size": engine.tree.size}
-                    else:
-                        raise ValueError(f"unknown op {op!r}")
-                except Exception as e:  # the driver raises it with the request, pass and shard named
-                    log.info("shard %s: %s: %s", shard_label(shard), type(e).__name__, e)
-                    reply, out = {"id": header.get("id"), "error": f"{type(e).__name__}: {e}"}, None
-                await send_frame(writer, reply, out)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the driver went away or dropped the connection after an error: wait for the next one
-        finally:
-            writer.close()
-
-    await engine.ensure_shard(shard)
-    server = await asyncio.start_server(handle, host, port)
-    print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, until or sys.stdin.read)
-    server.close()
+    return header, frame_array(header, await reader.readexactly(m))
 
 
 def shard_label(shard: Shard) -> str:
@@ -164,6 +114,7 @@ class RemoteShard:
         self.writer: asyncio.StreamWriter | None = None
         self.next_id = 0
         self.link_s = 0.0            # delay actually slept (asyncio wakes a little late): the benchmark reports it
+        self.engine_s = 0.0          # time the shard's engine spent on the passes, as the shard reports it
 
     def __repr__(self) -> str:
         return f"shard {shard_label(self.shard) if self.shard else ''} at {self.host}:{self.port}".replace("  ", " ")
@@ -174,6 +125,7 @@ class RemoteShard:
             await asyncio.sleep(self.link.delay_s)
             self.link_s += time.perf_counter() - t0
         header, out = await self.call({"op": "infer", "request_id": request_id, "state": state}, x)
+        self.engine_s += float(header.get("engine_s", 0.0))
         return out, header.get("state")
 
     async def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -250,6 +202,7 @@ class RingResult:
     decode_s: float                   # every later pass: what Medusa changes
     accepted: list[int] = field(default_factory=list)   # tokens emitted by each decode pass (len of its keep)
     link_s: float = 0.0               # injected delay slept during the decode passes
+    engine_s: float = 0.0             # the shards' engines during the decode passes (the rest: transport and relay)
 
     @property
     def decode_passes(self) -> int:
@@ -283,6 +236,7 @@ class Ring:
             await self._release_pending()
         x, state, tokens, accepted = np.array([prompt_ids], dtype=np.int64), None, [], []
         link0 = sum(h.link_s for h in self.hops)
+        engine0 = sum(h.engine_s for h in self.hops)
         t0 = time.perf_counter()
         prompt_s, t_decode, finish = 0.0, t0, None
         try:
@@ -294,6 +248,7 @@ class Ring:
                     t_decode = time.perf_counter()
                     prompt_s = t_decode - t0
                     link0 = sum(h.link_s for h in self.hops)
+                    engine0 = sum(h.engine_s for h in self.hops)
                 else:
                     accepted.append(len(step.keep))
                 if on_pass is not None:
@@ -305,7 +260,7 @@ class Ring:
         finally:
             await self.release(request_id)
         return RingResult(request_id, tokens, finish, prompt_s, decode_s, accepted,
-                          sum(h.link_s for h in self.hops) - link0)
+                          sum(h.link_s for h in self.hops) - link0, sum(h.engine_s for h in self.hops) - engine0)
 
     async def _pass(self, request_id: str, n: int, x: np.ndarray, state: dict | None):
         sent = StepState.from_state(state)
@@ -349,246 +304,3 @@ class Ring:
 
     async def close(self) -> None:
         await asyncio.gather(*(h.close() for h in self.hops))
-
-
-# -- shard processes -----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ShardSpec:
-    """What a shard process loads and how its engine decodes (every shard of a ring gets the same options)."""
-    model: str
-    start: int
-    end: int
-    n_layers: int
-    medusa_heads: str | None = None   # None: plain decoding
-    medusa_choices: str | None = None
-    medusa_enabled: bool = False      # Medusa with the card's heads when no heads are given
-    max_new_tokens: int = 128
-    dtype: str | None = None
-    device: str | None = None
-    max_context: int = 2048
-    max_requests: int = 4
-
-    @property
-    def shard(self) -> Shard:
-        return Shard(self.model, self.start, self.end, self.n_layers)
-
-    def argv(self) -> list[str]:
-        out = [self.model, str(self.start), str(self.end), str(self.n_layers), "--max-new-tokens",
-               str(self.max_new_tokens), "--max-context", str(self.max_context), "--max-requests",
-               str(self.max_requests)]
-        if self.medusa_enabled or self.medusa_heads:
-            out.append("--medusa-enabled")
-        for flag, value in (("--medusa-heads", self.medusa_heads), ("--medusa-choices", self.medusa_choices),
-                            ("--dtype", self.dtype), ("--device", self.device)):
-            if value is not None:
-                out += [flag, value]
-        return out
-
-
-def split_layers(n_layers: int, n_shards: int) -> list[tuple[int, int]]:
-    """Contiguous layer ranges as even as possible (Exo splits by memory; equal machines get equal shares)."""
-    if not 1 <= n_shards <= n_layers:
-        raise ValueError(f"cannot split {n_layers} layers into {n_shards} shards")
-    edges = [round(i * n_layers / n_shards) for i in range(n_shards + 1)]
-    return [(edges[i], edges[i + 1] - 1) for i in range(n_shards)]
-
-
-class ShardProcess:
-    """A shard server in its own process. Its stderr goes to a log file whose tail is quoted if it fails to start."""
-
-    def __init__(self, spec: ShardSpec, log_dir: str | Path | None = None):
-        self.spec = spec
-        self.log_dir = Path(log_dir) if log_dir else None
-        self.proc: subprocess.Popen | None = None
-        self.port: int | None = None
-        self.log_path: Path | None = None
-        self._log = None
-
-    def __repr__(self) -> str:
-        return f"shard process {shard_label(self.spec.shard)} (pid {self.proc.pid if self.proc else None})"
-
-    def spawn(self) -> None:
-        if self.alive:
-            raise RuntimeError(f"{self} is already running")
-        fd, name = tempfile.mkstemp(prefix=f"shard-{self.spec.start}-{self.spec.end}-", suffix=".log",
-                                    dir=self.log_dir)
-        os.close(fd)
-        self.log_path, self.port = Path(name), None
-        self._log = self.log_path.open("w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "exo_tinygrad_medusa.serving.ring", *self.spec.argv()],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
-                                     cwd=str(Path(__file__).resolve().parents[2]))
-
-    def wait_ready(self, timeout_s: float = 600.0) -> int:
-        """Block until the process prints its port; a crash or timeout raises with the tail of its log."""
-        deadline, buf = time.monotonic() + timeout_s, b""
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.kill()
-                raise ShardUnavailable(f"{self} did not start within {timeout_s:g} s{self._log_tail()}")
-            ready, _, _ = select.select([self.proc.stdout], [], [], min(left, 1.0))
-            if ready:
-                chunk = os.read(self.proc.stdout.fileno(), 256)
-                if not chunk:  # stdout closed: the process ended
-                    self.proc.wait(timeout=10)
-                    raise ShardUnavailable(f"{self} exited with code {self.proc.returncode} while starting"
-                                           f"{self._log_tail()}")
-                buf += chunk
-        line = buf.split(b"\n", 1)[0].decode()
-        if not line.startswith("PORT "):
-            self.kill()
-            raise ShardUnavailable(f"{self} printed {line!r} instead of its port{self._log_tail()}")
-        self.port = int(line.split()[1])
-        return self.port
-
-    def start(self, timeout_s: float = 600.0) -> int:
-        self.spawn()
-        return self.wait_ready(timeout_s)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL, as a machine lost mid-request: no goodbye on its sockets beyond what the kernel sends."""
-        if self.alive:
-            self.proc.kill()
-        self._reap()
-
-    def freeze(self) -> None:
-        """SIGSTOP: alive and connected but silent, as a hung node or a cut cable (no reset ever arrives)."""
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-    def request_stop(self) -> None:
-        """Close its stdin: it exits by itself (several processes wind down in parallel before `stop` waits)."""
-        if self.alive:
-            try:
-                os.kill(self.proc.pid, signal.SIGCONT)  # a frozen process cannot read its stdin closing
-                self.proc.stdin.close()
-            except OSError:
-                pass
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Close its stdin, wait for it to exit, kill it if it does not."""
-        if self.proc is None:
-            return
-        self.request_stop()
-        try:
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._reap()
-
-    def _reap(self) -> None:
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not exit after SIGKILL", self)
-            for pipe in (self.proc.stdin, self.proc.stdout):
-                if pipe and not pipe.closed:
-                    try:
-                        pipe.close()
-                    except OSError:
-                        pass
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
-
-    def _log_tail(self, lines: int = 15) -> str:
-        tail = self.log_text().strip().splitlines()[-lines:]
-        return (":\n  " + "\n  ".join(tail)) if tail else ""
-
-    def remove_log(self) -> None:
-        if self.log_path is not None and self._log is None:
-            self.log_path.unlink(missing_ok=True)
-
-
-class LocalRing:
-    """N shard processes on loopback and a Ring over them; a context manager that always ends its processes."""
-
-    def __init__(self, specs: list[ShardSpec], link: LinkConfig = LinkConfig(), start_timeout_s: float = 600.0,
-                 log_dir: str | Path | None = None):
-        self.specs, self.link, self.start_timeout_s = specs, link, start_timeout_s
-        self.processes = [ShardProcess(s, log_dir) for s in specs]
-        self.ring: Ring | None = None
-
-    def start(self) -> "LocalRing":
-        try:
-            for p in self.processes:  # load in parallel, then wait for each
-                p.spawn()
-            for p in self.processes:
-                p.wait_ready(self.start_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        self.ring = Ring([RemoteShard(p.port, p.spec.shard, self.link) for p in self.processes])
-        return self
-
-    def set_link(self, link: LinkConfig) -> None:
-        self.link = link
-        for hop in self.ring.hops:
-            hop.link = link
-
-    def restart(self, index: int) -> None:
-        """Start shard `index` again (an empty engine, a new port) and point the ring at it."""
-        p = self.processes[index]
-        p.kill()
-        p.remove_log()
-        p.start(self.start_timeout_s)
-        self.ring.hops[index].drop()
-        self.ring.hops[index].port = p.port
-
-    def stop(self) -> None:
-        for p in self.processes:
-            p.request_stop()
-        for p in self.processes:
-            p.stop()
-        for p in self.processes:
-            p.remove_log()
-
-    def __enter__(self) -> "LocalRing":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-# -- shard process entry point ---------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> None:
-    from .engine import MedusaInferenceEngine
-    from ..decoding.sampling import GenerationConfig
-    from ..decoding.session import MedusaOptions
-
-    p = argparse.ArgumentParser(prog="python -m exo_tinygrad_medusa.serving.ring", description="serve one engine shard")
-    p.add_argument("model")
-    p.add_argument("start", type=int)
-    p.add_argument("end", type=int)
-    p.add_argument("n_layers", type=int)
-    p.add_argument("--medusa-enabled", action="store_true")
-    p.add_argument("--medusa-heads", default=None)
-    p.add_argument("--medusa-choices", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--max-context", type=int, default=2048)
-    p.add_argument("--max-requests", type=int, default=4)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s shard {args.start}..{args.end} %(name)s: %(message)s")
-    medusa = MedusaOptions(args.medusa_enabled or args.medusa_heads is not None, args.medusa_heads,
-                           choices=args.medusa_choices)
-    engine = MedusaInferenceEngine(medusa, GenerationConfig(max_new_tokens=args.max_new_tokens), device=args.device,
-                                   dtype=args.dtype, max_context=args.max_context, max_requests=args.max_requests)
-    asyncio.run(serve_shard(engine, Shard(args.model, args.start, args.end, args.n_layers)))
-
-
-if __name__ == "__main__":
-    main()
