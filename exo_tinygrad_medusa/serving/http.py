@@ -4,9 +4,11 @@ The handler reads a request, enforces what HTTP itself must bound and hands the 
 (openai.ChatApp); it writes back the JSON or server-sent events the protocol returns. Every limit answers with an
 HTTP status and a JSON error, before any expensive work:
 - a body larger than what the context can hold is refused from its Content-Length, unread (413);
-- at most `max_connections` connections are open (503);
-- a client has `timeout` seconds to send its whole request (408 or the connection is closed) and each write of the
-  reply may block that long; a client that hangs up cancels its generation, streamed or not;
+- at most `max_connections` connections are open, at most `max_client_connections` of them from one address (503);
+- a client has `header_timeout` seconds (short) to send its request line and headers, and `timeout` seconds from
+  then on for its body (408 or the connection is closed), so that connections trickling a byte at a time cannot hold
+  every slot for long; each write of the reply may block `timeout` seconds; a client that hangs up cancels its
+  generation, streamed or not;
 - browsers' cross-site requests are refused (403) unless their Origin is allowed, and on a loopback address the
   Host header must name this machine (DNS rebinding).
 """
@@ -40,14 +42,18 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 @dataclass(frozen=True)
 class ServerLimits:
     queue_size: int = DEFAULT_QUEUE_SIZE  # requests that may wait while one generates
-    timeout: float = 30.0              # seconds to receive a whole request; and for each blocking write
+    timeout: float = 30.0              # seconds to receive a body once the headers are in; and for each blocking write
     max_connections: int = 64
     allow_origins: tuple[str, ...] = ()   # besides this machine's own pages; fnmatch patterns, "*" allows all
     allow_hosts: tuple[str, ...] = ()     # Host names accepted besides the bound address and localhost
+    header_timeout: float = 5.0        # seconds to receive the request line and headers (also an idle keep-alive)
+    max_client_connections: int = 32  # open connections from one address
 
     def __post_init__(self):
-        if self.queue_size < 0 or self.max_connections < 1 or not self.timeout > 0:
-            raise ValueError("--queue-size must be >= 0, --max-connections >= 1 and --timeout > 0")
+        if self.queue_size < 0 or self.max_connections < 1 or self.max_client_connections < 1:
+            raise ValueError("--queue-size must be >= 0, --max-connections and --max-client-connections >= 1")
+        if not (self.timeout > 0 and self.header_timeout > 0):
+            raise ValueError("--timeout and --header-timeout must be > 0")
 
 
 def _hostname(value: str) -> str:
@@ -76,7 +82,18 @@ class ChatHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.limits.timeout  # per blocking read or write on this connection
         super().setup()
+
+    def handle_one_request(self) -> None:
+        # each request on a connection (the first, or the next on a kept-alive one) starts with the header deadline
+        self.timed_out = False
         self.server.watch(self)
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok:  # the request line and headers are in: the body gets the longer deadline
+            self.server.headers_received(self)
+        return ok
 
     def finish(self) -> None:
         self.server.unwatch(self)
@@ -91,6 +108,8 @@ class ChatHandler(BaseHTTPRequestHandler):
     # -- the stdlib's own errors (bad request line, unknown method, oversized headers) as JSON too
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         self.close_connection = True
+        if self.timed_out:  # the request line was cut by the header deadline: that, not its syntax, is the fault
+            code, message = HTTPStatus.REQUEST_TIMEOUT, self._late_headers()
         if self.request_version == "HTTP/0.9":  # no version parsed from garbage: answer with a status line anyway
             self.request_version = "HTTP/1.0"
         try:
@@ -118,7 +137,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         try:
             if self.timed_out:  # headers trickled in past the deadline: what arrived may be cut anywhere
                 self.close_connection = True
-                raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, f"the request did not arrive within {self.timeout:g} s")
+                raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, self._late_headers())
             self._check_host_and_origin()
             route()
         except HTTPError as e:
@@ -128,6 +147,9 @@ class ChatHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, TimeoutError) as e:
             log.info("%s: connection dropped (%s)", self.address_string(), type(e).__name__)
             self.close_connection = True
+
+    def _late_headers(self) -> str:
+        return f"the request line and headers did not arrive within {self.server.limits.header_timeout:g} s"
 
     def _discard_input(self) -> None:
         """Closing on unread input makes the kernel reset the connection, and a client still sending its body
@@ -290,6 +312,7 @@ class ChatServer(ThreadingHTTPServer):
         self.app, self.limits = app, limits
         self.slots = threading.BoundedSemaphore(self.limits.max_connections)
         self._deadlines: dict[ChatHandler, float] = {}
+        self._per_client: dict[str, int] = {}    # open connections by client address
         self._lock, self._closed = threading.Lock(), threading.Event()
         super().__init__(address, ChatHandler)
         host = self.server_address[0]
@@ -311,39 +334,65 @@ class ChatServer(ThreadingHTTPServer):
         self._closed.set()
         super().server_close()
 
-    # -- bounded connections: beyond max_connections a connection gets 503 at once instead of a thread
+    # -- bounded connections: beyond the caps a connection gets 503 at once instead of a thread
     def process_request(self, request, client_address) -> None:
+        client = client_address[0]
         if not self.slots.acquire(blocking=False):
-            try:
-                body = json.dumps(error_body(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later",
-                                             "server_error")).encode()
-                request.settimeout(1.0)
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-                # closing with unread bytes makes the kernel send a reset, which can beat the 503 to the client:
-                # drop what has already arrived (without waiting: this runs on the accepting thread)
-                while request.recv(1 << 16, socket.MSG_DONTWAIT):
-                    pass
-            except OSError:  # BlockingIOError once nothing more is waiting, or the client is gone
-                pass
-            self.shutdown_request(request)
-            return
+            return self._refuse(request, "too many connections; retry later")
+        with self._lock:
+            if self._per_client.get(client, 0) >= self.limits.max_client_connections:
+                refused = True
+            else:
+                refused, self._per_client[client] = False, self._per_client.get(client, 0) + 1
+        if refused:
+            self.slots.release()
+            log.warning("%s: refused a connection: %d already open from this address", client,
+                        self.limits.max_client_connections)
+            return self._refuse(request, f"too many connections from {client}; retry later")
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.slots.release()
+            self._release(client)
             raise
+
+    def _refuse(self, request, message: str) -> None:
+        try:
+            body = json.dumps(error_body(HTTPStatus.SERVICE_UNAVAILABLE, message, "server_error")).encode()
+            request.settimeout(1.0)
+            request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            # closing with unread bytes makes the kernel send a reset, which can beat the 503 to the client:
+            # drop what has already arrived (without waiting: this runs on the accepting thread)
+            while request.recv(1 << 16, socket.MSG_DONTWAIT):
+                pass
+        except OSError:  # BlockingIOError once nothing more is waiting, or the client is gone
+            pass
+        self.shutdown_request(request)
+
+    def _release(self, client: str) -> None:
+        with self._lock:
+            if (left := self._per_client.get(client, 0) - 1) > 0:
+                self._per_client[client] = left
+            else:
+                self._per_client.pop(client, None)
+        self.slots.release()
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self._release(client_address[0])
 
-    # -- a whole request (headers and body) must arrive within limits.timeout, however slowly it trickles in
+    # -- the request line and headers must arrive within limits.header_timeout, the body then within limits.timeout,
+    # however slowly they trickle in
     def watch(self, handler: ChatHandler) -> None:
         with self._lock:
-            self._deadlines[handler] = time.monotonic() + self.limits.timeout
+            self._deadlines[handler] = time.monotonic() + self.limits.header_timeout
+
+    def headers_received(self, handler: ChatHandler) -> None:
+        with self._lock:
+            if handler in self._deadlines:  # else the reaper got there first: the request is being cut off
+                self._deadlines[handler] = time.monotonic() + self.limits.timeout
 
     def received(self, handler: ChatHandler) -> bool:
         """The handler has its whole request; False when its deadline passed first (it is being cut off)."""
@@ -355,7 +404,7 @@ class ChatServer(ThreadingHTTPServer):
             self._deadlines.pop(handler, None)
 
     def _reap(self) -> None:
-        while not self._closed.wait(min(1.0, self.limits.timeout / 4)):
+        while not self._closed.wait(min(1.0, self.limits.timeout / 4, self.limits.header_timeout / 4)):
             now = time.monotonic()
             with self._lock:  # flagged under the lock: received() then knows the reaper got there first
                 late = [h for h, deadline in self._deadlines.items() if deadline < now]
@@ -363,7 +412,7 @@ class ChatServer(ThreadingHTTPServer):
                     del self._deadlines[h]
                     h.timed_out = True
             for h in late:
-                log.info("%s: request not received in %.0f s", h.client_address[0], self.limits.timeout)
+                log.warning("%s: request not received in time; closing it", h.client_address[0])
                 try:  # a blocked read returns at once with what it has; the answer can still be written
                     h.connection.shutdown(socket.SHUT_RD)
                 except OSError:

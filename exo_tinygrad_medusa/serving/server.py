@@ -42,7 +42,7 @@ def start(open_session: Callable[[], Session], defaults: GenerationConfig, host:
 def cmd_serve(args) -> int:
     from ..options import generation_config, session_from_args
     limits = ServerLimits(args.queue_size, args.timeout, args.max_connections, tuple(args.allow_origin),
-                          tuple(args.allow_host))
+                          tuple(args.allow_host), args.header_timeout, args.max_client_connections)
     server = start(lambda: session_from_args(args), generation_config(args), args.host, args.port, limits)
     host, port = server.server_address[:2]
     # kernels compile and steps are captured on first use: without this the first reply looks like a hang
@@ -70,10 +70,15 @@ def register(subparsers, model_args, generation_args) -> None:
     p.add_argument("--queue-size", type=int, default=ServerLimits.queue_size,
                    help="requests that may wait while one generates; more get HTTP 429 (default %(default)s)")
     p.add_argument("--timeout", type=float, default=ServerLimits.timeout,
-                   help="seconds a client has to send its whole request, and for each write of the reply "
-                        "(default %(default)s)")
+                   help="seconds a client has to send its body once its headers are in, and for each write of the "
+                        "reply (default %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=ServerLimits.header_timeout,
+                   help="seconds a client has to send its request line and headers; also how long an idle "
+                        "kept-alive connection stays open (default %(default)s)")
     p.add_argument("--max-connections", type=int, default=ServerLimits.max_connections,
                    help="open connections at once; more get HTTP 503 (default %(default)s)")
+    p.add_argument("--max-client-connections", type=int, default=ServerLimits.max_client_connections,
+                   help="open connections from one address; more get HTTP 503 (default %(default)s)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. https://app.example; * and ? patterns; '*' for any) call "
                         "the server; pages on this machine are always allowed, others get HTTP 403. Repeatable")
