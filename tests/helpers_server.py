@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from exo_tinygrad_medusa.decoding.heads import random_heads
-from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig, TokenLogprob
 from exo_tinygrad_medusa.model.tokenizer import Tokenizer
 from exo_tinygrad_medusa.serving.server import ServerLimits, start
 from helpers_tokenizer import BYTE_OFFSET, write_tiny_tokenizer
@@ -141,7 +141,7 @@ class ScriptedGenerator:
         if len(prompt_ids) >= self.model.max_context:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens but the context holds {self.model.max_context}")
 
-    def generate(self, prompt_ids, cfg, on_tokens):
+    def generate(self, prompt_ids, cfg, on_tokens, on_logprobs=None):
         self.configs.append(cfg)
         self.prompts.append(list(prompt_ids))
         self.started.set()
@@ -153,6 +153,9 @@ class ScriptedGenerator:
                 assert self.gate.wait(SOCKET_S), "the test never opened the gate"
                 chunk = self.chunks[i] if i < len(self.chunks) else byte_tokens(".")
                 generated += chunk
+                if on_logprobs is not None:  # a made-up log-probability per token: -(its place in the reply) / 10
+                    on_logprobs([TokenLogprob(t, -(len(generated) - len(chunk) + k) / 10, ((t, 0.0),) * cfg.logprobs)
+                                 for k, t in enumerate(chunk)])
                 on_tokens(chunk)
                 if self.endless:
                     self.abort.wait(0.002)  # a step's worth of work; ends at once at teardown

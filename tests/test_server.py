@@ -106,14 +106,17 @@ HI = [{"role": "user", "content": "hi"}]
     ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop takes at most 4 strings, got 5"),
     ({"messages": HI, "stop": [""]}, "each stop string must have 1 to 1000 characters"),
     ({"messages": HI, "stop": 3}, "stop must be a string or a list of strings"),
-    ({"messages": HI, "logprobs": True}, "logprobs is not supported"),
+    ({"messages": HI, "logprobs": 3}, "logprobs must be true or false, got 3"),
+    ({"messages": HI, "top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+    ({"messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs must be an integer from 0 to 20, got 21"),
     ({"messages": HI, "tools": [{"type": "function"}]}, "tools is not supported"),
     ({"messages": HI, "stream_options": {"include_usage": True}}, "with stream true"),
     ({"messages": HI, "max_tokens": True}, "max_tokens must be an integer, got True"),
 ], ids=["json", "not-object", "model", "empty-messages", "negative-max-tokens", "negative-temperature", "content",
         "negative-seed", "n-2", "unknown-role", "infinity", "nan", "overflowing-float", "overflowing-int",
         "5001-digit-int",
-        "deep-nesting", "five-stops", "empty-stop", "stop-type", "logprobs", "tools", "stream-options", "bool-int"])
+        "deep-nesting", "five-stops", "empty-stop", "stop-type", "logprobs-int", "top-logprobs-alone",
+        "top-logprobs-21", "tools", "stream-options", "bool-int"])
 def test_malformed_requests_get_400_and_the_server_keeps_serving(server, body, message):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     status, error = call(server, "/v1/chat/completions", raw=raw)

@@ -30,7 +30,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
-from .openai import BadRequest, ChatApp, HTTPError, error_body, short
+from .openai import ChatApp
+from .protocol import BadRequest, HTTPError, error_body, short
 from .worker import DEFAULT_QUEUE_SIZE, Job
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ class ChatHandler(BaseHTTPRequestHandler):
     def _post(self) -> None:
         app = self.server.app
         app.check_post(self.path)
-        request = app.parse(self._read_body())
+        request = app.parse(self._read_body(), self.path)
         job = app.submit(request)
         next_event = functools.partial(self._next_event, job)
         try:

@@ -17,7 +17,8 @@ from typing import Callable
 from ..decoding.sampling import GenerationConfig
 from ..decoding.session import Session
 from .http import ChatHandler, ChatServer, ServerLimits
-from .openai import BadRequest, ChatApp, ChatRequest, HTTPError, StopMatcher
+from .openai import ChatApp
+from .protocol import BadRequest, ChatRequest, HTTPError, StopMatcher
 from .worker import Job, JobQueue, ModelWorker
 
 __all__ = ["DEFAULT_PORT", "BadRequest", "ChatApp", "ChatHandler", "ChatRequest", "ChatServer", "HTTPError", "Job",
