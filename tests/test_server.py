@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+# the fixtures (gen, make_server, scripted, scripted_session, server) are imported by name: pytest finds them here
 from helpers_server import (TIMEOUT_S, call, chat, post_bytes, raw_http, server, stream, streamed_text, text_of,
                             user)
 

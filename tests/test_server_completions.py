@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 
+# the fixtures (gen, make_server, scripted, scripted_session, server) are imported by name: pytest finds them here
 from helpers_server import (TIMEOUT_S, byte_tokens, call, gen, make_server, scripted, scripted_chat, scripted_session,
                             scripted_stream, text_of)
 

@@ -11,6 +11,7 @@ import urllib.error
 import pytest
 
 from exo_tinygrad_medusa.serving.server import StopMatcher
+# the fixtures (gen, make_server, scripted, scripted_session, server) are imported by name: pytest finds them here
 from helpers_server import (SOCKET_S, call, gen, make_server, post_bytes, raw_http, scripted, scripted_chat,
                             scripted_session, scripted_stream, text_of, user)
 
@@ -248,3 +249,20 @@ def test_message_count_is_bounded_before_rendering(make_server, scripted_session
     monkeypatch.undo()  # one fewer may fit as far as the count knows: it is rendered, and its tokens are counted
     status, error = call(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": ""}] * 63})
     assert status == 400 and "the context holds 64" in error["error"]["message"]
+
+
+@pytest.mark.parametrize("request_bytes, message", [
+    (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n", "the request has 2 Host headers"),
+    (b"GET /v1/models HTTP/1.1\r\n\r\n", "an HTTP/1.1 request needs a Host header"),
+    (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Note: a\x00b\r\n\r\n", "a header value holds a NUL byte"),
+    (post_bytes(b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+     "messages[0].content holds a lone surrogate"),
+    (post_bytes(b'{"prompt": "a\\udfffb"}').replace(b"/chat/completions", b"/completions"), "prompt holds a lone surrogate"),
+], ids=["two-hosts", "no-host", "nul", "surrogate-chat", "surrogate-prompt"])
+def test_ambiguous_requests_get_400(scripted, gen, request_bytes, message):
+    _, port = scripted
+    status, error, _ = raw_http(port, request_bytes)
+    assert status == 400 and message in error["error"]["message"], error
+    assert gen.configs == []
+    # HTTP/1.0 needs no Host (it predates the header)
+    assert raw_http(port, b"GET /v1/models HTTP/1.0\r\n\r\n")[0] == 200

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+# the fixtures (gen, make_server, scripted, scripted_session, server) are imported by name: pytest finds them here
 from helpers_server import call, server
 
 openai = pytest.importorskip("openai")

@@ -13,8 +13,8 @@ import uuid
 from http import HTTPStatus
 from typing import Callable, Iterator
 
-from .protocol import (BadRequest, ChatRequest, Piece, error_body, generation_config, short, stops, streaming,
-                       top_logprobs)
+from .protocol import (BadRequest, ChatRequest, Piece, check_text, error_body, generation_config, short, stops,
+                       streaming, top_logprobs)
 
 PATHS = ("/v1/completions", "/completions")
 
@@ -29,6 +29,7 @@ def _prompt(app, value) -> tuple[list[int], str]:
         if len(value) > app.max_chars:  # before tokenising: what cannot fit is refused at the cost of a len()
             raise BadRequest(f"the prompt holds more than {app.max_chars} characters, more than a context of "
                              f"{app.max_context} tokens can hold")
+        check_text(value, "prompt")
         return app.session.tokenizer.encode(value, add_special_tokens=True), value
     if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         app.check_prompt(value)  # its length and id range, before anything is decoded

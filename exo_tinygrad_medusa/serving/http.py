@@ -30,6 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .openai import ChatApp
 from .protocol import BadRequest, HTTPError, error_body, short
 from .worker import DEFAULT_QUEUE_SIZE, Job
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 LINGER_S = 2.0                   # how long a refused body is read and dropped before closing
 POLL_S = 0.2                     # how often a waiting handler checks that its client is still there
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+METRICS_PATHS = ("/metrics",)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,16 @@ class ChatHandler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args) -> None:
         log.debug("%s %s", self.address_string(), fmt % args)
 
+    def log_request(self, code="-", size="-") -> None:
+        """Called once per answer, by send_response: counted for /metrics; refusals logged as warnings."""
+        super().log_request(code, size)
+        if isinstance(code, int):
+            path = (getattr(self, "path", None) or "").split("?", 1)[0]
+            self.server.app.metrics.request(path, code)
+            if code >= 400 and code not in (404, 405):
+                log.warning("%s: %d for %s %s", self.client_address[0], code, getattr(self, "command", None) or "-",
+                            short(path))
+
     # -- the stdlib's own errors (bad request line, unknown method, oversized headers) as JSON too
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         self.close_connection = True
@@ -167,6 +179,13 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _check_host_and_origin(self) -> None:
         limits, bound = self.server.limits, self.server.bound_host
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1:  # which one a proxy or this check reads would be anyone's guess
+            raise BadRequest(f"the request has {len(hosts)} Host headers; send one")
+        if not hosts and self.request_version == "HTTP/1.1":
+            raise BadRequest("an HTTP/1.1 request needs a Host header")
+        if any("\x00" in value for value in self.headers.values()):
+            raise BadRequest("a header value holds a NUL byte")
         host = self.headers.get("Host")
         if host is not None and bound is not None:  # None: bound to every address, any name may reach it
             name = _hostname(host)
@@ -182,7 +201,15 @@ class ChatHandler(BaseHTTPRequestHandler):
     # -- routes: the protocol (ChatApp) says what to answer, this layer how
     def _get(self) -> None:
         self.server.received(self)
-        self._json(HTTPStatus.OK, self.server.app.get(self.path))
+        app = self.server.app
+        if self.route in METRICS_PATHS:
+            return self._text(HTTPStatus.OK, app.metrics_text(), METRICS_CONTENT_TYPE)
+        self._json(HTTPStatus.OK, app.get(self.route))
+
+    @property
+    def route(self) -> str:
+        """The request's path without its query string (routes take no query)."""
+        return self.path.split("?", 1)[0]
 
     def _options(self) -> None:
         """CORS preflight: allowed origins (checked above) may POST JSON."""
@@ -203,8 +230,8 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _post(self) -> None:
         app = self.server.app
-        app.check_post(self.path)
-        request = app.parse(self._read_body(), self.path)
+        app.check_post(self.route)
+        request = app.parse(self._read_body(), self.route)
         job = app.submit(request)
         next_event = functools.partial(self._next_event, job)
         try:
@@ -283,6 +310,15 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Vary", "Origin")
 
+    def _text(self, status: HTTPStatus, text: str, content_type: str) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self._cors_headers()
+        self.end_headers()
+        self.wfile.write(body)
+
     def _json(self, status: HTTPStatus, obj: dict) -> None:
         body = json.dumps(obj).encode()
         self.send_response(status)
@@ -357,6 +393,7 @@ class ChatServer(ThreadingHTTPServer):
             raise
 
     def _refuse(self, request, message: str) -> None:
+        self.app.metrics.request("", HTTPStatus.SERVICE_UNAVAILABLE)
         try:
             body = json.dumps(error_body(HTTPStatus.SERVICE_UNAVAILABLE, message, "server_error")).encode()
             request.settimeout(1.0)

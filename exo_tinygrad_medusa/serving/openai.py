@@ -23,8 +23,8 @@ from typing import Callable, Iterator
 from ..decoding.sampling import GenerationConfig
 from . import completions
 from .logprobs import TokenTexts
-from .protocol import (BadRequest, ChatRequest, HTTPError, Piece, check_common, error_body, finite_json,
-                       generation_config, short, stops, streaming, top_logprobs)
+from .protocol import (BadRequest, ChatRequest, HTTPError, Piece, check_common, check_text, error_body,
+                       finite_json, generation_config, short, stops, streaming, top_logprobs)
 
 MAX_BODY_BYTES = 16 << 20        # ceiling whatever the context: a body is read into memory whole
 BODY_SLACK_BYTES = 64 << 10      # room for the JSON around the messages and the other fields
@@ -52,6 +52,11 @@ class ChatApp:
         self.max_chars = self.max_context * max(longest, 1)
         self.max_body_bytes = min(MAX_BODY_BYTES, self.max_chars * JSON_BYTES_PER_CHAR + BODY_SLACK_BYTES)
         self.texts = TokenTexts(self.session.tokenizer)
+        self.metrics = worker.metrics
+
+    def metrics_text(self) -> str:
+        waiting, generating = self.worker.jobs.depth()
+        return self.metrics.render(waiting, generating)
 
     @property
     def session(self):
@@ -132,6 +137,7 @@ class ChatApp:
                 content = "".join(p["text"] for p in content)
             if not isinstance(content, str):
                 raise BadRequest(f"messages[{i}].content must be a string or a list of text parts")
+            check_text(content, f"messages[{i}].content")
             chars += len(content)
             if chars > self.max_chars:  # before tokenising: what cannot fit is refused at the cost of a len()
                 raise BadRequest(f"the messages hold more than {self.max_chars} characters, more than a context of "

@@ -114,6 +114,14 @@ def finite_json(body: bytes):
         raise BadRequest(f"request body is not valid JSON: {e}") from None
 
 
+def check_text(text: str, where: str) -> None:
+    """JSON may escape half a surrogate pair ("\\ud800"): not text, and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{where} holds a lone surrogate (half of a \\ud83d\\ude00 pair): it is not text") from None
+
+
 def number(data: dict, key: str, integer: bool = False):
     value = data.get(key)
     if value is None:

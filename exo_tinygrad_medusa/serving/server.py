@@ -10,6 +10,7 @@ This module starts them (`start`, `exo-medusa serve`) and keeps the names that c
 """
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from typing import Callable
@@ -42,6 +43,9 @@ def start(open_session: Callable[[], Session], defaults: GenerationConfig, host:
 
 def cmd_serve(args) -> int:
     from ..options import generation_config, session_from_args
+    # operators see one line per generation (tokens, time, tokens a step, how it ended) and warnings for refusals
+    # without --verbose
+    logging.getLogger(ModelWorker.__module__).setLevel(logging.INFO)
     limits = ServerLimits(args.queue_size, args.timeout, args.max_connections, tuple(args.allow_origin),
                           tuple(args.allow_host), args.header_timeout, args.max_client_connections)
     server = start(lambda: session_from_args(args), generation_config(args), args.host, args.port, limits)

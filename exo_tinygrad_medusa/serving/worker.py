@@ -20,6 +20,7 @@ from typing import Callable
 
 from ..decoding.session import Session
 from ..model.tokenizer import StreamDecoder
+from .metrics import Metrics
 from .protocol import ChatRequest, Piece, StopMatcher
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,11 @@ class JobQueue:
             self.cond.notify()
             return True
 
+    def depth(self) -> tuple[int, bool]:
+        """(requests waiting, whether one generates)."""
+        with self.cond:
+            return sum(not j.cancelled.is_set() for j in self.jobs), self.busy
+
     def take(self) -> Job:
         with self.cond:
             while True:
@@ -84,6 +90,7 @@ class ModelWorker(threading.Thread):
         self.ready = threading.Event()
         self.session: Session | None = None
         self.load_error: BaseException | None = None
+        self.metrics = Metrics()
 
     def submit(self, request: ChatRequest) -> Job | None:
         """The queued job, or None when the queue is full."""
@@ -109,12 +116,14 @@ class ModelWorker(threading.Thread):
         request, started = job.request, time.monotonic()
         out = _Released(self.session.tokenizer, request.stop)
         counted = {"tokens": 0, "calls": 0}
+        calls: list[int] = []   # tokens of each on_tokens call: the prefill's first token, then one per verify step
 
         def on_tokens(ids: list[int]) -> None:
             if job.cancelled.is_set():
                 raise _Cancelled
             counted["tokens"] += len(ids)
             counted["calls"] += 1
+            calls.append(len(ids))
             found = out.feed(ids)
             if piece := out.piece(found):
                 job.events.put(("text", piece))
@@ -139,11 +148,14 @@ class ModelWorker(threading.Thread):
         except _Cancelled:
             log.info("client went away: generation stopped after %d tokens (%.1f s)", counted["tokens"],
                      time.monotonic() - started)
+            self.metrics.generation("cancelled", len(request.prompt_ids), counted["tokens"], calls[1:])
             return
         except Exception:  # a failed generation must not take the worker down; the log has the traceback
             log.exception("generation failed")
+            self.metrics.generation("error", len(request.prompt_ids), counted["tokens"], calls[1:])
             job.events.put(("error", "generation failed; the server log has the details"))
             return
+        self.metrics.generation(done["finish_reason"], len(request.prompt_ids), done["completion_tokens"], calls[1:])
         done["seconds"] = time.monotonic() - started
         log.info("%s: %d prompt + %d completion tokens in %.2f s, %d steps, %.2f tokens a step, finish %s",
                  request.kind, len(request.prompt_ids), done["completion_tokens"], done["seconds"], done["steps"],
