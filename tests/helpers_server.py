@@ -141,7 +141,7 @@ class ScriptedGenerator:
         if len(prompt_ids) >= self.model.max_context:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens but the context holds {self.model.max_context}")
 
-    def generate(self, prompt_ids, cfg, on_tokens, on_logprobs=None):
+    def generate(self, prompt_ids, cfg, on_tokens, on_logprobs=None, on_step=None):
         self.configs.append(cfg)
         self.prompts.append(list(prompt_ids))
         self.started.set()
@@ -153,6 +153,8 @@ class ScriptedGenerator:
                 assert self.gate.wait(SOCKET_S), "the test never opened the gate"
                 chunk = self.chunks[i] if i < len(self.chunks) else byte_tokens(".")
                 generated += chunk
+                if on_step is not None:  # the first chunk stands for the prefill's token, the rest for Medusa steps
+                    on_step("prefill" if i == 0 else ("heads", "context")[i % 2])
                 if on_logprobs is not None:  # a made-up log-probability per token: -(its place in the reply) / 10
                     on_logprobs([TokenLogprob(t, -(len(generated) - len(chunk) + k) / 10, ((t, 0.0),) * cfg.logprobs)
                                  for k, t in enumerate(chunk)])

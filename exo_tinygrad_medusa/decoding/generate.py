@@ -219,10 +219,13 @@ class Generator:
         return hidden, row
 
     def generate(self, prompt_ids: list[int], cfg: GenerationConfig = GenerationConfig(),
-                 on_tokens: OnTokens | None = None, on_logprobs: OnLogprobs | None = None) -> GenerationResult:
+                 on_tokens: OnTokens | None = None, on_logprobs: OnLogprobs | None = None,
+                 on_step: Callable[[str], None] | None = None) -> GenerationResult:
         """With cfg.logprobs every step brings its logits to the host (greedy acceptance then runs there, by the
         device's rule): result.logprobs, and on_logprobs before each on_tokens, hold the base model's
-        log-probabilities of the emitted tokens, the same with Medusa as in plain decoding."""
+        log-probabilities of the emitted tokens, the same with Medusa as in plain decoding. on_step(source), before
+        each step's tokens, says where its drafts came from: "prefill" (the first token), then "plain", "heads",
+        "context" or "datastore"."""
         self.check_prompt(prompt_ids)
         result = GenerationResult(list(prompt_ids))
         rng = np.random.default_rng(cfg.seed)
@@ -234,6 +237,8 @@ class Generator:
         hidden, row = self.prefill(prompt_ids)
         tree_tokens = self.steps.first_tree(hidden, row, cfg, rng, rows)
         result.prefill_s = (t1 := time.perf_counter()) - t0
+        if on_step:
+            on_step("prefill")
         emit.push([int(tree_tokens[0])], _logprobs(rows, [int(tree_tokens[0])], cfg))
         start_pos = len(prompt_ids)
         plain = Plan("heads" if self.tree.size > 1 else "plain", self.tree.size, [], 0.0)
@@ -261,6 +266,8 @@ class Generator:
             self._count(result, plan, steps.tree.size, len(emitted))
             if planner is not None:
                 planner.observe(emitted, None if proposed is None else self.grafter.matched(proposed, emitted))
+            if on_step:
+                on_step(plan.source)
             emit.push(emitted, _logprobs(rows, emitted, cfg))
             if nodes != list(range(len(nodes))):  # accepted nodes must sit in consecutive cache slots
                 keep = np.arange(steps.tree.size, dtype=np.int32)

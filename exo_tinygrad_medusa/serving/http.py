@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+from importlib import resources
 import ipaddress
 import json
 import logging
@@ -40,6 +41,15 @@ LINGER_S = 2.0                   # how long a refused body is read and dropped b
 POLL_S = 0.2                     # how often a waiting handler checks that its client is still there
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 METRICS_PATHS = ("/metrics",)
+PAGE_PATHS = ("/", "/index.html")
+# the chat page runs its own inline script and talks to this server only; nothing may frame it
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+               "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+@functools.cache
+def chat_page() -> str:
+    return (resources.files(__package__) / "static" / "chat.html").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -204,6 +214,10 @@ class ChatHandler(BaseHTTPRequestHandler):
         app = self.server.app
         if self.route in METRICS_PATHS:
             return self._text(HTTPStatus.OK, app.metrics_text(), METRICS_CONTENT_TYPE)
+        if self.route in PAGE_PATHS:
+            return self._text(HTTPStatus.OK, chat_page(), "text/html; charset=utf-8",
+                              {"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff",
+                               "Cache-Control": "no-cache"})
         self._json(HTTPStatus.OK, app.get(self.route))
 
     @property
@@ -310,10 +324,12 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Vary", "Origin")
 
-    def _text(self, status: HTTPStatus, text: str, content_type: str) -> None:
+    def _text(self, status: HTTPStatus, text: str, content_type: str, headers: dict | None = None) -> None:
         body = text.encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self._cors_headers()
         self.end_headers()

@@ -117,6 +117,10 @@ class ModelWorker(threading.Thread):
         out = _Released(self.session.tokenizer, request.stop)
         counted = {"tokens": 0, "calls": 0}
         calls: list[int] = []   # tokens of each on_tokens call: the prefill's first token, then one per verify step
+        source = [""]           # where the coming tokens' step drafted from (on_step), when the client asked
+
+        def on_step(kind: str) -> None:
+            source[0] = kind
 
         def on_tokens(ids: list[int]) -> None:
             if job.cancelled.is_set():
@@ -124,7 +128,7 @@ class ModelWorker(threading.Thread):
             counted["tokens"] += len(ids)
             counted["calls"] += 1
             calls.append(len(ids))
-            found = out.feed(ids)
+            found = out.feed(ids, source[0])
             if piece := out.piece(found):
                 job.events.put(("text", piece))
             if found:
@@ -133,7 +137,8 @@ class ModelWorker(threading.Thread):
         try:
             result = self.session.generator.generate(
                 request.prompt_ids, request.config, on_tokens,
-                on_logprobs=out.logprobs.extend if request.logprobs is not None else None)
+                on_logprobs=out.logprobs.extend if request.logprobs is not None else None,
+                on_step=on_step if request.sources else None)
             found = out.flush()
             if piece := out.piece(found, end=True):
                 job.events.put(("text", piece))
@@ -173,9 +178,12 @@ class _Released:
         self.logprobs: list = []     # TokenLogprob of each generated token, filled by the generator before its ids
         self.spans: list[tuple[int, int] | None] = []   # where each generated token's text lies (EOS: None)
         self.text, self.decoded, self.released, self.given = "", 0, 0, 0
+        self.sources: list[tuple[str, int]] = []   # steps since the last piece: (source, tokens)
 
-    def feed(self, ids: list[int]) -> bool:
-        """Decode ids; whether the text now reaches a stop string."""
+    def feed(self, ids: list[int], source: str = "") -> bool:
+        """Decode ids (one step's, drafted from `source`); whether the text now reaches a stop string."""
+        if source:
+            self.sources.append((source, len(ids)))
         pieces = []
         for t in ids:
             piece = "" if t in self.eos else self.decoder.feed([t])
@@ -211,4 +219,7 @@ class _Released:
             elif span is not None and not final:
                 break  # its text is not all out yet: it goes with a later piece
             self.given += 1
-        return Piece(text, ready) if text or ready else None
+        if not (text or ready):
+            return None  # the steps' sources go with the piece that shows their text
+        sources, self.sources = self.sources, []
+        return Piece(text, ready, sources)
