@@ -154,7 +154,7 @@ class ScriptedGenerator:
                 chunk = self.chunks[i] if i < len(self.chunks) else byte_tokens(".")
                 generated += chunk
                 if on_step is not None:  # the first chunk stands for the prefill's token, the rest for Medusa steps
-                    on_step("prefill" if i == 0 else ("heads", "context")[i % 2])
+                    on_step("prefill" if i == 0 else ("heads", "context")[(i - 1) % 2])
                 if on_logprobs is not None:  # a made-up log-probability per token: -(its place in the reply) / 10
                     on_logprobs([TokenLogprob(t, -(len(generated) - len(chunk) + k) / 10, ((t, 0.0),) * cfg.logprobs)
                                  for k, t in enumerate(chunk)])

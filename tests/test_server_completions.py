@@ -1,6 +1,6 @@
 """`/v1/completions` and log-probabilities on both routes, in process around the scripted generator: the response
 shapes, `echo`, token-id prompts, `stop` with log-probabilities (none past the cut, each chunk's tokens spelling its
-text), and the errors."""
+text), the `medusa_sources` stream extension, and the errors."""
 from __future__ import annotations
 
 import json
@@ -90,6 +90,21 @@ def test_chat_logprobs_streamed_and_not(scripted, gen):
     gen.reset(["Hel", "lo"])
     _, plain = scripted_chat(port)
     assert "logprobs" not in plain["choices"][0] and gen.configs[-1].logprobs is None
+
+
+def test_step_sources_are_streamed_only_when_asked(scripted, gen):
+    _, port = scripted
+    gen.reset(["He", "llo", "!"])  # the scripted steps: the prefill's, then heads, context
+    events = scripted_stream(port, stream_options={"medusa_sources": True})
+    assert [e["medusa_sources"] for e in events[1:-1]] == [
+        [{"source": "prefill", "tokens": 2}], [{"source": "heads", "tokens": 3}], [{"source": "context", "tokens": 1}]]
+    assert "medusa_sources" not in events[0] and "medusa_sources" not in events[-1]
+    gen.reset(["He", "llo", "!"])
+    assert all("medusa_sources" not in e for e in scripted_stream(port))
+    gen.reset(["He", "llo"])
+    events = complete_stream(port, prompt="x", stream_options={"medusa_sources": True})
+    assert [e.get("medusa_sources") for e in events] == [[{"source": "prefill", "tokens": 2}],
+                                                          [{"source": "heads", "tokens": 3}], None]
 
 
 @pytest.mark.parametrize("body, message", [

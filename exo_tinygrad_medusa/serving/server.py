@@ -1,11 +1,13 @@
-"""`exo-medusa serve`: an OpenAI-compatible chat completions server, standard library HTTP only.
+"""`exo-medusa serve`: an OpenAI-compatible server (chat completions, completions, a chat page, metrics), standard
+library HTTP only.
 
-Three parts, each with the guarantees it keeps:
+Its parts, each with the guarantees it keeps:
 - worker.py: one worker thread owns the model and runs every generation, one at a time, behind a bounded queue;
   it applies the `stop` strings itself, so a streamed reply and a non-streamed one are the same text;
-- openai.py: the protocol: a request body -> validated prompt ids and GenerationConfig, events -> OpenAI JSON;
-- http.py: connections, limits, timeouts, origins and Host checks, each answered with an HTTP status and a JSON
-  error before any expensive work.
+- openai.py, completions.py, protocol.py, logprobs.py: the protocol: a request body -> validated prompt ids and
+  GenerationConfig, events -> OpenAI JSON;
+- http.py and listener.py: connections, limits, timeouts, origins and Host checks, each answered with an HTTP
+  status and a JSON error before any expensive work; metrics.py counts what they and the worker do.
 This module starts them (`start`, `exo-medusa serve`) and keeps the names that callers import from it.
 """
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Callable
 
 from ..decoding.sampling import GenerationConfig
 from ..decoding.session import Session
-from .http import ChatHandler, ChatServer, ServerLimits
+from .http import ChatHandler, ServerLimits
+from .listener import ChatServer
 from .openai import ChatApp
 from .protocol import BadRequest, ChatRequest, HTTPError, StopMatcher
 from .worker import Job, JobQueue, ModelWorker
@@ -53,6 +56,7 @@ def cmd_serve(args) -> int:
     # kernels compile and steps are captured on first use: without this the first reply looks like a hang
     print("exo-medusa: the first request compiles kernels and captures steps (30-60 s on a first run; cached after)", file=sys.stderr)
     print(f"exo-medusa: serving {server.app.model_id} at http://{host}:{port}/v1/chat/completions", flush=True)
+    print(f"exo-medusa: chat page at http://{host}:{port}/, metrics at /metrics", file=sys.stderr)
     signal.signal(signal.SIGTERM, _interrupt)  # a clean exit lets tinygrad release its semaphores
     try:
         server.serve_forever()
@@ -69,7 +73,7 @@ def _interrupt(signum, frame) -> None:
 
 def register(subparsers, model_args, generation_args) -> None:
     p = subparsers.add_parser("serve", parents=[model_args(), generation_args()],
-                              help="OpenAI-compatible chat completions server (POST /v1/chat/completions)")
+                              help="OpenAI-compatible server: POST /v1/chat/completions and /v1/completions, a chat page at /")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--queue-size", type=int, default=ServerLimits.queue_size,
