@@ -131,7 +131,8 @@ class ChatServer(ThreadingHTTPServer):
                     del self._deadlines[h]
                     h.timed_out = True
             for h in late:
-                log.warning("%s: request not received in time; closing it", h.client_address[0])
+                log.info("%s: request not received in time (or an idle kept-alive connection): closing it",
+                         h.client_address[0])
                 try:  # a blocked read returns at once with what it has; the answer can still be written
                     h.connection.shutdown(socket.SHUT_RD)
                 except OSError:
