@@ -10,7 +10,7 @@ import urllib.error
 
 import pytest
 
-from exo_tinygrad_medusa.serving.server import StopMatcher
+from exo_tinygrad_medusa.serving.server import ServerLimits, StopMatcher
 # the fixtures (gen, make_server, scripted, scripted_session, server) are imported by name: pytest finds them here
 from helpers_server import (SOCKET_S, call, gen, make_server, post_bytes, raw_http, scripted, scripted_chat,
                             scripted_session, scripted_stream, text_of, user)
@@ -266,3 +266,13 @@ def test_ambiguous_requests_get_400(scripted, gen, request_bytes, message):
     assert gen.configs == []
     # HTTP/1.0 needs no Host (it predates the header)
     assert raw_http(port, b"GET /v1/models HTTP/1.0\r\n\r\n")[0] == 200
+
+
+@pytest.mark.parametrize("limits, message", [
+    ({"header_timeout": 0}, "--timeout and --header-timeout must be > 0"),
+    ({"timeout": -1}, "--timeout and --header-timeout must be > 0"),
+    ({"max_client_connections": 0}, "--max-connections and --max-client-connections >= 1"),
+])
+def test_bad_limits_are_refused(limits, message):
+    with pytest.raises(ValueError, match=message):
+        ServerLimits(**limits)
