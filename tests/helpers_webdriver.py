@@ -77,7 +77,8 @@ def headless_chromium(browser: str, driver: str, width: int = 1100, height: int 
         options = {"binary": browser, "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                                                "--disable-dev-shm-usage", f"--window-size={width},{height}"]}
         body = json.dumps({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": options}}})
-        request = urllib.request.Request(url + "/session", data=body.encode(), headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(url + "/session", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:
             session = json.loads(response.read())["value"]["sessionId"]
         page = Browser(url, session)

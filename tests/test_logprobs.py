@@ -97,7 +97,8 @@ def test_token_logprobs_rank_and_normalise():
     rows = np.log(np.array([[0.5, 0.2, 0.2, 0.1], [0.1, 0.1, 0.1, 0.7]]))
     first, second = token_logprobs(rows + 3.0, [2, 3], 3)  # a shift of the logits changes nothing
     assert first.token == 2 and first.logprob == pytest.approx(np.log(0.2))
-    assert first.top == ((0, pytest.approx(np.log(0.5))), (1, pytest.approx(np.log(0.2))), (2, pytest.approx(np.log(0.2))))
+    assert first.top == ((0, pytest.approx(np.log(0.5))), (1, pytest.approx(np.log(0.2))),
+                         (2, pytest.approx(np.log(0.2))))
     assert second.top[0] == (3, pytest.approx(np.log(0.7)))
     assert token_logprobs(rows, [0, 0], 50)[0].top[-1][0] == 3  # more asked than the vocabulary: all of it
     with pytest.raises(ValueError, match="logprobs must be None or 0 to 20"):

@@ -257,7 +257,8 @@ def test_message_count_is_bounded_before_rendering(make_server, scripted_session
     (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Note: a\x00b\r\n\r\n", "a header value holds a NUL byte"),
     (post_bytes(b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
      "messages[0].content holds a lone surrogate"),
-    (post_bytes(b'{"prompt": "a\\udfffb"}').replace(b"/chat/completions", b"/completions"), "prompt holds a lone surrogate"),
+    (post_bytes(b'{"prompt": "a\\udfffb"}').replace(b"/chat/completions", b"/completions"),
+     "prompt holds a lone surrogate"),
 ], ids=["two-hosts", "no-host", "nul", "surrogate-chat", "surrogate-prompt"])
 def test_ambiguous_requests_get_400(scripted, gen, request_bytes, message):
     _, port = scripted

@@ -56,7 +56,8 @@ def test_completions_streamed_and_not_with_logprobs(client, server):
                for top, lp in zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs))
     streamed = list(client.completions.create(**ask, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == choice.text
-    assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == choice.logprobs.tokens
+    tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == choice.logprobs.tokens
     echoed = client.completions.create(**{**ask, "logprobs": None}, echo=True)
     assert echoed.choices[0].text == "Once upon a time" + choice.text
     # the chat route and the completions route generate from the same model: a chat prompt written out by hand

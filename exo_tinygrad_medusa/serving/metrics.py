@@ -64,7 +64,8 @@ class Metrics:
             lines += [f"# HELP {PREFIX}step_tokens tokens a verify step emitted (accepted drafts + the bonus token)",
                       f"# TYPE {PREFIX}step_tokens histogram"]
             lines += [f'{PREFIX}step_tokens_bucket{{le="{b}"}} {n}' for b, n in zip(STEP_BUCKETS, self.step_buckets)]
-            lines += [f'{PREFIX}step_tokens_bucket{{le="+Inf"}} {self.steps}', f"{PREFIX}step_tokens_sum {self.step_tokens}",
+            lines += [f'{PREFIX}step_tokens_bucket{{le="+Inf"}} {self.steps}',
+                      f"{PREFIX}step_tokens_sum {self.step_tokens}",
                       f"{PREFIX}step_tokens_count {self.steps}"]
         lines += _family("queue_depth", "gauge", "requests waiting for the model", [("", waiting)])
         lines += _family("generating", "gauge", "1 while the model generates", [("", int(generating))])

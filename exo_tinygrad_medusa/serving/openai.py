@@ -166,7 +166,8 @@ class ChatApp:
         if request.kind == "text":
             return completions.reply(self, request, pieces, payload)
         text = "".join(p.text for p in pieces)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": payload["finish_reason"]}
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "finish_reason": payload["finish_reason"]}
         if request.logprobs is not None:
             choice["logprobs"] = self.texts.chat([e for p in pieces for e in p.logprobs])
         return {"id": _completion_id(), "object": "chat.completion", "created": int(time.time()),

@@ -73,7 +73,8 @@ def _interrupt(signum, frame) -> None:
 
 def register(subparsers, model_args, generation_args) -> None:
     p = subparsers.add_parser("serve", parents=[model_args(), generation_args()],
-                              help="OpenAI-compatible server: POST /v1/chat/completions and /v1/completions, a chat page at /")
+                              help="OpenAI-compatible server: POST /v1/chat/completions and /v1/completions, "
+                                   "a chat page at /")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--queue-size", type=int, default=ServerLimits.queue_size,
