@@ -14,12 +14,13 @@ from .heads import MedusaHeads
 from .lookup import DraftPlanner, Grafter, LookupConfig, NoProposals, Plan
 from .tree import PLAIN, MedusaTree, chain
 from ..model.transformer import KVCache, Transformer
-from .sampling import GenerationConfig
+from .sampling import GenerationConfig, TokenLogprob, token_logprobs
 from .steps import ShardSteps
 from ..kernels.tinygrad_hooks import read_host
 
 log = logging.getLogger(__name__)
 OnTokens = Callable[[list[int]], None]
+OnLogprobs = Callable[[list[TokenLogprob]], None]
 STALE_DECAY = 0.98  # per timed step: weight left to a step kind's measured cost since it last ran
 
 
@@ -37,6 +38,7 @@ class GenerationResult:
     source_tokens: dict[str, int] = field(default_factory=dict)
     step_sizes: dict[int, int] = field(default_factory=dict)   # tokens verified a step -> steps
     host_s: float = 0.0           # time spent drafting and planning on the host
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when GenerationConfig.logprobs
 
     @property
     def steps(self) -> int:
@@ -61,13 +63,15 @@ class GenerationResult:
 
 
 class _Emitter:
-    """Cuts accepted tokens exactly at the first EOS and at the token budget, and streams what it keeps."""
+    """Cuts accepted tokens exactly at the first EOS and at the token budget, and streams what it keeps (the tokens'
+    log-probabilities first, when there are any)."""
 
-    def __init__(self, result: GenerationResult, eos_ids: set[int], budget: int, on_tokens: OnTokens | None):
+    def __init__(self, result: GenerationResult, eos_ids: set[int], budget: int, on_tokens: OnTokens | None,
+                 on_logprobs: OnLogprobs | None = None):
         self.result, self.eos_ids, self.budget, self.on_tokens = result, eos_ids, budget, on_tokens
-        self.done = False
+        self.on_logprobs, self.done = on_logprobs, False
 
-    def push(self, tokens: list[int]) -> None:
+    def push(self, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
         kept = []
         for t in tokens:
             kept.append(t)
@@ -78,6 +82,10 @@ class _Emitter:
                 self.done, self.result.finish_reason = True, "length"
                 break
         self.result.generated_ids.extend(kept)
+        if logprobs is not None:
+            self.result.logprobs.extend(logprobs[:len(kept)])
+            if kept and self.on_logprobs:
+                self.on_logprobs(logprobs[:len(kept)])
         if kept and self.on_tokens:
             self.on_tokens(kept)
 
@@ -211,17 +219,27 @@ class Generator:
         return hidden, row
 
     def generate(self, prompt_ids: list[int], cfg: GenerationConfig = GenerationConfig(),
-                 on_tokens: OnTokens | None = None) -> GenerationResult:
+                 on_tokens: OnTokens | None = None, on_logprobs: OnLogprobs | None = None,
+                 on_step: Callable[[str], None] | None = None) -> GenerationResult:
+        """With cfg.logprobs every step brings its logits to the host (greedy acceptance then runs there, by the
+        device's rule): result.logprobs, and on_logprobs before each on_tokens, hold the base model's
+        log-probabilities of the emitted tokens, the same with Medusa as in plain decoding. on_step(source), before
+        each step's tokens, says where its drafts came from: "prefill" (the first token), then "plain", "heads",
+        "context" or "datastore"."""
         self.check_prompt(prompt_ids)
         result = GenerationResult(list(prompt_ids))
         rng = np.random.default_rng(cfg.seed)
-        emit = _Emitter(result, self.eos_ids, min(cfg.max_new_tokens, self.model.max_context - len(prompt_ids)), on_tokens)
+        emit = _Emitter(result, self.eos_ids, min(cfg.max_new_tokens, self.model.max_context - len(prompt_ids)),
+                        on_tokens, on_logprobs)
+        rows = [] if cfg.logprobs is not None else None  # host logits of the emitted tokens, when asked for
         planner = self._planner(prompt_ids, cfg)
         t0 = time.perf_counter()
         hidden, row = self.prefill(prompt_ids)
-        tree_tokens = self.steps.first_tree(hidden, row, cfg, rng)
+        tree_tokens = self.steps.first_tree(hidden, row, cfg, rng, rows)
         result.prefill_s = (t1 := time.perf_counter()) - t0
-        emit.push([int(tree_tokens[0])])
+        if on_step:
+            on_step("prefill")
+        emit.push([int(tree_tokens[0])], _logprobs(rows, [int(tree_tokens[0])], cfg))
         start_pos = len(prompt_ids)
         plain = Plan("heads" if self.tree.size > 1 else "plain", self.tree.size, [], 0.0)
         while not emit.done:
@@ -235,11 +253,11 @@ class Generator:
             proposed = tree_tokens if len(tree_tokens) == self.tree.size and self.tree.size > 1 else None
             steps, tree_tokens = self._tokens_for(plan, tree_tokens)
             # greedy steps are timed once captured (a capturing call compiles); sampling plans from the cost table
-            timed = planner is not None and cfg.greedy and self.lookup.measure_costs and \
+            timed = planner is not None and cfg.greedy and rows is None and self.lookup.measure_costs and \
                 steps.verify_greedy.captured is not None
             s0 = time.perf_counter()
             x = steps.host("tokens", tree_tokens.reshape(1, -1))
-            nodes, next_tree = steps.verify(x, self.cache.layers, start_pos, tree_tokens, cfg, rng)
+            nodes, next_tree = steps.verify(x, self.cache.layers, start_pos, tree_tokens, cfg, rng, rows)
             if timed:
                 self._timed("heads" if plan.source == "heads" else plan.size, time.perf_counter() - s0)
                 planner.measured = self.measured_costs()
@@ -248,7 +266,9 @@ class Generator:
             self._count(result, plan, steps.tree.size, len(emitted))
             if planner is not None:
                 planner.observe(emitted, None if proposed is None else self.grafter.matched(proposed, emitted))
-            emit.push(emitted)
+            if on_step:
+                on_step(plan.source)
+            emit.push(emitted, _logprobs(rows, emitted, cfg))
             if nodes != list(range(len(nodes))):  # accepted nodes must sit in consecutive cache slots
                 keep = np.arange(steps.tree.size, dtype=np.int32)
                 keep[:len(nodes)] = nodes
@@ -265,3 +285,12 @@ class Generator:
         result.source_steps[plan.source] = result.source_steps.get(plan.source, 0) + 1
         result.source_tokens[plan.source] = result.source_tokens.get(plan.source, 0) + emitted
         result.step_sizes[size] = result.step_sizes.get(size, 0) + 1
+
+
+def _logprobs(rows: list | None, tokens: list[int], cfg: GenerationConfig) -> list[TokenLogprob] | None:
+    """The log-probabilities of tokens from the host logits rows that predicted them (emptied for the next step)."""
+    if rows is None:
+        return None
+    out = token_logprobs(np.stack(rows), tokens, cfg.logprobs)
+    rows.clear()
+    return out

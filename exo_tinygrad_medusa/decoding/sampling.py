@@ -1,4 +1,6 @@
-"""Host-side sampling and Medusa acceptance for temperature > 0 (greedy acceptance runs on the device)."""
+"""Host-side sampling and Medusa acceptance for temperature > 0 (greedy acceptance runs on the device, except when
+log-probabilities are asked for: then the logits come to the host and `greedy_accept` applies the device's rule),
+and the log-probabilities of emitted tokens."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .tree import MedusaTree
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,9 @@ class GenerationConfig:
     posterior_threshold: float = 0.09
     posterior_alpha: float = 0.3
     prompt_lookup: bool | None = None  # drafts from the context (medusa/lookup.py); None: where it pays (Generator)
+    # the base model's log-probability of each emitted token, with this many most likely alternatives (0 to 20);
+    # None: none (the logits then stay on the device when decoding greedily)
+    logprobs: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -33,6 +40,8 @@ class GenerationConfig:
             raise ValueError(f"medusa_sampling must be 'typical' or 'exact', got {self.medusa_sampling!r}")
         if not 0 < self.posterior_threshold <= 1 or not self.posterior_alpha > 0:
             raise ValueError("posterior_threshold must be in (0, 1] and posterior_alpha > 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be None or 0 to {MAX_TOP_LOGPROBS} alternatives, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -111,3 +120,46 @@ def exact_accept(tree: MedusaTree, tree_tokens: np.ndarray, logits: np.ndarray, 
             return nodes, sample(residual, rng)
         nodes.append(accepted)
         node = accepted
+
+
+def greedy_accept(tree: MedusaTree, tree_tokens: np.ndarray, logits: np.ndarray) -> tuple[list[int], int]:
+    """The device's greedy rule (ShardSteps._verify_greedy) on host logits: the longest path whose every node is its
+    parent's argmax (the first such path on a tie), and the argmax after its last node as the bonus token."""
+    pred = logits.argmax(-1)
+    best_nodes: list[int] = [0]
+    for path, length in zip(tree.retrieve_paths, tree.path_lengths):
+        nodes = [0]
+        for node in path[1:length]:
+            if int(tree_tokens[node]) != int(pred[nodes[-1]]):
+                break
+            nodes.append(int(node))
+        if len(nodes) > len(best_nodes):
+            best_nodes = nodes
+    return best_nodes, int(pred[best_nodes[-1]])
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()   # the most likely tokens at this position and theirs, best first
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def token_logprobs(rows: np.ndarray, tokens, top_n: int) -> list[TokenLogprob]:
+    """For each emitted token, its log-probability under the base model's distribution at its position (rows[i]:
+    the raw logits that predicted tokens[i]; temperature 1, before any top-k/top-p cut) and the top_n best."""
+    out = []
+    for row, token in zip(log_softmax(np.asarray(rows)), tokens):
+        top = ()
+        if (n := min(top_n, row.shape[-1])) > 0:
+            pick = np.argpartition(-row, n - 1)[:n]
+            pick = pick[np.lexsort((pick, -row[pick]))]  # best first; equal ones by id, for a stable answer
+            top = tuple((int(i), float(row[i])) for i in pick)
+        out.append(TokenLogprob(int(token), float(row[int(token)]), top))
+    return out

@@ -1,12 +1,15 @@
-"""The HTTP layer of `exo-medusa serve`, standard library only: connections, limits, origins, timeouts.
+"""The HTTP layer of `exo-medusa serve`, standard library only: one connection's requests, limits, origins, timeouts
+(listener.py accepts the connections, counts them and keeps their deadlines).
 
 The handler reads a request, enforces what HTTP itself must bound and hands the body to the OpenAI protocol
-(openai.ChatApp); it writes back the JSON or server-sent events the protocol returns. Every limit answers with an
-HTTP status and a JSON error, before any expensive work:
+(openai.ChatApp); it writes back the JSON or server-sent events the protocol returns, `/metrics` and the chat page
+(static/chat.html). Every limit answers with an HTTP status and a JSON error, before any expensive work:
 - a body larger than what the context can hold is refused from its Content-Length, unread (413);
-- at most `max_connections` connections are open (503);
-- a client has `timeout` seconds to send its whole request (408 or the connection is closed) and each write of the
-  reply may block that long; a client that hangs up cancels its generation, streamed or not;
+- at most `max_connections` connections are open, at most `max_client_connections` of them from one address (503);
+- a client has `header_timeout` seconds (short) to send its request line and headers, and `timeout` seconds from
+  then on for its body (408 or the connection is closed), so that connections trickling a byte at a time cannot hold
+  every slot for long; each write of the reply may block `timeout` seconds; a client that hangs up cancels its
+  generation, streamed or not;
 - browsers' cross-site requests are refused (403) unless their Origin is allowed, and on a loopback address the
   Host header must name this machine (DNS rebinding).
 """
@@ -20,34 +23,49 @@ import logging
 import queue
 import select
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+from importlib import resources
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
-from .openai import BadRequest, ChatApp, HTTPError, error_body, short
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .protocol import BadRequest, HTTPError, error_body, short
 from .worker import DEFAULT_QUEUE_SIZE, Job
 
 log = logging.getLogger(__name__)
 LINGER_S = 2.0                   # how long a refused body is read and dropped before closing
 POLL_S = 0.2                     # how often a waiting handler checks that its client is still there
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+METRICS_PATHS = ("/metrics",)
+PAGE_PATHS = ("/", "/index.html")
+# the chat page runs its own inline script and talks to this server only; nothing may frame it
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+               "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+@functools.cache
+def chat_page() -> str:
+    return (resources.files(__package__) / "static" / "chat.html").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
 class ServerLimits:
     queue_size: int = DEFAULT_QUEUE_SIZE  # requests that may wait while one generates
-    timeout: float = 30.0              # seconds to receive a whole request; and for each blocking write
+    timeout: float = 30.0              # seconds to receive a body once the headers are in; and for each blocking write
     max_connections: int = 64
     allow_origins: tuple[str, ...] = ()   # besides this machine's own pages; fnmatch patterns, "*" allows all
     allow_hosts: tuple[str, ...] = ()     # Host names accepted besides the bound address and localhost
+    header_timeout: float = 5.0        # seconds to receive the request line and headers (also an idle keep-alive)
+    max_client_connections: int = 32  # open connections from one address
 
     def __post_init__(self):
-        if self.queue_size < 0 or self.max_connections < 1 or not self.timeout > 0:
-            raise ValueError("--queue-size must be >= 0, --max-connections >= 1 and --timeout > 0")
+        if self.queue_size < 0 or self.max_connections < 1 or self.max_client_connections < 1:
+            raise ValueError("--queue-size must be >= 0, --max-connections and --max-client-connections >= 1")
+        if not (self.timeout > 0 and self.header_timeout > 0):
+            raise ValueError("--timeout and --header-timeout must be > 0")
 
 
 def _hostname(value: str) -> str:
@@ -58,7 +76,7 @@ def _hostname(value: str) -> str:
         return ""
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
@@ -68,7 +86,7 @@ def _is_loopback(host: str) -> bool:
 
 
 class ChatHandler(BaseHTTPRequestHandler):
-    server: "ChatServer"
+    server: "ChatServer"  # listener.py
     server_version = "exo-medusa"
     timed_out = False  # set by the server when the request did not arrive in time
     _next_check = 0.0  # when _next_event next looks at the client's socket
@@ -76,7 +94,18 @@ class ChatHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.limits.timeout  # per blocking read or write on this connection
         super().setup()
+
+    def handle_one_request(self) -> None:
+        # each request on a connection (the first, or the next on a kept-alive one) starts with the header deadline
+        self.timed_out = False
         self.server.watch(self)
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok:  # the request line and headers are in: the body gets the longer deadline
+            self.server.headers_received(self)
+        return ok
 
     def finish(self) -> None:
         self.server.unwatch(self)
@@ -88,9 +117,21 @@ class ChatHandler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args) -> None:
         log.debug("%s %s", self.address_string(), fmt % args)
 
+    def log_request(self, code="-", size="-") -> None:
+        """Called once per answer, by send_response: counted for /metrics; refusals logged as warnings."""
+        super().log_request(code, size)
+        if isinstance(code, int):
+            path = (getattr(self, "path", None) or "").split("?", 1)[0]
+            self.server.app.metrics.request(path, code)
+            if code >= 400 and code not in (404, 405):
+                log.warning("%s: %d for %s %s", self.client_address[0], code, getattr(self, "command", None) or "-",
+                            short(path))
+
     # -- the stdlib's own errors (bad request line, unknown method, oversized headers) as JSON too
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         self.close_connection = True
+        if self.timed_out:  # the request line was cut by the header deadline: that, not its syntax, is the fault
+            code, message = HTTPStatus.REQUEST_TIMEOUT, self._late_headers()
         if self.request_version == "HTTP/0.9":  # no version parsed from garbage: answer with a status line anyway
             self.request_version = "HTTP/1.0"
         try:
@@ -118,7 +159,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         try:
             if self.timed_out:  # headers trickled in past the deadline: what arrived may be cut anywhere
                 self.close_connection = True
-                raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, f"the request did not arrive within {self.timeout:g} s")
+                raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, self._late_headers())
             self._check_host_and_origin()
             route()
         except HTTPError as e:
@@ -128,6 +169,9 @@ class ChatHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, TimeoutError) as e:
             log.info("%s: connection dropped (%s)", self.address_string(), type(e).__name__)
             self.close_connection = True
+
+    def _late_headers(self) -> str:
+        return f"the request line and headers did not arrive within {self.server.limits.header_timeout:g} s"
 
     def _discard_input(self) -> None:
         """Closing on unread input makes the kernel reset the connection, and a client still sending its body
@@ -144,10 +188,17 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _check_host_and_origin(self) -> None:
         limits, bound = self.server.limits, self.server.bound_host
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1:  # which one a proxy or this check reads would be anyone's guess
+            raise BadRequest(f"the request has {len(hosts)} Host headers; send one")
+        if not hosts and self.request_version == "HTTP/1.1":
+            raise BadRequest("an HTTP/1.1 request needs a Host header")
+        if any("\x00" in value for value in self.headers.values()):
+            raise BadRequest("a header value holds a NUL byte")
         host = self.headers.get("Host")
         if host is not None and bound is not None:  # None: bound to every address, any name may reach it
             name = _hostname(host)
-            allowed = _is_loopback(name) if _is_loopback(bound) else name in (bound, *LOOPBACK_NAMES)
+            allowed = is_loopback(name) if is_loopback(bound) else name in (bound, *LOOPBACK_NAMES)
             if not (allowed or name == bound or any(fnmatch.fnmatchcase(name, h.lower()) for h in limits.allow_hosts)):
                 raise HTTPError(HTTPStatus.FORBIDDEN, f"Host {short(host)} is not this server's address; "
                                 "allow it with --allow-host", "forbidden")
@@ -159,7 +210,19 @@ class ChatHandler(BaseHTTPRequestHandler):
     # -- routes: the protocol (ChatApp) says what to answer, this layer how
     def _get(self) -> None:
         self.server.received(self)
-        self._json(HTTPStatus.OK, self.server.app.get(self.path))
+        app = self.server.app
+        if self.route in METRICS_PATHS:
+            return self._text(HTTPStatus.OK, app.metrics_text(), METRICS_CONTENT_TYPE)
+        if self.route in PAGE_PATHS:
+            return self._text(HTTPStatus.OK, chat_page(), "text/html; charset=utf-8",
+                              {"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff",
+                               "Cache-Control": "no-cache"})
+        self._json(HTTPStatus.OK, app.get(self.route))
+
+    @property
+    def route(self) -> str:
+        """The request's path without its query string (routes take no query)."""
+        return self.path.split("?", 1)[0]
 
     def _options(self) -> None:
         """CORS preflight: allowed origins (checked above) may POST JSON."""
@@ -180,8 +243,8 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _post(self) -> None:
         app = self.server.app
-        app.check_post(self.path)
-        request = app.parse(self._read_body())
+        app.check_post(self.route)
+        request = app.parse(self._read_body(), self.route)
         job = app.submit(request)
         next_event = functools.partial(self._next_event, job)
         try:
@@ -260,6 +323,17 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Vary", "Origin")
 
+    def _text(self, status: HTTPStatus, text: str, content_type: str, headers: dict | None = None) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self._cors_headers()
+        self.end_headers()
+        self.wfile.write(body)
+
     def _json(self, status: HTTPStatus, obj: dict) -> None:
         body = json.dumps(obj).encode()
         self.send_response(status)
@@ -280,91 +354,3 @@ class ChatHandler(BaseHTTPRequestHandler):
             self._json(status, error_body(status, message, kind))
         except OSError:  # the client left before its answer
             self.close_connection = True
-
-
-class ChatServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
-
-    def __init__(self, address: tuple[str, int], app: ChatApp, limits: ServerLimits = ServerLimits()):
-        self.app, self.limits = app, limits
-        self.slots = threading.BoundedSemaphore(self.limits.max_connections)
-        self._deadlines: dict[ChatHandler, float] = {}
-        self._lock, self._closed = threading.Lock(), threading.Event()
-        super().__init__(address, ChatHandler)
-        host = self.server_address[0]
-        self.bound_host = None if ipaddress.ip_address(host).is_unspecified else host.lower()
-        threading.Thread(target=self._reap, name="request-deadlines", daemon=True).start()
-
-    def origin_allowed(self, origin: str) -> bool:
-        if any(fnmatch.fnmatchcase(origin, pattern) for pattern in self.limits.allow_origins):
-            return True
-        parts = urlsplit(origin) if origin.startswith(("http://", "https://")) else None
-        try:
-            name = (parts.hostname or "").lower() if parts else ""
-        except ValueError:
-            return False
-        # this machine's own pages (any port): the same trust as a local process
-        return bool(name) and (_is_loopback(name) or name == self.bound_host)
-
-    def server_close(self) -> None:
-        self._closed.set()
-        super().server_close()
-
-    # -- bounded connections: beyond max_connections a connection gets 503 at once instead of a thread
-    def process_request(self, request, client_address) -> None:
-        if not self.slots.acquire(blocking=False):
-            try:
-                body = json.dumps(error_body(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later",
-                                             "server_error")).encode()
-                request.settimeout(1.0)
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-                # closing with unread bytes makes the kernel send a reset, which can beat the 503 to the client:
-                # drop what has already arrived (without waiting: this runs on the accepting thread)
-                while request.recv(1 << 16, socket.MSG_DONTWAIT):
-                    pass
-            except OSError:  # BlockingIOError once nothing more is waiting, or the client is gone
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
-
-    # -- a whole request (headers and body) must arrive within limits.timeout, however slowly it trickles in
-    def watch(self, handler: ChatHandler) -> None:
-        with self._lock:
-            self._deadlines[handler] = time.monotonic() + self.limits.timeout
-
-    def received(self, handler: ChatHandler) -> bool:
-        """The handler has its whole request; False when its deadline passed first (it is being cut off)."""
-        with self._lock:
-            return self._deadlines.pop(handler, None) is not None
-
-    def unwatch(self, handler: ChatHandler) -> None:
-        with self._lock:
-            self._deadlines.pop(handler, None)
-
-    def _reap(self) -> None:
-        while not self._closed.wait(min(1.0, self.limits.timeout / 4)):
-            now = time.monotonic()
-            with self._lock:  # flagged under the lock: received() then knows the reaper got there first
-                late = [h for h, deadline in self._deadlines.items() if deadline < now]
-                for h in late:
-                    del self._deadlines[h]
-                    h.timed_out = True
-            for h in late:
-                log.info("%s: request not received in %.0f s", h.client_address[0], self.limits.timeout)
-                try:  # a blocked read returns at once with what it has; the answer can still be written
-                    h.connection.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
