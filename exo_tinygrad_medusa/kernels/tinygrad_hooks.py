@@ -28,6 +28,11 @@ tests/test_tinygrad_hooks.py, which fails loudly when an upgrade moves what this
    --dtype float16 there is refused with that reason (model/loader.py). The same emulation zeroes whole blocks when
    tinygrad's GGUF reader dequantizes there (it computes in float16): the CPU dequantizes GGUFs for such devices
    (loader._gguf_reader_device). tests/test_device_cl.py fails when a tinygrad upgrade fixes either.
+9. Captured steps on disk (`dump_captured`, `load_captured`, `captured_of`, `install_captured`): a TinyJit capture
+   pickles with its compiled programs and every buffer it reads (tinygrad's own pickling); loaded in a new process,
+   each buffer gets a fresh slot number (the old process's numbers would alias buffers made here: tinygrad
+   deduplicates UOps by value), buffers named `fresh` (a KV cache) come back zeroed instead of stored, and a loaded
+   capture replays at once, with no scheduling. decoding/capture_cache.py uses it for start-up.
 """
 from __future__ import annotations
 
@@ -643,6 +648,82 @@ def emulates_float16(device: str) -> bool:
     then fail to compile there (tinygrad 0.14; see section 8 of the module docstring)."""
     from tinygrad import Device, dtypes
     return dtypes.half not in Device[device].renderer.supported_dtypes()
+
+
+# -- 9. captured steps on disk ---------------------------------------------------------------------------------------
+def captured_of(jit):
+    """The capture of a TinyJit (or of an object holding one as `.jit`), None until it has captured."""
+    return getattr(jit, "jit", jit).captured
+
+
+def install_captured(jit, captured) -> None:
+    """Make `jit` replay `captured` from its next call on: TinyJit's call count says it has captured."""
+    jit = getattr(jit, "jit", jit)
+    jit.captured, jit.cnt = captured, 2
+
+
+def _reduce_tensor(t: Tensor):
+    from tinygrad import Tensor
+    return Tensor, (t.uop,)  # a realized tensor is its buffer's UOp; Tensor() registers it as a live tensor again
+
+
+def _reduce_captured(c):
+    # CapturedJit works out the buffers its calls write on its first replay, ~0.4 s a step kind for SmolLM2: the
+    # stored set saves a loaded capture that work (the rest of a first replay is linking its calls, done here)
+    written = c.__dict__.get("_written_uops")
+    return _restore_captured, (type(c), c.ret, c._linear, c.expected_names, c.expected_input_info, written)
+
+
+def _restore_captured(cls, ret, linear, names, input_info, written):
+    captured = cls(ret, linear, names, input_info)
+    if written is not None:
+        captured.__dict__["_written_uops"] = written
+    return captured
+
+
+def dump_captured(state, file, fresh: list[Tensor] = ()) -> None:
+    """Pickle `state` (captures, model objects, tensors) to the open binary `file`; the buffers of `fresh` tensors
+    are stored by size only, and load_captured zeroes them."""
+    import copyreg
+    import pickle
+    from tinygrad import Tensor
+    from tinygrad.engine.jit import CapturedJit
+    fresh_ids = {id(t.uop.base.buffer): i for i, t in enumerate(fresh)}
+
+    class Pickler(pickle.Pickler):
+        dispatch_table = {**copyreg.dispatch_table, Tensor: _reduce_tensor, CapturedJit: _reduce_captured}
+
+        def persistent_id(self, obj):
+            from tinygrad.device import Buffer
+            if isinstance(obj, Buffer) and id(obj) in fresh_ids:
+                return ("fresh", obj.device, obj.size, obj.dtype)
+            return None
+    Pickler(file, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
+
+
+def _fresh_slot_uop(op, *args):
+    """UOp(...) for unpickling: a global buffer gets a new slot (see section 9)."""
+    from tinygrad.uop.ops import ParamArg
+    if op is Ops.BUFFER and len(args) >= 3 and isinstance(arg := args[2], ParamArg) and arg.device is not None:
+        args = (args[0], args[1], replace(arg, slot=next(UOp.unique_num)), *args[3:])
+    return UOp(op, *args)
+
+
+def load_captured(file):
+    """What dump_captured wrote to `file`."""
+    import pickle
+    from tinygrad.device import Buffer
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) == ("tinygrad.uop.ops", "UOp"):
+                return _fresh_slot_uop
+            return super().find_class(module, name)
+
+        def persistent_load(self, pid):
+            _, device, size, dtype = pid
+            return Buffer(device, size, dtype, initial_value=bytes(size * dtype.itemsize))
+    return Unpickler(file).load()
 
 
 # -- installing ----------------------------------------------------------------------------------------------------
