@@ -498,9 +498,21 @@ def share_kernel_cache() -> None:
 # both schedule a copy, and tinygrad's scheduler walks every live tensor (each weight of the model) on the way, ~5 ms
 # a decode step on the CPU. These copy straight between host memory and a realized buffer.
 def device_buffer(shape: tuple[int, ...], dtype, device: str) -> Tensor:
-    """A realized tensor on `device` whose values write_host replaces in place."""
-    from tinygrad import Tensor
-    return Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize()  # zeros: empty() allocates nothing
+    """A realized, zeroed tensor on `device` whose values write_host replaces in place. Its buffer is made directly:
+    realizing a zeros tensor would schedule it, and every schedule walks every live tensor (~50 ms each once a
+    stored session's tensors are loaded)."""
+    from tinygrad import Device, Tensor
+    from tinygrad.device import Buffer
+    size = math.prod(shape)
+    buf = Buffer(Device.canonicalize(device), size, dtype, initial_value=bytes(size * dtype.itemsize))
+    return Tensor(UOp.from_buffer(buf)).reshape(shape)
+
+
+def host_tensor(values: np.ndarray, device: str) -> Tensor:
+    """A realized tensor on `device` holding `values` (a step's constant), made without the scheduler."""
+    from tinygrad.dtype import _from_np_dtype
+    values = np.ascontiguousarray(values)
+    return write_host(device_buffer(values.shape, _from_np_dtype(values.dtype), device), values)
 
 
 def _plain_buffer(t: Tensor):
