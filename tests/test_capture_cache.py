@@ -15,7 +15,7 @@ from exo_tinygrad_medusa.decoding.heads import random_heads
 from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
 from exo_tinygrad_medusa.decoding.session import MedusaOptions
 from exo_tinygrad_medusa.kernels.tinygrad_hooks import (captured_of, dump_captured, install_captured, load_captured,
-                                                         read_host)
+                                                         read_host, written_buffers)
 from exo_tinygrad_medusa.model.loader import load_model
 
 
@@ -27,8 +27,10 @@ def test_a_loaded_capture_replays_on_its_own_buffers():
     for _ in range(3):
         step(x)
     assert step.captured._written_uops  # worked out on the first replay: stored with the capture
+    written = written_buffers(step.captured)
+    assert written and weight.uop.base.buffer not in written and scratch.uop.base.buffer not in written
     f = io.BytesIO()
-    dump_captured({"step": step.captured, "weight": weight, "scratch": scratch}, f, fresh=[scratch])
+    dump_captured({"step": step.captured, "weight": weight, "scratch": scratch}, f, fresh=[scratch, *written])
     f.seek(0)
     state = load_captured(f)
     weight.assign(Tensor.zeros(6)).realize()   # the original's buffers change; the loaded ones must not
@@ -73,6 +75,7 @@ def test_session_key_follows_files_and_options(checkpoint, heads_dir, store_dir)
     assert key != session_key(str(checkpoint), "CPU", None, 64, medusa, None)
 
 
+@pytest.mark.slow
 def test_stored_session_generates_the_same_tokens(checkpoint, heads_dir, store_dir, caplog):
     options = dict(max_context=64, medusa=MedusaOptions(True, heads_dir, choices="chain-2"))
     cfg = GenerationConfig(max_new_tokens=10)

@@ -30,7 +30,8 @@ from ..model.registry import MODELS_DIR, resolve
 from ..model.transformer import KVCache
 from ..model.weights import DTYPES
 from ..kernels import tinygrad_hooks
-from ..kernels.tinygrad_hooks import NUM_THREADS, captured_of, dump_captured, install_captured, load_captured
+from ..kernels.tinygrad_hooks import (NUM_THREADS, captured_of, dump_captured, install_captured, load_captured,
+                                      written_buffers)
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -38,6 +39,8 @@ KEEP_FILES = 4   # stored sessions kept (newest first): each holds a model's wei
 # environment variables that change which kernels tinygrad builds or how they run
 KERNEL_ENV = ("DEV", "BEAM", "NOOPT", "CPU_LLVM", "CC", "JIT", "THREADS", "EXO_MEDUSA_KERNELS", "EXO_MEDUSA_THREADS")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
+# a GPU backend opens only where one of these exists (NV and CUDA, AMD, other GPUs, Jetson, PCI passthrough)
+GPU_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dri", "/dev/nvhost-ctrl-gpu", "/dev/vfio")
 
 
 def cache_dir() -> Path:
@@ -62,6 +65,15 @@ def _source_digest() -> str:
             h.update(str(p.relative_to(PACKAGE_DIR)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def key_device(device: str | None) -> str:
+    """The device a session runs on, as choose_device picks it, without its probe of every GPU backend (~2 s on a
+    machine without a GPU, most of a stored session's start-up) where no GPU device node exists: then it is the CPU."""
+    from tinygrad.helpers import DEV
+    if not (device or DEV.device) and sys.platform != "darwin" and not any(os.path.exists(p) for p in GPU_NODES):
+        return "CPU"
+    return choose_device(device)[0]
 
 
 def session_key(model: str | None, device: str, dtype: str | None, max_context: int | None, medusa: MedusaOptions,
@@ -119,7 +131,7 @@ class StoredSession:
         if _count(caps) <= self.stored:
             return False
         generator, loaded = session.generator, session.loaded
-        state = {"format": FORMAT, "model": loaded.model, "tokenizer": loaded.tokenizer, "heads": session.heads,
+        state = {"format": FORMAT, "device": loaded.device, "model": loaded.model, "tokenizer": loaded.tokenizer, "heads": session.heads,
                  "tree": session.tree, "cache": generator.cache.layers, "captures": caps,
                  "step_seconds": dict(generator.step_seconds)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +139,10 @@ class StoredSession:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".steps-", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                dump_captured(state, f, fresh=generator.cache.layers)  # the KV cache's contents are never needed
+                # contents never needed: the KV cache, and what the captures write before they read it
+                fresh = [*generator.cache.layers, *(b for caps_of in caps.values() for c in caps_of.values()
+                                                    for b in written_buffers(c))]
+                dump_captured(state, f, fresh=fresh)
             os.replace(tmp, self.path)  # whole or not at all, also with two runs storing at once
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -151,12 +166,11 @@ def open_session_stored(model: str | None = None, *, device: str | None = None, 
     if not use_store:
         return open_session(model, device=device, dtype=dtype, max_context=max_context, medusa=medusa,
                             weights=weights), StoredSession(None)
-    device_name, _ = choose_device(device)
-    path = cache_dir() / f"steps-{session_key(model, device_name, dtype, max_context, medusa, weights)}.pkl"
+    path = cache_dir() / f"steps-{session_key(model, key_device(device), dtype, max_context, medusa, weights)}.pkl"
     if path.is_file():
         t0 = time.perf_counter()
         try:
-            session, stored = _load(path, model, device_name)
+            session, stored = _load(path, model, device)
             store = StoredSession(path, hit=True, stored=stored, load_s=time.perf_counter() - t0)
             log.info("loaded the stored session %s (%d captured steps, %.2f s)", path, stored, store.load_s)
             os.utime(path)  # recently used: kept by _prune
@@ -168,12 +182,14 @@ def open_session_stored(model: str | None = None, *, device: str | None = None, 
     return session, StoredSession(path)
 
 
-def _load(path: Path, model: str | None, device: str) -> tuple[Session, int]:
+def _load(path: Path, model: str | None, device: str | None) -> tuple[Session, int]:
     tinygrad_hooks.install()
     with open(path, "rb") as f:
         state = load_captured(f)
     if state.get("format") != FORMAT:
         raise ValueError(f"format {state.get('format')} is not {FORMAT}")
+    device, _ = choose_device(device or state["device"])   # the one key_device named: made tinygrad's default
+    os.environ["DEV"] = device   # as choose_device does with its own pick: compile workers see the same default
     transformer = state["model"]
     dtype = next(name for name, dt in DTYPES.items() if dt == transformer.float_weight.dtype)
     weights = "compact" if transformer.packed_logits is not None else "float32"

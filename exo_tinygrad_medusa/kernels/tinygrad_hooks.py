@@ -693,14 +693,22 @@ def _restore_captured(cls, ret, linear, names, input_info, written):
     return captured
 
 
-def dump_captured(state, file, fresh: list[Tensor] = ()) -> None:
-    """Pickle `state` (captures, model objects, tensors) to the open binary `file`; the buffers of `fresh` tensors
-    are stored by size only, and load_captured zeroes them."""
+def written_buffers(captured) -> list:
+    """The buffers a capture writes (its scratch memory, its outputs, a KV cache): a replay rewrites them before
+    reading them back, so a new process needs their sizes, not their contents."""
+    from tinygrad.uop.ops import buffers
+    found = (buffers[u] for u in captured._written_uops if u in buffers)
+    return [b if b._base is None else b._base for b in found]  # a view's memory is its base's: stored as one
+
+
+def dump_captured(state, file, fresh: list = ()) -> None:
+    """Pickle `state` (captures, model objects, tensors) to the open binary `file`; `fresh` buffers (or tensors'
+    buffers) are stored by size only, and load_captured zeroes them."""
     import copyreg
     import pickle
     from tinygrad import Tensor
     from tinygrad.engine.jit import CapturedJit
-    fresh_ids = {id(t.uop.base.buffer): i for i, t in enumerate(fresh)}
+    fresh_ids = {id(f.uop.base.buffer if isinstance(f, Tensor) else f) for f in fresh}
 
     class Pickler(pickle.Pickler):
         dispatch_table = {**copyreg.dispatch_table, Tensor: _reduce_tensor, CapturedJit: _reduce_captured}
