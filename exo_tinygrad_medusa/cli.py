@@ -30,7 +30,10 @@ def cmd_run(args) -> int:
     session, store = stored_session_from_args(args, use_store=not args.no_step_cache)
     prompt_ids = session.prompt_ids(prompt, chat_template=not args.no_chat_template)
     session.generator.check_prompt(prompt_ids)
-    if not store.hit:  # a stored session's steps replay at once; steps it lacks are captured when first used
+    if store.hit:  # a stored session's steps replay at once; steps it lacks are captured when first used
+        status.show("preparing the stored steps")
+        store.prepare(session, prompt_ids, cfg)
+    else:
         status.show("compiling kernels and capturing steps (about a minute on a 2-core CPU, more on a first run; "
                     "the next run starts from what this one stores)" if store.path else
                     "compiling kernels and capturing steps (about a minute on a 2-core CPU, more on a first run)")
