@@ -39,8 +39,8 @@ from ..kernels.tinygrad_hooks import (NUM_THREADS, captured_of, dump_captured, i
 log = logging.getLogger(__name__)
 FORMAT = 1
 KEEP_FILES = 4   # stored sessions kept (newest first): each holds a model's weights, ~0.3 GB for SmolLM2-135M
-# environment variables that change which kernels tinygrad builds or how they run
-KERNEL_ENV = ("DEV", "BEAM", "NOOPT", "CPU_LLVM", "CC", "JIT", "THREADS", "EXO_MEDUSA_KERNELS", "EXO_MEDUSA_THREADS")
+# environment variables that change which kernels tinygrad builds or how they run (DEV: in the device, key_device)
+KERNEL_ENV = ("BEAM", "NOOPT", "CPU_LLVM", "CC", "JIT", "THREADS", "EXO_MEDUSA_KERNELS", "EXO_MEDUSA_THREADS")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # a GPU backend opens only where one of these exists (NV and CUDA, AMD, other GPUs, Jetson, PCI passthrough)
 GPU_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dri", "/dev/nvhost-ctrl-gpu", "/dev/vfio")
