@@ -6,7 +6,9 @@ steps replay at once (tinygrad_hooks section 9). The file is keyed by everything
 file, the heads and model cards (sizes and modification times), the options, the device, the environment variables
 that change kernels, tinygrad's version and this package's own source (a code change must never replay old kernels).
 A file that fails to load is removed and the session is built the usual way. Steps captured during a run that the
-file lacks (a long prompt's 128-token chunk, sampling's steps) are added when the run ends.
+file lacks (a long prompt's 128-token chunk, sampling's steps) are added when the run ends. The files are pickles
+(tinygrad's own format for captures), as trusted as tinygrad's kernel cache beside them: never point
+EXO_MEDUSA_CACHE_DIR at a directory others can write.
 """
 from __future__ import annotations
 
