@@ -15,7 +15,7 @@ import sys
 import time
 
 from .options import (USER_ERRORS, check_model_args, generation_args, generation_config, model_args,
-                      read_prompt, session_from_args)
+                      read_prompt, stored_session_from_args)
 from .model.tokenizer import StreamDecoder
 from .status import Status
 
@@ -27,11 +27,17 @@ def cmd_run(args) -> int:
     prompt = read_prompt(args)
     status = Status(enabled=not args.json)
     status.show(f"loading {args.model}")
-    session = session_from_args(args)
+    session, store = stored_session_from_args(args, use_store=not args.no_step_cache)
     prompt_ids = session.prompt_ids(prompt, chat_template=not args.no_chat_template)
     session.generator.check_prompt(prompt_ids)
-    status.show("compiling kernels and capturing steps (about a minute on a 2-core CPU, more on a first run)")
-    session.warm_up(prompt_ids, cfg)
+    if store.hit:  # a stored session's steps replay at once; steps it lacks are captured when first used
+        status.show("preparing the stored steps")
+        store.prepare(session, prompt_ids, cfg)
+    else:
+        status.show("compiling kernels and capturing steps (about a minute on a 2-core CPU, more on a first run; "
+                    "the next run starts from what this one stores)" if store.path else
+                    "compiling kernels and capturing steps (about a minute on a 2-core CPU, more on a first run)")
+        session.warm_up(prompt_ids, cfg)
     status.clear()
     stream = StreamDecoder(session.tokenizer, skip_special_tokens=True)
     first_token_at = []
@@ -53,10 +59,11 @@ def cmd_run(args) -> int:
         "prefill_tokens_per_s": round(result.prefill_tokens_per_s, 2),
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
         "first_token_s": round(first_token_at[0] - t0, 4) if first_token_at else None,
-        "startup_s": round(t0 - started, 2),
+        "startup_s": round(t0 - started, 2), "stored_session": store.hit,
         "steps": result.steps, "mean_accepted": round(result.mean_accepted, 3),
         "accept_histogram": result.accept_histogram, "finish_reason": result.finish_reason,
     }
+    startup = "a stored session loaded" if store.hit else "loading, compiling, capturing"
     if args.json:
         print(json.dumps(report))
     else:
@@ -64,7 +71,8 @@ def cmd_run(args) -> int:
         print(f"{len(result.generated_ids)} tokens ({result.finish_reason}): decode {report['decode_tokens_per_s']} tok/s "
               f"with compiled, captured steps; first token {report['first_token_s']} s after the prompt, "
               f"{report['mean_accepted']} tokens a step over {result.steps} steps (tree {session.tree.name}); "
-              f"start-up {report['startup_s']} s (loading, compiling, capturing)", file=sys.stderr)
+              f"start-up {report['startup_s']} s ({startup})", file=sys.stderr)
+    store.save_if_grown(session)  # after the output: the next run starts from these captures
     return 0
 
 
@@ -80,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file", default=None, metavar="FILE", help="read the user's message from FILE")
     run.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text, without the chat template")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    run.add_argument("--no-step-cache", action="store_true",
+                     help="build the session from the checkpoint, without loading or storing its captured steps "
+                          "(stored in EXO_MEDUSA_CACHE_DIR, default ~/.cache/exo-tinygrad-medusa)")
     run.set_defaults(func=cmd_run)
     for module in _subcommand_modules():
         module.register(sub, model_args, generation_args)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .model.registry import DEFAULT_MODEL, ModelNotFound
 from .decoding.sampling import GenerationConfig
+from .decoding.capture_cache import StoredSession, open_session_stored
 from .decoding.session import MedusaOptions, Session, open_session
 from .decoding.tree import load_tree
 
@@ -147,3 +148,9 @@ def read_prompt(args) -> str:
 def session_from_args(args) -> Session:
     return open_session(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
                         medusa=medusa_options(args), weights=args.weights)
+
+
+def stored_session_from_args(args, use_store: bool = True) -> tuple[Session, StoredSession]:
+    """session_from_args, loaded from the session a previous run stored when there is one (capture_cache)."""
+    return open_session_stored(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
+                               medusa=medusa_options(args), weights=args.weights, use_store=use_store)

@@ -105,3 +105,17 @@ def default_model() -> LoadedModel:
     if not (Path(list(spec.submodule_search_locations)[0]) / embedded["file"]).is_file():
         pytest.skip(f"{embedded['file']} is missing from the installed {embedded['package']} package")
     return load_model("smollm2-135m", dtype="float32")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _stored_sessions_in_a_temporary_directory(tmp_path_factory):
+    """`exo-medusa run` stores its session for the next start (decoding/capture_cache.py): tests, and the commands
+    they start, store theirs in a directory of their own instead of the user's cache."""
+    import os
+    previous = os.environ.get("EXO_MEDUSA_CACHE_DIR")
+    os.environ["EXO_MEDUSA_CACHE_DIR"] = str(tmp_path_factory.mktemp("stored-sessions"))
+    yield
+    if previous is None:
+        os.environ.pop("EXO_MEDUSA_CACHE_DIR", None)
+    else:
+        os.environ["EXO_MEDUSA_CACHE_DIR"] = previous

@@ -10,7 +10,7 @@ from exo_tinygrad_medusa.decoding.heads import random_heads
 from exo_tinygrad_medusa.model.loader import load_model
 
 REPORT_KEYS = {"model", "prompt_ids", "generated_ids", "text", "prefill_tokens_per_s", "decode_tokens_per_s", "steps",
-               "mean_accepted", "accept_histogram", "tree_size", "finish_reason"}
+               "mean_accepted", "accept_histogram", "tree_size", "finish_reason", "stored_session"}
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,20 @@ def test_run_streams_text_and_summary(checkpoint, capsys):
     assert err.count("\n") == 1 and err.startswith("5 tokens (length): decode ") and "1.0 tokens a step" in err
     report = run_json(capsys, checkpoint, "--prompt", "hi", "--max-generate-tokens", "5")
     assert 0 < report["first_token_s"] < 60 and report["startup_s"] > 0 and report["decode_tokens_per_s"] > 0
+
+
+def test_second_run_starts_from_the_stored_session(checkpoint, heads_dir, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("EXO_MEDUSA_CACHE_DIR", str(tmp_path))
+    args = [checkpoint, "--prompt", "stored", "--max-generate-tokens", "9", "--medusa", "--medusa-heads", heads_dir,
+            "--medusa-choices", "chain-2", "--max-context", "96"]
+    first = run_json(capsys, *args)
+    assert not first["stored_session"] and len(list(tmp_path.glob("steps-*.pkl"))) == 1
+    second = run_json(capsys, *args)
+    assert second["stored_session"] and second["generated_ids"] == first["generated_ids"]
+    assert main(["run", *args]) == 0
+    assert "(a stored session loaded)" in capsys.readouterr().err
+    fresh = run_json(capsys, *args, "--no-step-cache")
+    assert not fresh["stored_session"] and fresh["generated_ids"] == first["generated_ids"]
 
 
 def test_prompt_from_file_and_stdin_equal_prompt_flag(checkpoint, capsys, tmp_path, monkeypatch):

@@ -99,18 +99,21 @@ class Generator:
     heads' tree (with heads), or a plain one-token step."""
 
     def __init__(self, model: Transformer, eos_token_ids, tree: MedusaTree = PLAIN, heads: MedusaHeads | None = None,
-                 lookup: LookupConfig = LookupConfig(), datastore=None):
+                 lookup: LookupConfig = LookupConfig(), datastore=None, cache: KVCache | None = None,
+                 step_seconds: dict | None = None):
+        """cache: the KV cache to own (a stored session's, which its captures were made on), else a new one.
+        step_seconds: step times measured before (a stored session's), which the planner starts from."""
         if not (model.shard.is_first_layer() and model.shard.is_last_layer()):
             raise ValueError("Generator needs the whole model; use the engine for sharded models")
         self.model, self.tree, self.eos_ids, self.lookup = model, tree, set(eos_token_ids), lookup
         self.datastore = datastore
-        self.cache: KVCache = model.new_cache()
+        self.cache: KVCache = cache or model.new_cache()
         self.steps = ShardSteps(model, tree, heads, cache=self.cache)
         self.grafter = Grafter(tree) if tree.size > 1 else None
         self._chains: dict[int, ShardSteps] = {}
         # running mean seconds of a replayed step by kind (tokens verified, or "heads"), kept across generations
-        self.step_seconds: dict = {}
-        self._last_timed: dict = {}   # kind -> count of timed steps when it last ran
+        self.step_seconds: dict = dict(step_seconds or {})
+        self._last_timed: dict = {kind: 0 for kind in self.step_seconds}   # kind -> count of timed steps when it last ran
         self._timed_steps = 0
 
     def uses_lookup(self, cfg: GenerationConfig) -> bool:
@@ -135,6 +138,10 @@ class Generator:
             except ValueError as e:
                 raise ValueError(f"prompt lookup drafts {size - 1} tokens a step: {e}") from None
         return self._chains[size]
+
+    def step_kinds(self) -> dict:
+        """Every ShardSteps made so far by kind: "tree" (the generator's own) and each draft chain size."""
+        return {"tree": self.steps, **{size: steps for size, steps in self._chains.items() if steps is not self.steps}}
 
     def capture_steps(self) -> None:
         """Capture every draft step now (TinyJit captures on a step's second call), so that no timed generation pays

@@ -15,14 +15,14 @@ from .tree import PLAIN, MedusaTree
 from ..model.transformer import KVCache, Transformer, causal_mask, compact_layers
 from ..kernels.ops import take
 from .sampling import GenerationConfig, exact_accept, greedy_accept, probabilities, sample, typical_accept
-from ..kernels.tinygrad_hooks import device_buffer, read_host, write_host
+from ..kernels.tinygrad_hooks import device_buffer, host_tensor, read_host, write_host
 
 # prefill chunk sizes: a 512-token prompt runs as four 128-token steps, a 50-token one as two padded 32-token steps
 PREFILL_CHUNKS = (128, 32)
 
 
 def _const(a: np.ndarray, device: str) -> Tensor:
-    return Tensor(np.ascontiguousarray(a), device=device).realize()
+    return host_tensor(a, device)
 
 
 class _OnCache:

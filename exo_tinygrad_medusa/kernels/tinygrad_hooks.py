@@ -28,6 +28,11 @@ tests/test_tinygrad_hooks.py, which fails loudly when an upgrade moves what this
    --dtype float16 there is refused with that reason (model/loader.py). The same emulation zeroes whole blocks when
    tinygrad's GGUF reader dequantizes there (it computes in float16): the CPU dequantizes GGUFs for such devices
    (loader._gguf_reader_device). tests/test_device_cl.py fails when a tinygrad upgrade fixes either.
+9. Captured steps on disk (`dump_captured`, `load_captured`, `captured_of`, `install_captured`): a TinyJit capture
+   pickles with its compiled programs and every buffer it reads (tinygrad's own pickling); loaded in a new process,
+   each buffer gets a fresh slot number (the old process's numbers would alias buffers made here: tinygrad
+   deduplicates UOps by value), buffers named `fresh` (a KV cache) come back zeroed instead of stored, and a loaded
+   capture replays at once, with no scheduling. decoding/capture_cache.py uses it for start-up.
 """
 from __future__ import annotations
 
@@ -493,9 +498,21 @@ def share_kernel_cache() -> None:
 # both schedule a copy, and tinygrad's scheduler walks every live tensor (each weight of the model) on the way, ~5 ms
 # a decode step on the CPU. These copy straight between host memory and a realized buffer.
 def device_buffer(shape: tuple[int, ...], dtype, device: str) -> Tensor:
-    """A realized tensor on `device` whose values write_host replaces in place."""
-    from tinygrad import Tensor
-    return Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize()  # zeros: empty() allocates nothing
+    """A realized, zeroed tensor on `device` whose values write_host replaces in place. Its buffer is made directly:
+    realizing a zeros tensor would schedule it, and every schedule walks every live tensor (~50 ms each once a
+    stored session's tensors are loaded)."""
+    from tinygrad import Device, Tensor
+    from tinygrad.device import Buffer
+    size = math.prod(shape)
+    buf = Buffer(Device.canonicalize(device), size, dtype, initial_value=bytes(size * dtype.itemsize))
+    return Tensor(UOp.from_buffer(buf)).reshape(shape)
+
+
+def host_tensor(values: np.ndarray, device: str) -> Tensor:
+    """A realized tensor on `device` holding `values` (a step's constant), made without the scheduler."""
+    from tinygrad.dtype import _from_np_dtype
+    values = np.ascontiguousarray(values)
+    return write_host(device_buffer(values.shape, _from_np_dtype(values.dtype), device), values)
 
 
 def _plain_buffer(t: Tensor):
@@ -643,6 +660,110 @@ def emulates_float16(device: str) -> bool:
     then fail to compile there (tinygrad 0.14; see section 8 of the module docstring)."""
     from tinygrad import Device, dtypes
     return dtypes.half not in Device[device].renderer.supported_dtypes()
+
+
+# -- 9. captured steps on disk ---------------------------------------------------------------------------------------
+def captured_of(jit):
+    """The capture of a TinyJit (or of an object holding one as `.jit`), None until it has captured."""
+    return getattr(jit, "jit", jit).captured
+
+
+def install_captured(jit, captured) -> None:
+    """Make `jit` replay `captured` from its next call on: TinyJit's call count says it has captured."""
+    jit = getattr(jit, "jit", jit)
+    jit.captured, jit.cnt = captured, 2
+
+
+def _reduce_tensor(t: Tensor):
+    from tinygrad import Tensor
+    return Tensor, (t.uop,)  # a realized tensor is its buffer's UOp; Tensor() registers it as a live tensor again
+
+
+def _reduce_captured(c):
+    # CapturedJit works out the buffers its calls write on its first replay, ~0.4 s a step kind for SmolLM2: the
+    # stored set saves a loaded capture that work (the rest of a first replay is linking its calls, done here)
+    written = c.__dict__.get("_written_uops")
+    return _restore_captured, (type(c), c.ret, c._linear, c.expected_names, c.expected_input_info, written)
+
+
+def _restore_captured(cls, ret, linear, names, input_info, written):
+    captured = cls(ret, linear, names, input_info)
+    if written is not None:
+        captured.__dict__["_written_uops"] = written
+    return captured
+
+
+def written_buffers(captured) -> list:
+    """The buffers a capture writes (its scratch memory, its outputs, a KV cache): a replay rewrites them before
+    reading them back, so a new process needs their sizes, not their contents."""
+    from tinygrad.uop.ops import buffers
+    found = (buffers[u] for u in captured._written_uops if u in buffers)
+    return [b if b._base is None else b._base for b in found]  # a view's memory is its base's: stored as one
+
+
+def _reduce_buffer(buf):
+    # tinygrad's own reduce restores a buffer's bytes through a scheduled copy (~3 ms a buffer, ~1900 buffers in a
+    # stored session): this one copies them straight into the allocation. Views keep tinygrad's reduce.
+    import pickle
+    if buf._base is not None or not buf.is_allocated() or buf.device.startswith(("NPY", "DISK")):
+        return buf.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+    return _restore_buffer, (buf.device, buf.size, buf.dtype, buf.options, pickle.PickleBuffer(buf.as_memoryview()),
+                             buf.uop_refcount)
+
+
+def _restore_buffer(device, size, dtype, options, data, uop_refcount, zero=False):
+    from tinygrad.device import Buffer
+    buf = Buffer(device, size, dtype, options=options, uop_refcount=uop_refcount).allocate()
+    # the allocators copy in from writable memory only (ctypes); pickle hands back read-only bytes
+    data = bytearray(buf.nbytes) if zero else data if isinstance(data, bytearray) else bytearray(data)
+    buf.allocator._copyin(buf._buf, memoryview(data).cast("B"))
+    return buf
+
+
+def dump_captured(state, file, fresh: list = ()) -> None:
+    """Pickle `state` (captures, model objects, tensors) to the open binary `file`; `fresh` buffers (or tensors'
+    buffers) are stored by size only, and load_captured zeroes them."""
+    import copyreg
+    import pickle
+    from tinygrad import Tensor
+    from tinygrad.device import Buffer
+    from tinygrad.engine.jit import CapturedJit
+    fresh_ids = {id(f.uop.base.buffer if isinstance(f, Tensor) else f) for f in fresh}
+
+    class Pickler(pickle.Pickler):
+        dispatch_table = {**copyreg.dispatch_table, Tensor: _reduce_tensor, CapturedJit: _reduce_captured,
+                          Buffer: _reduce_buffer}
+
+        def persistent_id(self, obj):
+            from tinygrad.device import Buffer
+            if isinstance(obj, Buffer) and id(obj) in fresh_ids:
+                return ("fresh", obj.device, obj.size, obj.dtype)
+            return None
+    Pickler(file, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
+
+
+def _fresh_slot_uop(op, *args):
+    """UOp(...) for unpickling: a global buffer gets a new slot (see section 9)."""
+    from tinygrad.uop.ops import ParamArg
+    if op is Ops.BUFFER and len(args) >= 3 and isinstance(arg := args[2], ParamArg) and arg.device is not None:
+        args = (args[0], args[1], replace(arg, slot=next(UOp.unique_num)), *args[3:])
+    return UOp(op, *args)
+
+
+def load_captured(file):
+    """What dump_captured wrote to `file`."""
+    import pickle
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) == ("tinygrad.uop.ops", "UOp"):
+                return _fresh_slot_uop
+            return super().find_class(module, name)
+
+        def persistent_load(self, pid):
+            _, device, size, dtype = pid
+            return _restore_buffer(device, size, dtype, None, None, 0, zero=True)
+    return Unpickler(file).load()
 
 
 # -- installing ----------------------------------------------------------------------------------------------------
