@@ -95,9 +95,11 @@ def load_model(model: str | None = None, shard: Shard | None = None, *, dtype: s
         tensors = safetensors_tensors(resolved.path, wanted)
         if weights == "compact":
             tensors, logits_weight = half_packed(tensors, transformer)
-            if asked and not any(isinstance(t, PackedWeight) for t in tensors.values()):
-                raise ValueError(f"--weights compact: {resolved.path} stores no bfloat16 or float16 matrices to keep "
-                                 "in 16 bits (its weights are float32): use --weights float32")
+            if not any(isinstance(t, PackedWeight) for t in tensors.values()):
+                if asked:
+                    raise ValueError(f"--weights compact: {resolved.path} stores no bfloat16 or float16 matrices to "
+                                     "keep in 16 bits (its weights are float32): use --weights float32")
+                weights = "float32"   # nothing to keep compact: the report says what the products read
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}")
     load_into(transformer, tensors, dtype, device, logits_weight)
