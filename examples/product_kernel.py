@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from exo_tinygrad_medusa.kernels import products
+from exo_tinygrad_medusa.kernels import products, products_q8
 
 HARNESS = r"""
 #include <stdio.h>
@@ -42,30 +42,37 @@ def main() -> None:
     p.add_argument("--outputs", type=int, default=1536, help="output features (a multiple of 16)")
     p.add_argument("--format", choices=["q4_1", "q8_0"], default="q4_1")
     p.add_argument("--tokens", default="1,2,3,4,5,6,8", help="comma-separated token counts")
+    p.add_argument("--activations", default="float32", help="comma-separated: float32 (exact), q8 (int8, AVX512-VNNI)")
     args = p.parse_args()
     q8 = args.format == "q8_0"
     params = ["out", "x", "words", "scale"] + ([] if q8 else ["minimum"])
     sizes = [int(t) for t in args.tokens.split(",")]
+    modes = args.activations.split(",")
     sources, body = [], []
-    for i, T in enumerate(sizes):
-        spec = products.PackedProduct(tokens=T, rows=args.rows, panels=args.outputs // 16, minimum=not q8,
-                                      bits=8 if q8 else 4, offset=128 if q8 else 0)
-        source = re.sub(r"\bgroup(\d)\(", f"t{T}group\\1(", spec.source(f"product{T}", params))
-        sources.append(source if i == 0 else source.split("#endif", 1)[1])   # the prelude once
-        call = f"product{T}(out, x, w, sc{'' if q8 else ', mn'})"
-        body.append(f'  {{ double best = 1e9; for (int r = 0; r < 400; r++) {{ double t0 = now(); {call}; '
-                    f'double t = now() - t0; if (t < best) best = t; }} printf("{T} %.1f\\n", best * 1e6); }}')
+    for mode in modes:
+        for T in sizes:
+            spec = products.PackedProduct(tokens=T, rows=args.rows, panels=args.outputs // 16, minimum=not q8,
+                                          bits=8 if q8 else 4, offset=128 if q8 else 0, activations=mode)
+            fn = f"product_{mode}_{T}"
+            source = products_q8.kernel_source(spec, fn, params)
+            source = re.sub(r"\b(group\d|quantize)\(", f"{mode}_t{T}_\\1(", source)
+            sources.append(source if not sources or mode == "q8" else source.split("#endif", 1)[1])   # the prelude once
+            call = f"{fn}(out, x, w, sc{'' if q8 else ', mn'})"
+            body.append(f'  {{ double best = 1e9; for (int r = 0; r < 400; r++) {{ double t0 = now(); {call}; '
+                        f'double t = now() - t0; if (t < best) best = t; }} printf("{mode} {T} %.1f\\n", best * 1e6); }}')
     harness = HARNESS.replace("ROWS", str(args.rows)).replace("OUTS", str(args.outputs)).replace("BODY", "\n".join(body))
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = Path(tmp) / "product.c", Path(tmp) / "product"
         src.write_text("\n".join(sources) + harness)
         subprocess.run(["clang", "-O2", "-march=native", "-o", str(exe), str(src)], check=True)
         lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split("\n")
-    times = {int(t): float(us) for t, us in (line.split() for line in lines if line)}
+    times = {(mode, int(t)): float(us) for mode, t, us in (line.split() for line in lines if line)}
     print(f"{args.format} {args.rows} x {args.outputs}, one core, group of {products.group_size()} tokens")
-    print("| T | us | t(T)/t(1) |\n|---:|---:|---:|")
-    for T, us in times.items():
-        print(f"| {T} | {us:.1f} | {us / times[min(times)]:.2f} |")
+    print("| T | " + " | ".join(f"{m} us | {m} t(T)/t(1)" for m in modes) + " |")
+    print("|---:|" + "---:|---:|" * len(modes))
+    for T in sizes:
+        cells = [f"{times[m, T]:.1f} | {times[m, T] / times[m, min(sizes)]:.2f}" for m in modes]
+        print(f"| {T} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

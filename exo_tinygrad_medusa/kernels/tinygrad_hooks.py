@@ -689,8 +689,11 @@ def install() -> None:
 
 
 def kernel_mode() -> dict:
-    """What bench reports: which kernel choices ran, on how many cores, and whether packed products are hand-written."""
+    """What bench reports: which kernel choices ran, on how many cores, whether packed products are hand-written, and
+    their activations (float32, or q8: products_q8)."""
+    from .products_q8 import activations
     mode = os.environ.get("EXO_MEDUSA_KERNELS", "hand")
     tuned = _installed and mode != "default"
     return {"choices": "products" if tuned else "default", "cores": _pool.threads if (tuned and _pool) else 1,
-            "graph": bool(tuned and _pool), "packed_products": "hand" if (tuned and _pool and mode == "hand") else "tinygrad"}
+            "graph": bool(tuned and _pool), "packed_products": "hand" if (tuned and _pool and mode == "hand") else "tinygrad",
+            "activations": activations()}
