@@ -7,12 +7,19 @@ import numpy as np
 import pytest
 from tinygrad import Tensor
 
+from exo_tinygrad_medusa.cli import main
+from exo_tinygrad_medusa.decoding.generate import Generator
+from exo_tinygrad_medusa.decoding.heads import random_heads
+from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+from exo_tinygrad_medusa.decoding.tree import PLAIN, load_tree
 from exo_tinygrad_medusa.kernels import products_q8
+from exo_tinygrad_medusa.model.loader import load_model
 from exo_tinygrad_medusa.kernels.packed import GGML_BLOCKS, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, _decode_blocks, pack_ggml
 from exo_tinygrad_medusa.model.transformer import Linear
 from test_tinygrad_hooks import BLOCKS, _cols, _hand_programs
+from test_weights import quantize_blocks
 
-pytestmark = pytest.mark.skipif(not products_q8.cpu_has_vnni(), reason="q8 activations need AVX512-VNNI and VBMI")
+vnni = pytest.mark.skipif(not products_q8.cpu_has_vnni(), reason="q8 activations need AVX512-VNNI and VBMI")
 Q8_TYPES = [Q4_0, Q4_1, Q8_0, Q4_K, Q5_K]
 NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K"}
 OFFSET = {Q4_0: 8, Q8_0: 128}
@@ -65,6 +72,7 @@ def _packed_linear(ggml_type: int, rng, rows: int, cols: int):
     return linear, raw
 
 
+@vnni
 @pytest.mark.parametrize("ggml_type", Q8_TYPES, ids=NAMES.get)
 def test_q8_products_match_a_numpy_reference_of_the_same_quantization(ggml_type, q8):
     """One core and several, 1 to 12 tokens (whole and partial groups of 8), batches: the kernel's int8 sums are
@@ -93,6 +101,7 @@ def _tag(ggml_type: int) -> str:
     return {Q4_0: "q4o8", Q4_1: "q4m", Q8_0: "q8o128", Q4_K: "q4km", Q5_K: "q8km"}[ggml_type]
 
 
+@vnni
 @pytest.mark.parametrize("ggml_type", Q8_TYPES, ids=NAMES.get)
 def test_q8_outputs_of_a_token_do_not_depend_on_the_other_tokens(ggml_type, q8):
     """Bit for bit: a token's outputs alone (a decode step) and among 2, 5, 8 or 11 tokens (verify steps): each token
@@ -105,6 +114,7 @@ def test_q8_outputs_of_a_token_do_not_depend_on_the_other_tokens(ggml_type, q8):
         np.testing.assert_array_equal(linear(Tensor(x[:, :n])).numpy(), alone[:, :n])
 
 
+@vnni
 def test_formats_without_a_q8_kernel_keep_the_exact_one(q8):
     """Q6_K (16-row blocks) keeps the exact kernel under q8: its outputs equal the dequantized product."""
     rng = np.random.default_rng(13)
@@ -119,3 +129,40 @@ def test_formats_without_a_q8_kernel_keep_the_exact_one(q8):
 def test_unknown_activations_are_refused():
     with pytest.raises(ValueError, match="unknown activations 'int4': choose one of float32, q8"):
         products_q8.set_activations("int4")
+
+
+@vnni
+@pytest.mark.parametrize("tree", ["chain-3", "cpu-8"])
+def test_medusa_greedy_equals_plain_greedy_with_q8_activations(tiny_checkpoint, tree, q8):
+    """A tiny model packed as Q4_1 (lm_head too): Medusa's verify steps (4-8 tokens a product) give plain greedy's
+    tokens under q8, and q8 kernels ran for one token and for many."""
+    loaded = load_model(str(tiny_checkpoint("llama", seed=1)), max_context=160)
+    for linear in loaded.model.linears().values():
+        w = linear.matrix().numpy()
+        Tensor.realize(*linear.set(pack_ggml(quantize_blocks(w, Q4_1), Q4_1, w.shape)))
+    products_q8.set_activations("q8")   # after the load, which sets the mode it was asked for (float32)
+    model, prompt = loaded.model, [int(t) for t in np.random.default_rng(42).integers(3, 320, 40)]
+    heads = random_heads(model.config, model.lm_head, 4, 1, "v2", seed=11, scale=0.3)
+    plain = Generator(model, [], PLAIN).generate(prompt, GenerationConfig(64)).generated_ids
+    result = Generator(model, [], load_tree(tree), heads).generate(prompt, GenerationConfig(64))
+    assert result.generated_ids == plain and result.steps < 64
+    tokens = {int(name.split("_")[3]) for name in _hand_programs() if name.startswith("packed_q4m_a8_")}
+    assert 1 in tokens and max(tokens) >= 4, tokens
+
+
+def test_q8_is_refused_where_it_cannot_run(tiny_checkpoint, monkeypatch, capsys):
+    """One clear error, before any work: float32 or 16-bit weights, tinygrad's own kernels (as on GPUs and OpenCL),
+    a CPU without VNNI; on the command line, exo-medusa: error: ... and exit status 2."""
+    directory = str(tiny_checkpoint("llama"))
+    with pytest.raises(ValueError, match=r"--activations q8 needs a GGUF model's packed codes \(--weights compact\)"):
+        load_model(directory, activations="q8")
+    assert main(["run", directory, "--activations", "q8", "--prompt", "hi"]) == 2
+    assert "exo-medusa: error: --activations q8 needs a GGUF model's packed codes" in capsys.readouterr().err
+    monkeypatch.setattr(products_q8, "cpu_has_vnni", lambda: False)
+    with pytest.raises(ValueError, match="--activations q8 needs a CPU with AVX512-VNNI and AVX512-VBMI"):
+        load_model(directory, activations="q8")
+    monkeypatch.setenv("EXO_MEDUSA_KERNELS", "tuned")
+    with pytest.raises(ValueError, match="--activations q8 needs the CPU device's hand-written products; CPU runs "
+                                         "tinygrad's own kernels"):
+        load_model(directory, activations="q8")
+    assert products_q8.activations() == "float32"
