@@ -11,8 +11,8 @@ int32): 64 code-activation products an instruction instead of 16. Per block and 
 
 Layout: today's PackedWeight panels, unchanged. A panel row is 16 bytes, byte k the code of output BYTE_OUTPUT[k];
 one 64-byte load holds 4 rows of 8-bit codes (or 8 rows of 4-bit codes, rows 2i / 2i + 1 in the low / high nibble of
-row-pair i), and one byte permutation (vpermb) turns it into vpdpbusd's operand: lane k = output k's 4 bytes. For
-4-bit codes the lane then holds rows r, r+2, r+4, r+6 (low nibbles) and r+1, r+3, r+5, r+7 (high nibbles), so the
+row-pair i), and one byte permutation (vpermb) turns it into vpdpbusd's operand: lane j = output j's 4 bytes (in
+output order, the scales' order). For 4-bit codes the lane then holds rows r, r+2, r+4, r+6 (low nibbles) and r+1, r+3, r+5, r+7 (high nibbles), so the
 quantized row is stored in that order (even rows, then odd rows, of every 8) and one 32-bit broadcast feeds a lane.
 
 Numerics: a token's quantized row, its block scales and sums depend on that token alone, and its outputs accumulate in
@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from .products import BUFFERS, BYTE_OUTPUT, C_PARAMS, OUTPUT_BYTE, PREFETCH, SUPER, WIDTH, PackedProduct
+from .products import BUFFERS, C_PARAMS, OUTPUT_BYTE, PREFETCH, SUPER, WIDTH, PackedProduct
 
 BLOCK = 32            # rows sharing an activation scale (and the formats' weight block)
 CHUNK_BYTES = 1 << 16  # stack bytes of quantized activations a kernel call holds at once (tokens are chunked)
@@ -81,33 +81,33 @@ def source(spec: PackedProduct, name: str, params: list[str]) -> str:
     chunk = min(tokens, max(group, CHUNK_BYTES // rows // group * group))
     first, last = ("0", str(panels)) if spec.threads == 1 else \
         (f"core_id * {panels} / {spec.threads}", f"(core_id + 1) * {panels} / {spec.threads}")
-    # vpermb index: operand byte 4k + j <- load byte 16j + k (lane k: output byte k of 4 consecutive row slots)
-    transpose = [16 * (i % 4) + i // 4 for i in range(64)]
+    # vpermb index: operand byte 4j + i <- load byte 16i + OUTPUT_BYTE[j]: lane j holds output j's codes of 4 row
+    # slots, so the sums come out in output order, the order of the scales and of `out`
+    transpose = [16 * (i % 4) + OUTPUT_BYTE[i // 4] for i in range(64)]
     sizes = sorted({s for n0 in range(0, tokens, chunk) for c in [min(chunk, tokens - n0)]
                     for s in ({min(c, group), c % group} - {0})})
     constant = lambda values: ", ".join(map(str, reversed(values)))   # _mm512_set_*: the last element first
-    lines = [PRELUDE, f"#define TRANSPOSE_IDX {constant(transpose)}", f"#define BYTE_OUTPUT_IDX {constant(BYTE_OUTPUT)}",
-             f"#define OUTPUT_BYTE_IDX {constant(OUTPUT_BYTE)}"]
+    lines = [PRELUDE, f"#define TRANSPOSE_IDX {constant(transpose)}"]
     lines.append(_quantize_function(rows, spec.bits))
     for size in sizes:
         lines.append(_group_function(spec, size, SUPER, PREFETCH))
     lines.append(f"void {name}({', '.join(C_PARAMS[p] for p in params)}) {{")
     lines += [f"  const void* {b} = 0;" for b in BUFFERS if b not in params]
     lines.append(f"  signed char xq[{chunk * rows}] __attribute__((aligned(64)));")
-    lines.append(f"  float sx[{chunk * blocks}]; int sq[{chunk * blocks}];")
+    lines.append(f"  float sx[{chunk * blocks}], ss[{chunk * blocks}]; int sq[{chunk * blocks}];")
     lines.append(f"  for (int n0 = 0; n0 < {tokens}; n0 += {chunk}) {{")
     lines.append(f"    const int count = {tokens} - n0 < {chunk} ? {tokens} - n0 : {chunk};")
     lines.append(f"    for (int t = 0; t < count; t++) quantize(x + (long)(n0 + t) * {rows}, xq + t * {rows}, "
-                 f"sx + t * {blocks}, sq + t * {blocks});")
+                 f"sx + t * {blocks}, sq + t * {blocks}, ss + t * {blocks});")
     lines.append(f"    for (int p = {first}; p < {last}; p++) {{")
     lines.append("      int t = 0;")
     if group in sizes:
         lines.append(f"      for (; t + {group} <= count; t += {group}) group{group}(out, words, scale, minimum, "
-                     "super_scale, super_minimum, xq, sx, sq, p, n0, t);")
+                     "super_scale, super_minimum, xq, sx, sq, ss, p, n0, t);")
     for size in sizes:
         if size != group:
             lines.append(f"      if (count - t == {size}) group{size}(out, words, scale, minimum, super_scale, "
-                         "super_minimum, xq, sx, sq, p, n0, t);")
+                         "super_minimum, xq, sx, sq, ss, p, n0, t);")
     lines += ["    }", "  }", "}"]
     return "\n".join(lines)
 
@@ -115,7 +115,7 @@ def source(spec: PackedProduct, name: str, params: list[str]) -> str:
 def _quantize_function(rows: int, bits: int) -> str:
     """quantize: one token's row -> int8 codes in the kernel's row order, and per block its scale and code sum."""
     lines = ["static inline __attribute__((always_inline)) void quantize(const float* restrict x, signed char* restrict q, "
-             "float* restrict s, int* restrict sum) {",
+             "float* restrict s, int* restrict sum, float* restrict scaled) {",
              f"  for (int b = 0; b < {rows // BLOCK}; b++) {{",
              "    const __m512 a = _mm512_loadu_ps(x + b * 32), c = _mm512_loadu_ps(x + b * 32 + 16);",
              "    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));",
@@ -127,6 +127,7 @@ def _quantize_function(rows: int, bits: int) -> str:
              "    const __m512i qc = _mm512_cvt_roundps_epi32(_mm512_mul_ps(c, _mm512_set1_ps(id)), "
              "_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);",
              "    sum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc));",
+             "    scaled[b] = s[b] * (float)sum[b];",
              "    __m128i lo = _mm512_cvtsepi32_epi8(qa), hi = _mm512_cvtsepi32_epi8(qc);"]
     if bits == 4:   # of every 8 rows: the even ones, then the odd ones (the nibbles' order after the transpose)
         lines += ["    const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);",
@@ -143,9 +144,9 @@ def _group_function(spec, size: int, super_rows: int, prefetch: int) -> str:
     lines = [f"static inline __attribute__((always_inline)) void group{size}(float* restrict out, "
              "const unsigned int* restrict words, const void* restrict scale, const void* restrict minimum, "
              "const unsigned short* restrict super_scale, const unsigned short* restrict super_minimum, "
-             "const signed char* restrict xq, const float* restrict sx, const int* restrict sq, int p, int n0, int t) {",
+             "const signed char* restrict xq, const float* restrict sx, const int* restrict sq, const float* restrict ss, "
+             "int p, int n0, int t) {",
              "  const __m512i transpose = _mm512_set_epi8(TRANSPOSE_IDX);",
-             "  const __m512i perm = _mm512_set_epi32(BYTE_OUTPUT_IDX), inv = _mm512_set_epi32(OUTPUT_BYTE_IDX);",
              "  const __m512i nibble = _mm512_set1_epi8(15);"]
     lines += [f"  __m512 acc{i} = _mm512_setzero_ps();" for i in range(size)]
     lines.append(f"  const unsigned char* codes = (const unsigned char*)(words + (long)p * {rows * row_bytes // 4});")
@@ -168,31 +169,31 @@ def _group_function(spec, size: int, super_rows: int, prefetch: int) -> str:
     lines.append("    }")
     lines.append(f"    const int sb = (p * {blocks} + b) * 16;")
     if spec.scales == "f16":
-        lines.append("    const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const unsigned short*)scale + sb)));")
+        lines.append("    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const unsigned short*)scale + sb)));")
     else:
         ss = f"(p * {rows // super_rows} + b / {super_rows // BLOCK}) * 16"
-        lines.append(f"    const __m512 d0 = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(super_scale + {ss}))), "
+        lines.append(f"    const __m512 d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(super_scale + {ss}))), "
                      "_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)((const unsigned char*)scale + sb)))));")
-    lines.append("    const __m512 d = _mm512_permutexvar_ps(perm, d0);")
+
     if spec.minimum:
         if spec.scales == "f16":
-            lines.append("    const __m512 m0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const unsigned short*)minimum + sb)));")
+            lines.append("    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const unsigned short*)minimum + sb)));")
         else:   # M = -(dmin * mn)
-            lines.append(f"    const __m512 m0 = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256("
+            lines.append(f"    const __m512 m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256("
                          f"(const __m256i*)(super_minimum + {ss}))), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128("
                          "(const __m128i*)((const unsigned char*)minimum + sb))))));")
-        lines.append("    const __m512 m = _mm512_permutexvar_ps(perm, m0);")
+
     for i in range(size):
         k = f"(t + {i}) * {blocks} + b"
         if spec.offset and not spec.minimum:
             lines.append(f"    is{i} = _mm512_sub_epi32(is{i}, _mm512_set1_epi32({spec.offset} * sq[{k}]));")
         lines.append(f"    acc{i} = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(sx[{k}])), _mm512_cvtepi32_ps(is{i}), acc{i});")
         if spec.minimum:
-            lines.append(f"    acc{i} = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[{k}] * (float)sq[{k}]), acc{i});")
+            lines.append(f"    acc{i} = _mm512_fmadd_ps(m, _mm512_set1_ps(ss[{k}]), acc{i});")
     lines.append("  }")
     outputs = spec.panels * WIDTH
     for i in range(size):
-        lines.append(f"  _mm512_storeu_ps(out + (long)(n0 + t + {i}) * {outputs} + p * 16, _mm512_permutexvar_ps(inv, acc{i}));")
+        lines.append(f"  _mm512_storeu_ps(out + (long)(n0 + t + {i}) * {outputs} + p * 16, acc{i});")
     lines.append("}")
     return "\n".join(lines)
 
