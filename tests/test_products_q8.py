@@ -126,6 +126,23 @@ def test_formats_without_a_q8_kernel_keep_the_exact_one(q8):
     np.testing.assert_allclose(linear(Tensor(x)).numpy(), exact, rtol=2e-5, atol=2e-5 * np.abs(exact).max())
 
 
+@vnni
+def test_the_mode_applies_to_products_compiled_after_it(q8):
+    """float32, q8, float32 again on the same weights and shapes in one process: each product runs the kernel of the
+    mode it was compiled in (the exact one gives the dequantized matrix bit for bit on one-hot rows, q8 does not)."""
+    rng = np.random.default_rng(14)
+    linear, _ = _packed_linear(Q4_1, rng, 64, 96)
+    eye, dense = np.eye(96, dtype=np.float32)[None], linear.matrix().numpy().T
+    results = {}
+    for mode in ("float32", "q8", "float32"):
+        products_q8.set_activations(mode)
+        results.setdefault(mode, []).append(linear(Tensor(eye)).numpy()[0])
+    for exact in results["float32"]:
+        np.testing.assert_array_equal(exact, dense)
+    assert not np.array_equal(results["q8"][0], dense)
+    np.testing.assert_allclose(results["q8"][0], dense, atol=0.02 * np.abs(dense).max())
+
+
 def test_unknown_activations_are_refused():
     with pytest.raises(ValueError, match="unknown activations 'int4': choose one of float32, q8"):
         products_q8.set_activations("int4")
@@ -166,3 +183,23 @@ def test_q8_is_refused_where_it_cannot_run(tiny_checkpoint, monkeypatch, capsys)
                                          "tinygrad's own kernels"):
         load_model(directory, activations="q8")
     assert products_q8.activations() == "float32"
+
+
+@vnni
+@pytest.mark.slow
+def test_smollm2_with_q8_activations_still_gives_the_float32_oracle(q8):
+    """The embedded SmolLM2-135M (Q4_1 matrices, Q8_0 lm_head) with int8 activations: on the oracle prompt its greedy
+    tokens are the float32 oracle's, all 126 (measured; q8 numbers differ, this prompt's argmaxes do not), and Medusa
+    greedy equals them."""
+    import json
+    from pathlib import Path
+    from exo_tinygrad_medusa.decoding.session import MedusaOptions, open_session
+    oracle = json.loads((Path(__file__).parent / "data" / "smollm2_oracle.json").read_text())
+    session = open_session("smollm2-135m", medusa=MedusaOptions(enabled=True), activations="q8")
+    assert products_q8.activations() == "q8"
+    ids = session.tokenizer.encode_chat([{"role": "user", "content": oracle["prompt"]}])
+    plain = Generator(session.loaded.model, session.tokenizer.eos_token_ids, PLAIN).generate(ids, GenerationConfig(256))
+    assert plain.generated_ids == oracle["greedy_new_ids"]
+    assert session.generator.generate(ids, GenerationConfig(256)).generated_ids == plain.generated_ids
+    assert any(name.startswith("packed_q4m_a8_") for name in _hand_programs())
+    assert any(name.startswith("packed_q8o128_a8_") for name in _hand_programs())

@@ -566,12 +566,10 @@ def expect_packed_product(x: "Tensor", weight, product) -> None:
     `product` builds the expression; it is run once per shape on empty buffers, scheduled, never executed."""
     from tinygrad import Tensor
     from .products import PackedProduct, WIDTH
-    from .products_q8 import activations, chosen
     (outputs, rows), width = weight.shape, weight.width
     panels, tokens = outputs // WIDTH, math.prod(x.shape[:-1])
     layout = tuple((name, tuple(t.shape), t.dtype) for name, t in weight.named().items())
-    key = (tuple(x.shape), str(x.device), layout, weight.offset, weight.bits, weight.high_bits, weight.block, weight.half,
-           activations())   # the process's activations (products_q8.set_activations) choose the kernel's source
+    key = (tuple(x.shape), str(x.device), layout, weight.offset, weight.bits, weight.high_bits, weight.block, weight.half)
     if key in _announced:
         return
     _announced.add(key)
@@ -595,7 +593,7 @@ def expect_packed_product(x: "Tensor", weight, product) -> None:
         return
     work = tokens * rows * panels * WIDTH
     threads = NUM_THREADS() if work >= MIN_THREAD_WORK and panels >= NUM_THREADS() else 1
-    _packed_products[call.src[0].key] = (chosen(PackedProduct.of(weight, tokens, threads)), tuple(roles))
+    _packed_products[call.src[0].key] = (PackedProduct.of(weight, tokens, threads), tuple(roles))
 
 
 _hand_named: dict[str, tuple[Callable[[str], str], int]] = {}
@@ -612,8 +610,9 @@ def _hand_program(sink: UOp, renderer) -> UOp | None:
     """A PROGRAM compiling hand-written C for a kernel announced by expect_packed_product (by its AST) or
     expect_hand_kernel (by its name), else None."""
     if (found := _packed_products.get(sink.key)) is not None:
-        from .products_q8 import kernel_source
+        from .products_q8 import chosen, kernel_source
         spec, roles = found
+        spec = chosen(spec)   # the process's activations when it compiles (products_q8.set_activations)
         name = f"packed_{spec.tag}_{spec.tokens}_{spec.rows}_{spec.panels * 16}"
         params = [*roles, *(["core_id"] if spec.threads > 1 else [])]
         return _c_program(sink.replace(arg=replace(sink.arg, name=name)), spec.threads, lambda fn: kernel_source(spec, fn, params), renderer)
