@@ -77,6 +77,7 @@ def supports(spec: PackedProduct) -> bool:
 def source(spec: PackedProduct, name: str, params: list[str]) -> str:
     """The q8 kernel `name` for `spec` (one that `supports`); params: its C parameters in tinygrad's order."""
     rows, panels, tokens = spec.rows, spec.panels, spec.tokens
+    # 8 tokens a group: their int32 and float32 sums take 16 of the 32 vector registers, the operands the rest
     blocks, group = rows // BLOCK, 8
     chunk = min(tokens, max(group, CHUNK_BYTES // rows // group * group))
     first, last = ("0", str(panels)) if spec.threads == 1 else \
