@@ -37,6 +37,10 @@ def model_args() -> argparse.ArgumentParser:
                         "(0.56-1.08 bytes a weight) and a safetensors checkpoint's bfloat16/float16 matrices in 16 bits, "
                         "widened inside each product (the same float32 values, 2-7x fewer bytes read than float32; "
                         "default in float32); float32: widened on load")
+    p.add_argument("--activations", choices=["float32", "q8"], default="float32",
+                   help="inputs of the packed products: float32 (exact, default) or q8: rounded to int8 per 32 values "
+                        "as llama.cpp does and multiplied with AVX512-VNNI (Q4_0/Q4_1/Q8_0/Q4_K/Q5_K codes of a GGUF "
+                        "on a CPU that has it; several times less arithmetic, slightly different numbers)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     m = p.add_argument_group("Medusa")
     m.add_argument("--medusa-enabled", "--medusa", dest="medusa_enabled", action="store_true",
@@ -147,10 +151,13 @@ def read_prompt(args) -> str:
 
 def session_from_args(args) -> Session:
     return open_session(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
-                        medusa=medusa_options(args), weights=args.weights)
+                        medusa=medusa_options(args), weights=args.weights, activations=args.activations)
 
 
 def stored_session_from_args(args, use_store: bool = True) -> tuple[Session, StoredSession]:
-    """session_from_args, loaded from the session a previous run stored when there is one (capture_cache)."""
+    """session_from_args, loaded from the session a previous run stored when there is one (capture_cache). Stored
+    sessions hold float32-activation kernels only: --activations q8 builds its session every run."""
+    if args.activations != "float32":
+        return session_from_args(args), StoredSession(None)
     return open_session_stored(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
                                medusa=medusa_options(args), weights=args.weights, use_store=use_store)

@@ -262,7 +262,7 @@ def markdown_report(report: dict) -> str:
              f"{s['prompts']} prompts from {s['prompts_file']}, up to {s['max_generate_tokens']} new tokens each, greedy.",
              f"Kernels: {k.get('choices', '?')} choices, {k.get('cores', '?')} core(s), "
              f"{'one C call per captured step' if k.get('graph') else 'one launch per kernel'}, "
-             f"{k.get('weights', '?')} weights"
+             f"{k.get('weights', '?')} weights, {k.get('activations', 'float32')} activations"
              + (", hand-written C for packed products and attention." if k.get("packed_products") == "hand" else ".")
              + (f" Prefill of a {s['prefill_tokens']}-token prompt: {s['prefill_tokens_per_s']:.1f} tok/s."
                 if s.get("prefill_tokens_per_s") else "")
@@ -368,7 +368,7 @@ def open_bench(args) -> tuple[Session, Generator, Generator, str]:
         if args.medusa_heads:
             raise ValueError("--random-heads and --medusa-heads exclude each other")
         session = open_session(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
-                               weights=args.weights)
+                               weights=args.weights, activations=args.activations)
         model = session.loaded.model
         heads: MedusaHeads = random_heads(session.loaded.config, model.lm_head, num_heads=args.medusa_num_heads or 4,
                                           num_layers=args.medusa_num_layers or 1, seed=args.seed or 0)

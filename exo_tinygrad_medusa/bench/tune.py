@@ -155,7 +155,7 @@ def cmd_tune(args) -> int:
         raise ValueError("--cost-sizes must include 1 (costs are relative to plain decoding)")
     prompts = load_prompts(args.prompts or package_prompts_path(), args.limit)
     session = open_session(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
-                           weights=args.weights)
+                           weights=args.weights, activations=args.activations)
     loaded, plain = session.loaded, session.generator
     heads_path = resolve_heads_path(loaded, MedusaOptions(True, args.medusa_heads))
     out = Path(args.out) if args.out else tuned_tree_path(heads_path, loaded.device)

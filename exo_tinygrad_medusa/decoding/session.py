@@ -90,8 +90,9 @@ def default_datastore(loaded: LoadedModel):
 
 def open_session(model: str | None = None, *, device: str | None = None, dtype: str | None = None,
                  max_context: int | None = 2048, medusa: MedusaOptions = MedusaOptions(),
-                 weights: str | None = None) -> Session:
-    loaded = load_model(model, device=device, dtype=dtype, max_context=max_context, weights=weights)
+                 weights: str | None = None, activations: str = "float32") -> Session:
+    loaded = load_model(model, device=device, dtype=dtype, max_context=max_context, weights=weights,
+                        activations=activations)
     heads, tree = None, PLAIN
     if medusa.enabled:
         heads_path = resolve_heads_path(loaded, medusa)

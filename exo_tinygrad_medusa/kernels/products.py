@@ -45,6 +45,7 @@ class PackedProduct:
     block: int = 32         # rows sharing a scale
     scales: str = "f16"     # "f16": float16 bits; "u8" / "i8": a K-quant's sub-block scales (super-block float16s)
     half: str = ""          # "bf16" / "f16": 16-bit float weights (no codes, no scales)
+    activations: str = "float32"   # "q8": int8 activations (products_q8.py) where the format has that kernel
 
     @staticmethod
     def of(weight, tokens: int, threads: int) -> "PackedProduct":
@@ -58,14 +59,18 @@ class PackedProduct:
 
     @property
     def tag(self) -> str:
-        """Names the format in the kernel's name: q<bits>, k for K-quants, m (minimum) or o<offset>; or the 16-bit float."""
+        """Names the format in the kernel's name: q<bits>, k for K-quants, m (minimum) or o<offset>, then _a8 for
+        int8 activations; or the 16-bit float."""
         if self.half:
             return self.half
-        return f"q{self.bits + self.high_bits}{'' if self.scales == 'f16' else 'k'}" + ("m" if self.minimum else f"o{self.offset}")
+        return f"q{self.bits + self.high_bits}{'' if self.scales == 'f16' else 'k'}" + \
+            ("m" if self.minimum else f"o{self.offset}") + ("_a8" if self.activations == "q8" else "")
 
     def source(self, name: str, params: list[str]) -> str:
         """The kernel `name`; params: the C parameter list in the order tinygrad passes arguments (BUFFERS' names
         for the buffers, "core_id" for the slice)."""
+        if self.activations != "float32":
+            raise ValueError(f"{self.activations} activations: the kernel's source is products_q8.source")
         outputs = self.panels * WIDTH
         group = group_size()
         sizes = sorted({min(self.tokens, group), self.tokens % group} - {0})

@@ -627,10 +627,12 @@ def _hand_program(sink: UOp, renderer) -> UOp | None:
     """A PROGRAM compiling hand-written C for a kernel announced by expect_packed_product (by its AST) or
     expect_hand_kernel (by its name), else None."""
     if (found := _packed_products.get(sink.key)) is not None:
+        from .products_q8 import chosen, kernel_source
         spec, roles = found
+        spec = chosen(spec)   # the process's activations when it compiles (products_q8.set_activations)
         name = f"packed_{spec.tag}_{spec.tokens}_{spec.rows}_{spec.panels * 16}"
         params = [*roles, *(["core_id"] if spec.threads > 1 else [])]
-        return _c_program(sink.replace(arg=replace(sink.arg, name=name)), spec.threads, lambda fn: spec.source(fn, params), renderer)
+        return _c_program(sink.replace(arg=replace(sink.arg, name=name)), spec.threads, lambda fn: kernel_source(spec, fn, params), renderer)
     if isinstance(sink.arg, KernelInfo) and (named := _hand_named.get(sink.arg.name)) is not None:
         source, threads = named
         return _c_program(sink, threads, source, renderer)
@@ -807,8 +809,11 @@ def install() -> None:
 
 
 def kernel_mode() -> dict:
-    """What bench reports: which kernel choices ran, on how many cores, and whether packed products are hand-written."""
+    """What bench reports: which kernel choices ran, on how many cores, whether packed products are hand-written, and
+    their activations (float32, or q8: products_q8)."""
+    from .products_q8 import activations
     mode = os.environ.get("EXO_MEDUSA_KERNELS", "hand")
     tuned = _installed and mode != "default"
     return {"choices": "products" if tuned else "default", "cores": _pool.threads if (tuned and _pool) else 1,
-            "graph": bool(tuned and _pool), "packed_products": "hand" if (tuned and _pool and mode == "hand") else "tinygrad"}
+            "graph": bool(tuned and _pool), "packed_products": "hand" if (tuned and _pool and mode == "hand") else "tinygrad",
+            "activations": activations()}

@@ -15,7 +15,8 @@ from .config import ModelConfig
 from .transformer import Transformer
 from .registry import ResolvedModel, resolve
 from .shard import Shard
-from ..kernels.tinygrad_hooks import emulates_float16, install as install_hooks
+from ..kernels import products_q8
+from ..kernels.tinygrad_hooks import emulates_float16, hand_kernels, install as install_hooks
 from .device import choose_device
 from .gguf_file import load_gguf
 from .tokenizer import Tokenizer
@@ -52,10 +53,11 @@ WEIGHT_FORMATS = ("compact", "float32")
 
 
 def load_model(model: str | None = None, shard: Shard | None = None, *, dtype: str | None = None, device: str | None = None,
-               max_context: int | None = 2048, weights: str | None = None) -> LoadedModel:
+               max_context: int | None = 2048, weights: str | None = None, activations: str = "float32") -> LoadedModel:
     """weights: "compact" keeps a GGUF's codes packed, and a safetensors checkpoint's bfloat16 / float16 matrices in 16
     bits, widening them inside the products (the same float32 values, 2-7x fewer bytes read); "float32" widens on
-    load. Default: compact in float32."""
+    load. Default: compact in float32. activations: "q8" rounds the packed products' inputs to int8 (products_q8.py)
+    for this process's products from now on; "float32" (default) keeps them exact."""
     device, _ = choose_device(device)  # first: a device that cannot run is one clear error before any work
     install_hooks()
     dtype = dtype or default_dtype(device)
@@ -74,6 +76,7 @@ def load_model(model: str | None = None, shard: Shard | None = None, *, dtype: s
         raise ValueError("--weights compact needs --dtype float32 (it widens GGUF codes and 16-bit weights to float32 "
                          f"inside the products); this is {dtype}: use --weights float32")
     asked, weights = weights, weights or ("compact" if dtype == "float32" else "float32")
+    _check_activations(activations, device, weights, resolved.kind)
     logits_weight = None
     if resolved.kind == "gguf":
         with _gguf_reader_device(device):
@@ -103,9 +106,27 @@ def load_model(model: str | None = None, shard: Shard | None = None, *, dtype: s
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}")
     load_into(transformer, tensors, dtype, device, logits_weight)
+    products_q8.set_activations(activations)
     log.info("loaded %s layers %d..%d of %d (%s, %s weights, %s)", resolved.model_id, shard.start_layer, shard.end_layer,
              shard.n_layers, dtype, weights, device)
     return LoadedModel(transformer, tokenizer, resolved, device, dtype, weights)
+
+
+def _check_activations(activations: str, device: str, weights: str, kind: str) -> None:
+    """q8 activations exist only in the hand-written CPU products over a GGUF's packed codes, on AVX512-VNNI."""
+    if activations not in products_q8.MODES:
+        raise ValueError(f"unknown activations {activations!r}: choose one of {', '.join(products_q8.MODES)}")
+    if activations == "float32":
+        return
+    if not hand_kernels(device):
+        raise ValueError(f"--activations q8 needs the CPU device's hand-written products; {device} runs tinygrad's own "
+                         "kernels (GPUs, OpenCL, EXO_MEDUSA_KERNELS=tuned): use --activations float32")
+    if not products_q8.cpu_has_vnni():
+        raise ValueError("--activations q8 needs a CPU with AVX512-VNNI and AVX512-VBMI (vpdpbusd, vpermb), which this "
+                         "one lacks: use --activations float32")
+    if kind != "gguf" or weights != "compact":
+        raise ValueError("--activations q8 needs a GGUF model's packed codes (--weights compact); this model's products "
+                         f"read {'float32' if weights != 'compact' else '16-bit float'} weights: use --activations float32")
 
 
 def _gguf_reader_device(device: str):
