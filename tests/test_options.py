@@ -69,8 +69,8 @@ def test_status_line_is_drawn_and_cleared_on_a_terminal_only():
 
 @pytest.mark.parametrize("argv, message", [
     (("--queue-size", "-1"), "--queue-size must be >= 0"),
-    (("--timeout", "0"), "--timeout > 0"),
-    (("--max-connections", "0"), "--max-connections >= 1"),
+    (("--timeout", "0"), "--timeout and --header-timeout must be > 0"),
+    (("--max-connections", "0"), "--max-connections and --max-client-connections >= 1"),
 ])
 def test_serve_limits_are_checked_before_the_model_loads(argv, message, capsys):
     assert main(["serve", "no-such-model", *argv]) == 2  # the model would fail too: the limits are checked first
