@@ -70,6 +70,8 @@ def reference(model: str, heads: str | None, prompt: list[int], cfg: GenerationC
 
 
 def split_engines(model: str, heads: str | None, cfg: GenerationConfig, bounds=((0, 1), (2, 3)), **kwargs):
+    # heads only, as `reference` runs: draft chains change the accepted lengths (test_engine_drafts.py tests them)
+    cfg = dataclasses.replace(cfg, prompt_lookup=False)
     return [(MedusaInferenceEngine(medusa_options(heads), cfg, **kwargs), Shard(model, a, b, LAYERS))
             for a, b in bounds]
 
@@ -246,18 +248,17 @@ def test_two_processes_over_loopback(tiny):
 
         async def scenario():
             remote = await RemoteShard.connect(int(line.split()[1]))
-            first = MedusaInferenceEngine(medusa_options(heads), cfg)
+            first = MedusaInferenceEngine(medusa_options(heads), cfg)  # draft chains on, as in the peer
             try:
                 return await run_ring([local_hop(first, Shard(model, 0, 1, LAYERS)), remote], prompt)
             finally:
                 await remote.close()
 
-        tokens, states = asyncio.run(scenario())
+        tokens, _ = asyncio.run(scenario())
     finally:
         peer.stdin.close()
         peer.wait(timeout=60)
     assert tokens == expected.generated_ids
-    assert [len(s.keep) for s in states[1:]] == expected.accept_lengths
 
 
 @pytest.mark.slow
