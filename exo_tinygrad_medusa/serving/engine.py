@@ -4,9 +4,10 @@ A request goes around the ring once per step. Every shard runs the step's tokens
 Medusa tree) against its own KV cache; the last shard verifies the tree, accepts a path, proposes the next tree
 with its heads and returns the accepted tokens. What the other shards need for the next pass travels in
 `inference_state` as plain JSON (see `StepState`): the nodes to keep, the next tree's tokens and a step counter.
-Each shard first compacts its cache to the accepted path, then runs the new tree. Every shard checks the step
-counter and cache position against its own record, so a shard that missed a pass fails instead of decoding
-garbage.
+Each shard first compacts its cache to the accepted path, then runs the new tree. Greedy rings plan each pass on
+the last shard (ring_drafts.py): the heads' tree, a plain pass or a chain of drafted tokens (the state's `kind`).
+Every shard checks the step counter and cache position against its own record, so a shard that missed a pass
+fails instead of decoding garbage.
 
 Wire contract (what Exo's node loop, or any driver, does between passes):
 - first pass: `infer_prompt` / `infer_tensor` on the first shard with token ids (1, T) and no state;
@@ -250,12 +251,8 @@ class MedusaInferenceEngine(_EngineBase):
                     self.medusa.num_heads, self.medusa.num_layers)
         self._steps_for = functools.partial(ShardSteps, loaded.model, tree, heads)
         self.slots, self.free_slots = [], []
-        on = ring_drafts.drafts_on(self.generation, tree)
-        self.draft_sizes = self.drafts.lookup.chain_sizes if on else ()
-        self.pass_costs = PassCosts(self.drafts, tree) if on and shard.is_last_layer() else None
-        if self.pass_costs is not None and isinstance(self.datastore, str):
-            from ..decoding.session import default_datastore
-            self.datastore = default_datastore(loaded)
+        self.draft_sizes, self.pass_costs, self.datastore = ring_drafts.shard_setup(
+            self.generation, self.drafts, tree, loaded, self.datastore)
         return tree, heads
 
     def _release(self, request_id: str, why: str) -> bool:

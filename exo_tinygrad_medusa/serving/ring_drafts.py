@@ -26,12 +26,14 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from tinygrad import Tensor, dtypes
 
 from ..decoding.generate import STALE_DECAY
 from ..decoding.lookup import DraftPlanner, Grafter, LookupConfig, NoProposals, Plan
 from ..decoding.sampling import GenerationConfig
 from ..decoding.steps import ShardSteps
 from ..decoding.tree import PLAIN, MedusaTree, chain
+from ..kernels.ops import take
 from ..kernels.tinygrad_hooks import read_host
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,19 @@ def drafts_on(generation: GenerationConfig, tree: MedusaTree) -> bool:
     return generation.prompt_lookup if generation.prompt_lookup is not None else tree.size > 1
 
 
+def shard_setup(generation: GenerationConfig, cfg: RingDraftConfig, tree: MedusaTree, loaded, datastore):
+    """(chain sizes this shard runs, () with drafts off; the last shard's PassCosts, else None; the datastore, the
+    model's shipped one (decoding.session.default_datastore) where `datastore` is "shipped")."""
+    if not drafts_on(generation, tree):
+        return (), None, datastore
+    if not loaded.model.shard.is_last_layer():
+        return cfg.lookup.chain_sizes, None, datastore
+    if isinstance(datastore, str):
+        from ..decoding.session import default_datastore
+        datastore = default_datastore(loaded)
+    return cfg.lookup.chain_sizes, PassCosts(cfg, tree), datastore
+
+
 def pass_problem(kind: str, size: int, tree_size: int, chain_sizes: tuple[int, ...]) -> str | None:
     """Why a pass of `kind` over `size` tokens cannot run on a shard (None: it can)."""
     if kind == TREE:
@@ -74,15 +89,57 @@ def pass_problem(kind: str, size: int, tree_size: int, chain_sizes: tuple[int, .
     return None
 
 
+class ProposingChain(ShardSteps):
+    """Last shard with heads: a draft chain's greedy verify, then the heads propose the engine's tree from the last
+    accepted node, so that a tree pass may follow a chain with real proposals (without them a tree pass after a
+    chain verifies placeholders: a whole pass for one token). Proposing costs the heads' share of a step (~1 ms on
+    the CPU), small against a ring pass. The summary is [accepted, 0, the next tree (root: the bonus token)...]."""
+
+    def __init__(self, model, size: int, heads, tree: MedusaTree, cache):
+        self.proposal_tree = tree
+        pick = np.ascontiguousarray((tree.node_head * tree.top_k + tree.node_rank)[1:])  # (T-1,) into (depth * K,)
+        self.proposal_pick = Tensor(pick, device=model.float_weight.device).realize()
+        super().__init__(model, PLAIN if size == 1 else chain(size - 1), NoProposals(size - 1) if size > 1 else None,
+                         cache=cache)
+        self.heads = heads
+
+    def _verify_greedy(self, x: Tensor, layers: list[Tensor], start_pos, tree_tokens: Tensor | None = None) -> Tensor:
+        hidden, logits = self.model.forward(x, layers, start_pos, self.tree_depths, self.tree_mask)
+        tree_tokens = x[0] if tree_tokens is None else tree_tokens
+        pred = logits[0].argmax(-1).cast(dtypes.int32)                                       # (T,)
+        T = self.tree.size
+        # unrolled as in ShardSteps (T is small): accepted = sum of the running products of the matches, the bonus
+        # pred[accepted] as pred[0] plus the steps pred[i + 1] - pred[i] of every accepted i
+        n_accepted, bonus = Tensor.zeros_like(pred[0]), pred[0]
+        if T > 1:
+            ok = (tree_tokens[1:] == pred[:-1]).cast(dtypes.int32)
+            alive = n_accepted = ok[0]
+            bonus = pred[0] + alive * (pred[1] - pred[0])
+            for i in range(1, T - 1):
+                alive = alive * ok[i]
+                n_accepted = n_accepted + alive
+                bonus = bonus + alive * (pred[i + 1] - pred[i])
+        row = hidden[0][0] if T == 1 else (Tensor.arange(T).unsqueeze(-1) == n_accepted).where(hidden[0], 0).sum(0)
+        tree = self.proposal_tree
+        candidates = self.heads.propose(row, tree.top_k, tree.depth, root=bonus.reshape(()))  # (depth, K)
+        next_tree = bonus.reshape(1).cat(take(candidates.flatten(), self.proposal_pick))
+        return Tensor.stack(n_accepted.cast(dtypes.int32), Tensor.zeros_like(n_accepted)).cast(dtypes.int32).cat(
+            next_tree.cast(dtypes.int32)).realize()
+
+
 def chain_steps(slot, size: int) -> ShardSteps:
     """The slot's captured steps verifying a chain of `size` tokens (1: a plain pass), made on first use on the slot's
-    cache; a chain's nodes all come from the state (NoProposals stands in for heads on the last shard)."""
+    cache; a chain's nodes all come from the state. On the last shard with heads the chain proposes the heads' next
+    tree (ProposingChain); elsewhere NoProposals stands in for heads."""
     if size == 1 and slot.steps.tree.size == 1:
         return slot.steps
     if size not in slot.chains:
-        tree = PLAIN if size == 1 else chain(size - 1)
-        slot.chains[size] = ShardSteps(slot.steps.model, tree, NoProposals(size - 1) if size > 1 else None,
-                                       cache=slot.cache)
+        steps = slot.steps
+        if steps.heads is not None and steps.tree.size > 1 and steps.model.shard.is_last_layer():
+            slot.chains[size] = ProposingChain(steps.model, size, steps.heads, steps.tree, slot.cache)
+        else:
+            slot.chains[size] = ShardSteps(steps.model, PLAIN if size == 1 else chain(size - 1),
+                                           NoProposals(size - 1) if size > 1 else None, cache=slot.cache)
     return slot.chains[size]
 
 
@@ -167,7 +224,8 @@ class RequestDrafts:
             self.costs.record(self.timed_key(kind, size), time.perf_counter() - self.last_answer)
         matched = None if self.proposed is None else self.grafter.matched(self.proposed, emitted)
         self.planner.observe(emitted, matched)
-        self.proposed = np.asarray(next_tree) if kind == TREE and self.tree.size > 1 else None
+        # tree passes and, with heads, chain passes (ProposingChain) leave the heads' next tree
+        self.proposed = np.asarray(next_tree) if len(next_tree) == self.tree.size > 1 else None
         return self._next(emitted, next_tree)
 
     def _next(self, emitted: list[int], next_tree: np.ndarray) -> tuple[str, list[int]]:
