@@ -155,6 +155,9 @@ def test_chain_states_are_checked_on_every_shard(tiny):
         after = StepState.from_state(after)
         assert after.step == 2 and after.start_pos == st.start_pos + len(after.keep)
         assert after.keep == list(range(len(after.keep))) and out.shape == (1, len(after.keep))
+        # the chain pass also ran the heads from its last accepted node: a tree pass may follow with real proposals
+        proposed = b.requests["r"].drafts.proposed
+        assert len(proposed) == b.tree.size and proposed[0] == out[0, -1] and np.any(proposed[1:] != 0)
 
     asyncio.run(scenario())
 
