@@ -20,7 +20,6 @@ costs would make the plan depend on the machine's load). Greedy output stays ide
 every kind verifies its tokens against the model's argmax."""
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -36,10 +35,9 @@ from ..decoding.tree import PLAIN, MedusaTree, chain
 from ..kernels.ops import take
 from ..kernels.tinygrad_hooks import read_host
 
-log = logging.getLogger(__name__)
 TREE, CHAIN = "tree", "chain"
 # a ring pass's cost beside the compute (links, relays, serialisation) in plain-step units, until passes are timed:
-# two shards at 5 ms one-way links measured ~17 ms of it a pass against a ~6 ms standalone step; ~1 on loopback
+# two shards measured ~2.7 standalone steps of it a pass at 5 ms one-way links, ~0.5 at 0 ms (docs/benchmarks.md)
 DEFAULT_PASS_FIXED_COST = 1.0
 
 
