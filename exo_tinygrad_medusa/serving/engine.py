@@ -216,7 +216,8 @@ class MedusaInferenceEngine(_EngineBase):
 
     async def warm_up(self, shard) -> None:
         """Compile and capture the KV compaction, which otherwise compiles inside the first request whose accepted
-        path leaves the tree's first branch (seconds on a CPU, in the middle of a timed run)."""
+        path leaves the tree's first branch (seconds on a CPU, in the middle of a timed run), and with drafts every
+        pass kind (ring_drafts.capture_pass_kinds)."""
         await self.ensure_shard(shard)
         await self._on_engine_thread(self._warm_up)
 
@@ -273,7 +274,7 @@ class MedusaInferenceEngine(_EngineBase):
             return
         slot = self._acquire_slot()
         self.free_slots.append(slot)
-        ring_drafts.capture_chains(slot, self.draft_sizes, self.shard, self._tensor, self.loaded.config.dim)
+        ring_drafts.capture_pass_kinds(slot, self.draft_sizes, self.shard, self._tensor, self.loaded.config.dim)
         if self.tree.is_chain:
             return  # a chain's accepted nodes are always consecutive: it never compacts
         keep = slot.steps.host("keep", np.arange(self.tree.size))

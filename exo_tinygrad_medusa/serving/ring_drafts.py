@@ -141,12 +141,14 @@ def chain_steps(slot, size: int) -> ShardSteps:
     return slot.chains[size]
 
 
-def capture_chains(slot, sizes: tuple[int, ...], shard, to_tensor, dim: int) -> None:
-    """Compile and capture every chain size on a free slot (TinyJit captures on the second call), so no request pays
-    for it mid-stream: passes of zeros at position 0, which the next prompt rewrites before anything reads them."""
+def capture_pass_kinds(slot, sizes: tuple[int, ...], shard, to_tensor, dim: int) -> None:
+    """With drafts (sizes: the chain sizes), compile and capture every chain and the tree on a free slot (TinyJit
+    captures on the second call), so no request pays for it mid-stream (a kind first met in a request costs seconds
+    of compiling on a CPU): passes of zeros at position 0, which the next prompt rewrites before anything reads them.
+    Without drafts every pass runs the tree, which a request's first passes capture."""
     greedy = GenerationConfig()
-    for size in sizes:
-        steps = chain_steps(slot, size)
+    for steps in [chain_steps(slot, size) for size in sizes] + ([slot.steps] if sizes else []):
+        size = steps.tree.size
         x = np.zeros((1, size), np.int32) if shard.is_first_layer() else np.zeros((1, size, dim), np.float32)
         for _ in range(2):
             xt = to_tensor(x, steps)
