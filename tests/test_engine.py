@@ -248,7 +248,7 @@ def test_two_processes_over_loopback(tiny):
 
         async def scenario():
             remote = await RemoteShard.connect(int(line.split()[1]))
-            first = MedusaInferenceEngine(medusa_options(heads), cfg)  # draft chains on, as in the peer
+            first = MedusaInferenceEngine(medusa_options(heads), cfg)
             try:
                 return await run_ring([local_hop(first, Shard(model, 0, 1, LAYERS)), remote], prompt)
             finally:

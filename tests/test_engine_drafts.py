@@ -25,6 +25,8 @@ TABLE = RingDraftConfig(measure_passes=False)
 
 
 def engines(model, heads, cfg, drafts=TABLE, datastore=None, bounds=((0, 1), (2, 3))):
+    if cfg.greedy and cfg.prompt_lookup is None:  # drafts are off on a ring unless asked for
+        cfg = dataclasses.replace(cfg, prompt_lookup=True)
     return [(MedusaInferenceEngine(medusa_options(heads), cfg, drafts=drafts, datastore=datastore),
              Shard(model, a, b, LAYERS)) for a, b in bounds]
 

@@ -147,7 +147,7 @@ class MedusaInferenceEngine(_EngineBase):
             raise ValueError("Medusa options were given without --medusa-enabled")
         if max_requests < 1:
             raise ValueError(f"max_requests must be >= 1, got {max_requests}")
-        ring_drafts.drafts_on(generation, PLAIN)  # refuses drafts with sampling now rather than at the first load
+        ring_drafts.drafts_on(generation)  # refuses drafts with sampling now rather than at the first load
         self.medusa, self.generation = medusa, generation
         self.device, self.dtype, self.max_context, self.max_requests = device, dtype, max_context, max_requests
         self.shard_downloader = shard_downloader

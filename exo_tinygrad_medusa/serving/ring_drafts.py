@@ -52,19 +52,18 @@ class RingDraftConfig:
             raise ValueError(f"pass_fixed_cost must be >= 0, got {self.pass_fixed_cost}")
 
 
-def drafts_on(generation: GenerationConfig, tree: MedusaTree) -> bool:
-    """Like Generator.uses_lookup: `prompt_lookup` where given, else on for greedy Medusa. Greedy only on a ring."""
-    if not generation.greedy:
-        if generation.prompt_lookup:
-            raise ValueError("drafts on a ring (prompt_lookup) need greedy decoding (temperature 0)")
-        return False
-    return generation.prompt_lookup if generation.prompt_lookup is not None else tree.size > 1
+def drafts_on(generation: GenerationConfig) -> bool:
+    """Only where `prompt_lookup` asks for them, greedy only. Off by default on a ring: on a loaded 2-core machine
+    they raised tokens a pass (1.31 to 1.54 at 5 ms) but doubled compute a pass, a net loss (bench-ring, 2026-12-02)."""
+    if not generation.greedy and generation.prompt_lookup:
+        raise ValueError("drafts on a ring (prompt_lookup) need greedy decoding (temperature 0)")
+    return bool(generation.prompt_lookup) and generation.greedy
 
 
 def shard_setup(generation: GenerationConfig, cfg: RingDraftConfig, tree: MedusaTree, loaded, datastore):
     """(chain sizes this shard runs, () with drafts off; the last shard's PassCosts, else None; the datastore, the
     model's shipped one (decoding.session.default_datastore) where `datastore` is "shipped")."""
-    if not drafts_on(generation, tree):
+    if not drafts_on(generation):
         return (), None, datastore
     if not loaded.model.shard.is_last_layer():
         return cfg.lookup.chain_sizes, None, datastore
