@@ -15,7 +15,8 @@ units. Greedy rings then measure: the last shard times whole passes of each kind
 request to its answer to the next: every shard's compute, every link and the driver), and those times replace the
 table, drifting back to it for kinds not run for a while (as the Generator's step costs do).
 
-Greedy decoding only: sampling keeps the heads' tree every pass (a seed must reproduce its tokens, and measured
+Greedy decoding only, where `GenerationConfig.prompt_lookup` asks for drafts (off by default on a ring, see
+drafts_on): sampling keeps the heads' tree every pass (a seed must reproduce its tokens, and measured
 costs would make the plan depend on the machine's load). Greedy output stays identical to plain greedy decoding:
 every kind verifies its tokens against the model's argmax."""
 from __future__ import annotations
