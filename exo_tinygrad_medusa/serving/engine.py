@@ -5,7 +5,8 @@ Medusa tree) against its own KV cache; the last shard verifies the tree, accepts
 with its heads and returns the accepted tokens. What the other shards need for the next pass travels in
 `inference_state` as plain JSON (see `StepState`): the nodes to keep, the next tree's tokens and a step counter.
 Each shard first compacts its cache to the accepted path, then runs the new tree. Greedy rings with prompt_lookup
-plan each pass on the last shard (ring_drafts.py): the heads' tree, a plain pass or a chain of drafted tokens (the state's `kind`).
+plan each pass on the last shard (ring_drafts.py): the heads' tree, a plain pass or a chain of drafted tokens (the
+state's `kind`).
 Every shard checks the step counter and cache position against its own record, so a shard that missed a pass
 fails instead of decoding garbage.
 
