@@ -217,7 +217,8 @@ class RequestDrafts:
         self.proposed = np.asarray(tree_tokens) if self.tree.size > 1 else None
         return self._next(emitted, tree_tokens)
 
-    def after(self, kind: str, size: int, emitted: list[int], next_tree: np.ndarray, timed: bool) -> tuple[str, list[int]]:
+    def after(self, kind: str, size: int, emitted: list[int], next_tree: np.ndarray,
+              timed: bool) -> tuple[str, list[int]]:
         """After a decode pass of `kind` that emitted `emitted` (what followed its root, bonus included): record its
         time (timed: its steps were captured before it ran, so no compile is in it) and plan the next pass."""
         if timed and self.cfg.measure_passes and self.last_answer is not None:
