@@ -4,9 +4,11 @@ A request goes around the ring once per step. Every shard runs the step's tokens
 Medusa tree) against its own KV cache; the last shard verifies the tree, accepts a path, proposes the next tree
 with its heads and returns the accepted tokens. What the other shards need for the next pass travels in
 `inference_state` as plain JSON (see `StepState`): the nodes to keep, the next tree's tokens and a step counter.
-Each shard first compacts its cache to the accepted path, then runs the new tree. Every shard checks the step
-counter and cache position against its own record, so a shard that missed a pass fails instead of decoding
-garbage.
+Each shard first compacts its cache to the accepted path, then runs the new tree. Greedy rings with prompt_lookup
+plan each pass on the last shard (ring_drafts.py): the heads' tree, a plain pass or a chain of drafted tokens (the
+state's `kind`).
+Every shard checks the step counter and cache position against its own record, so a shard that missed a pass
+fails instead of decoding garbage.
 
 Wire contract (what Exo's node loop, or any driver, does between passes):
 - first pass: `infer_prompt` / `infer_tensor` on the first shard with token ids (1, T) and no state;
@@ -42,6 +44,8 @@ from ..decoding.session import MedusaOptions, default_tree_spec, resolve_heads_p
 from ..model.shard import Shard
 from ..decoding.steps import ShardSteps
 from ..kernels.tinygrad_hooks import read_host, share_kernel_cache
+from . import ring_drafts
+from .ring_drafts import TREE, PassCosts, RequestDrafts, RingDraftConfig
 
 try:  # inside classic Exo the engine is a real InferenceEngine; without Exo it stands alone
     from exo.inference.inference_engine import InferenceEngine as _EngineBase
@@ -72,6 +76,8 @@ class StepState:
     tree: list[int] = field(default_factory=list)    # this pass's tree tokens (node 0 = the last token emitted)
     tokens: list[int] = field(default_factory=list)  # tokens the previous pass emitted
     finish_reason: str | None = None                 # "stop" (EOS) or "length" (token budget or context end)
+    kind: str = TREE   # "tree": the Medusa tree; "chain": `tree` holds a root and drafted tokens (ring_drafts.py)
+    prompt: list[int] = field(default_factory=list)  # the prompt pass only, with drafts: the last shard plans from it
 
     def to_state(self) -> dict:
         return {STATE_KEY: asdict(self)}
@@ -94,6 +100,7 @@ class _Slot:
 
     def __init__(self, steps_for, cache: KVCache):
         self.cache, self.steps = cache, steps_for(cache=cache)
+        self.chains: dict[int, ShardSteps] = {}  # draft chains by size, made on first use (ring_drafts.chain_steps)
 
 
 @dataclass
@@ -106,6 +113,8 @@ class _Request:
     pending: bool = False      # the last tree sits at pos.. and waits for the next pass to say which nodes to keep
     generated: int = 0         # last shard: tokens emitted so far
     rng: np.random.Generator | None = None
+    ran: ShardSteps | None = None      # the steps of the pending pass: the next pass's keep refers to their nodes
+    drafts: RequestDrafts | None = None  # last shard, with drafts: plans each pass
 
     @property
     def cache(self) -> KVCache:
@@ -130,15 +139,22 @@ class MedusaInferenceEngine(_EngineBase):
 
     def __init__(self, medusa: MedusaOptions = MedusaOptions(), generation: GenerationConfig = GenerationConfig(),
                  *, device: str | None = None, dtype: str | None = None, max_context: int = 2048,
-                 max_requests: int = 4, shard_downloader=None):
+                 max_requests: int = 4, shard_downloader=None, drafts: RingDraftConfig = RingDraftConfig(),
+                 datastore="shipped"):
+        """drafts, datastore: the draft chains of greedy rings (ring_drafts.py); datastore "shipped" is the model's
+        own (models/<card>/datastore, loaded on the last shard), else a Datastore or None."""
         if not medusa.enabled and any(v is not None for v in (medusa.heads, medusa.num_heads, medusa.num_layers,
                                                                 medusa.choices)):
             raise ValueError("Medusa options were given without --medusa-enabled")
         if max_requests < 1:
             raise ValueError(f"max_requests must be >= 1, got {max_requests}")
+        ring_drafts.drafts_on(generation)  # refuses drafts with sampling now rather than at the first load
         self.medusa, self.generation = medusa, generation
         self.device, self.dtype, self.max_context, self.max_requests = device, dtype, max_context, max_requests
         self.shard_downloader = shard_downloader
+        self.drafts, self.datastore = drafts, datastore
+        self.draft_sizes: tuple[int, ...] = ()  # chain sizes this shard runs; () with drafts off
+        self.pass_costs: PassCosts | None = None  # last shard, with drafts: timed passes by kind
         self.shard: Shard | None = None
         self.loaded: LoadedModel | None = None
         self.tokenizer = None
@@ -200,7 +216,8 @@ class MedusaInferenceEngine(_EngineBase):
 
     async def warm_up(self, shard) -> None:
         """Compile and capture the KV compaction, which otherwise compiles inside the first request whose accepted
-        path leaves the tree's first branch (seconds on a CPU, in the middle of a timed run)."""
+        path leaves the tree's first branch (seconds on a CPU, in the middle of a timed run), and with drafts every
+        pass kind (ring_drafts.capture_pass_kinds)."""
         await self._on_engine_thread(self.warm_up_now, shard)
 
     # -- the same calls, blocking, for a caller that is the process's one tinygrad thread (a shard server,
@@ -250,6 +267,8 @@ class MedusaInferenceEngine(_EngineBase):
                     self.medusa.num_heads, self.medusa.num_layers)
         self._steps_for = functools.partial(ShardSteps, loaded.model, tree, heads)
         self.slots, self.free_slots = [], []
+        self.draft_sizes, self.pass_costs, self.datastore = ring_drafts.shard_setup(
+            self.generation, self.drafts, tree, loaded, self.datastore)
         return tree, heads
 
     def _release(self, request_id: str, why: str) -> bool:
@@ -270,6 +289,7 @@ class MedusaInferenceEngine(_EngineBase):
             return
         slot = self._acquire_slot()
         self.free_slots.append(slot)
+        ring_drafts.capture_pass_kinds(slot, self.draft_sizes, self.shard, self._tensor, self.loaded.config.dim)
         if self.tree.is_chain:
             return  # a chain's accepted nodes are always consecutive: it never compacts
         keep = slot.steps.host("keep", np.arange(self.tree.size))
@@ -361,33 +381,44 @@ class MedusaInferenceEngine(_EngineBase):
             if not self.shard.is_last_layer():
                 outputs.append(read_host(hidden)[:, :row + 1])
         req.pos, req.step = prompt_len, 1
+        if self.draft_sizes and self.shard.is_first_layer():
+            st.prompt = x.reshape(-1).tolist()  # the last shard drafts from the prompt too
         if not self.shard.is_last_layer():
             return np.concatenate(outputs, 1), st.to_state()
         tree_tokens = steps.first_tree(hidden, row, self.generation, req.rng).astype(np.int64)
         emitted, finish = self._emit(req, [int(tree_tokens[0])])
+        kind, tokens = TREE, tree_tokens.tolist()
         if finish:
             self._release(request_id, f"finished: {finish}")
-        nxt = StepState(1, prompt_len, self.tree_id, 0, [], tree_tokens.tolist(), emitted, finish)
+        elif self.pass_costs is not None:
+            if len(st.prompt) != prompt_len:
+                raise RingStateError(f"request {request_id}: the prompt pass carries {len(st.prompt)} prompt ids for "
+                                     f"{prompt_len} positions: start every node with the same options")
+            req.drafts = RequestDrafts(self.drafts, self.tree, st.prompt, self.datastore, self.pass_costs)
+            kind, tokens = req.drafts.first(emitted, tree_tokens)
+        nxt = StepState(1, prompt_len, self.tree_id, 0, [], tokens, emitted, finish, kind)
         return np.array([emitted], dtype=np.int64), nxt.to_state()
 
     def _tree_pass(self, request_id: str, req: _Request, x: np.ndarray, st: StepState) -> tuple[np.ndarray, dict]:
-        steps, T = req.steps, self.tree.size
         where = f"request {request_id}, layers {self._layers()}"
+        problem = ring_drafts.pass_problem(st.kind, len(st.tree), self.tree.size, self.draft_sizes)
+        if problem:
+            raise RingStateError(f"{where}: {problem}")
+        steps = req.steps if st.kind == TREE else ring_drafts.chain_steps(req.slot, len(st.tree))
+        T = steps.tree.size
         if st.step != req.step:
             raise RingStateError(f"{where}: the ring state is for pass {st.step} but this shard has run {req.step} "
                                  "passes (a pass was missed or replayed)")
         if st.finish_reason:
             raise RingStateError(f"{where}: the request already finished ({st.finish_reason})")
-        if len(st.tree) != T:
-            raise RingStateError(f"{where}: the state carries {len(st.tree)} tree tokens, the tree has {T} nodes")
-        if req.pending:
-            keep = [int(n) for n in st.keep]
-            if not (1 <= len(keep) <= T and keep[0] == 0 and all(0 <= n < T for n in keep)):
-                raise RingStateError(f"{where}: invalid accepted nodes {keep} for a tree of {T} nodes")
+        if req.pending:  # keep: nodes of the previous pass, which ran req.ran's tree
+            keep, ran = [int(n) for n in st.keep], req.ran
+            if not (1 <= len(keep) <= ran.tree.size and keep[0] == 0 and all(0 <= n < ran.tree.size for n in keep)):
+                raise RingStateError(f"{where}: invalid accepted nodes {keep} for a tree of {ran.tree.size} nodes")
             if keep != list(range(len(keep))):  # accepted nodes must sit in consecutive cache slots
-                padded = np.arange(T, dtype=np.int32)
+                padded = np.arange(ran.tree.size, dtype=np.int32)
                 padded[:len(keep)] = keep
-                steps.compact(req.cache.layers, steps.bind(req.pos), steps.host("keep", padded))
+                ran.compact(req.cache.layers, ran.bind(req.pos), ran.host("keep", padded))
             req.pos, req.pending = req.pos + len(keep), False
         if st.start_pos != req.pos:
             raise RingStateError(f"{where}: the ring state writes at position {st.start_pos} but this shard's cache "
@@ -400,15 +431,19 @@ class MedusaInferenceEngine(_EngineBase):
         else:
             self._check_input(x, T)
         xt = self._tensor(x, steps)
-        req.step, req.pending = req.step + 1, True
+        req.step, req.pending, req.ran = req.step + 1, True, steps
         if not self.shard.is_last_layer():
             return read_host(steps.verify_logits(xt, req.cache.layers, steps.bind(req.pos))), st.to_state()
+        timed = steps.verify_greedy.captured is not None  # a pass that compiles says nothing about its cost
         nodes, next_tree = steps.verify(xt, req.cache.layers, req.pos, np.array(st.tree), self.generation, req.rng)
-        emitted, finish = self._emit(req, [st.tree[n] for n in nodes[1:]] + [int(next_tree[0])])
+        followed = [st.tree[n] for n in nodes[1:]] + [int(next_tree[0])]
+        emitted, finish = self._emit(req, followed)
+        kind, tokens = TREE, [int(t) for t in next_tree]
         if finish:  # nothing can follow a finished request: its cache is garbage from now on
             self._release(request_id, f"finished: {finish}")
-        nxt = StepState(st.step + 1, req.pos + len(nodes), self.tree_id, 0, nodes, [int(t) for t in next_tree],
-                        emitted, finish)
+        elif req.drafts is not None:
+            kind, tokens = req.drafts.after(st.kind, T, followed, next_tree, timed)
+        nxt = StepState(st.step + 1, req.pos + len(nodes), self.tree_id, 0, nodes, tokens, emitted, finish, kind)
         return np.array([emitted], dtype=np.int64), nxt.to_state()
 
     def _emit(self, req: _Request, tokens: list[int]) -> tuple[list[int], str | None]:
