@@ -25,6 +25,23 @@ def _const(a: np.ndarray, device: str) -> Tensor:
     return host_tensor(a, device)
 
 
+def chain_accept(tree_tokens: Tensor, pred: Tensor) -> tuple[Tensor, Tensor]:
+    """Greedy acceptance of a chain on the device: (drafted tokens accepted, the bonus token pred[accepted]).
+    tree_tokens (T,): the root and the draft; pred (T,): the argmax after each. Unrolled (T is small): accepted is the
+    sum of the running products of the matches, the bonus pred[0] plus the steps pred[i + 1] - pred[i] of every
+    accepted i (tinygrad fails to compile a one-hot pick or a size-1 cumsum here at T = 2)."""
+    n_accepted, bonus = Tensor.zeros_like(pred[0]), pred[0]
+    if pred.shape[0] > 1:
+        ok = (tree_tokens[1:] == pred[:-1]).cast(dtypes.int32)
+        alive = n_accepted = ok[0]
+        bonus = pred[0] + alive * (pred[1] - pred[0])
+        for i in range(1, pred.shape[0] - 1):
+            alive = alive * ok[i]
+            n_accepted = n_accepted + alive
+            bonus = bonus + alive * (pred[i + 1] - pred[i])
+    return n_accepted, bonus
+
+
 class _OnCache:
     """A step captured on one KV cache: called like the plain capture (the layers still passed, and checked), it
     replays with the cache's buffers baked in. TinyJit does per-input bookkeeping on every call, ~2 ms a step for a
@@ -176,19 +193,9 @@ class ShardSteps:
         if self.tree.size == 1:
             return Tensor.stack(Tensor.zeros_like(pred[0]), Tensor.zeros_like(pred[0]), pred[0]).realize()
         if getattr(self.heads, "placeholders", False):  # a draft chain: one path, nothing to propose
-            T = self.tree.size
-            ok = (tree_tokens[1:] == pred[:-1]).cast(dtypes.int32)
-            # unrolled (T is small): accepted = sum of the running products of ok; the bonus pred[accepted] as pred[0]
-            # plus the steps pred[i + 1] - pred[i] of every accepted i (tinygrad fails to compile a one-hot pick or a
-            # size-1 cumsum here at T = 2)
-            alive = n_accepted = ok[0]
-            bonus = pred[0] + alive * (pred[1] - pred[0])
-            for i in range(1, T - 1):
-                alive = alive * ok[i]
-                n_accepted = n_accepted + alive
-                bonus = bonus + alive * (pred[i + 1] - pred[i])
+            n_accepted, bonus = chain_accept(tree_tokens, pred)
             return Tensor.stack(n_accepted.cast(dtypes.int32), Tensor.zeros_like(bonus), bonus).cat(
-                Tensor.zeros(T - 1, dtype=dtypes.int32, device=bonus.device)).realize()
+                Tensor.zeros(self.tree.size - 1, dtype=dtypes.int32, device=bonus.device)).realize()
         candidate = take(tree_tokens, self.paths[:, 1:])                                    # (P, D)
         ok = (candidate == take(pred, self.paths[:, :-1])) & self.path_valid
         accepted = (ok.cast(dtypes.int32).cumsum(1) == self.path_steps).cast(dtypes.int32).sum(1)  # (P,)

@@ -31,7 +31,7 @@ from tinygrad import Tensor, dtypes
 from ..decoding.generate import STALE_DECAY
 from ..decoding.lookup import DraftPlanner, Grafter, LookupConfig, NoProposals, Plan
 from ..decoding.sampling import GenerationConfig
-from ..decoding.steps import ShardSteps
+from ..decoding.steps import ShardSteps, chain_accept
 from ..decoding.tree import PLAIN, MedusaTree, chain
 from ..kernels.ops import take
 from ..kernels.tinygrad_hooks import read_host
@@ -106,17 +106,7 @@ class ProposingChain(ShardSteps):
         tree_tokens = x[0] if tree_tokens is None else tree_tokens
         pred = logits[0].argmax(-1).cast(dtypes.int32)                                       # (T,)
         T = self.tree.size
-        # unrolled as in ShardSteps (T is small): accepted = sum of the running products of the matches, the bonus
-        # pred[accepted] as pred[0] plus the steps pred[i + 1] - pred[i] of every accepted i
-        n_accepted, bonus = Tensor.zeros_like(pred[0]), pred[0]
-        if T > 1:
-            ok = (tree_tokens[1:] == pred[:-1]).cast(dtypes.int32)
-            alive = n_accepted = ok[0]
-            bonus = pred[0] + alive * (pred[1] - pred[0])
-            for i in range(1, T - 1):
-                alive = alive * ok[i]
-                n_accepted = n_accepted + alive
-                bonus = bonus + alive * (pred[i + 1] - pred[i])
+        n_accepted, bonus = chain_accept(tree_tokens, pred)
         row = hidden[0][0] if T == 1 else (Tensor.arange(T).unsqueeze(-1) == n_accepted).where(hidden[0], 0).sum(0)
         tree = self.proposal_tree
         candidates = self.heads.propose(row, tree.top_k, tree.depth, root=bonus.reshape(()))  # (depth, K)
