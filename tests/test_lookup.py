@@ -269,3 +269,18 @@ def test_capture_steps_measures_every_step_size(models):
     assert set(gen.step_seconds) == {1, 2, 4} and gen.measured_costs()[1] == 1.0
     result = gen.generate(_prompt(0), GenerationConfig(16, prompt_lookup=True))
     assert set(result.step_sizes) <= {1, 2, 4} and sum(result.step_sizes.values()) == result.steps
+
+
+def test_step_costs_measured_replace_priors_and_drift_back():
+    from exo_tinygrad_medusa.decoding.step_costs import STALE_DECAY, StepCosts
+    costs = StepCosts([1, 2, 4, "heads"], {1: 1.0, 2: 1.2, 4: 1.5, "heads": 1.4}.__getitem__)
+    assert costs.relative() == {1: 1.0, 2: 1.2, 4: 1.5, "heads": 1.4}
+    costs.record(4, 0.03)                  # no plain step timed: the unit is what chain-4's prior implies
+    assert costs.relative()[4] == pytest.approx(1.5) and costs.relative()[2] == 1.2
+    costs.record(1, 0.01)
+    costs.record(1, 0.02)                  # a running mean: 0.8 * 0.01 + 0.2 * 0.02
+    unit = 0.012
+    assert costs.seconds[1] == pytest.approx(unit)
+    # chain-4 was timed two steps ago: its measurement keeps STALE_DECAY ** 2 of the weight, the prior the rest
+    assert costs.relative()[4] == pytest.approx(STALE_DECAY ** 2 * 0.03 / unit + (1 - STALE_DECAY ** 2) * 1.5)
+    assert costs.relative()[1] == 1.0 and costs.relative()["heads"] == 1.4

@@ -15,13 +15,13 @@ from .lookup import DraftPlanner, Grafter, LookupConfig, NoProposals, Plan
 from .tree import PLAIN, MedusaTree, chain
 from ..model.transformer import KVCache, Transformer
 from .sampling import GenerationConfig, TokenLogprob, token_logprobs
+from .step_costs import StepCosts
 from .steps import ShardSteps
 from ..kernels.tinygrad_hooks import read_host
 
 log = logging.getLogger(__name__)
 OnTokens = Callable[[list[int]], None]
 OnLogprobs = Callable[[list[TokenLogprob]], None]
-STALE_DECAY = 0.98  # per timed step: weight left to a step kind's measured cost since it last ran
 
 
 @dataclass
@@ -111,10 +111,13 @@ class Generator:
         self.steps = ShardSteps(model, tree, heads, cache=self.cache)
         self.grafter = Grafter(tree) if tree.size > 1 else None
         self._chains: dict[int, ShardSteps] = {}
-        # running mean seconds of a replayed step by kind (tokens verified, or "heads"), kept across generations
-        self.step_seconds: dict = dict(step_seconds or {})
-        self._last_timed: dict = {kind: 0 for kind in self.step_seconds}   # kind -> count of timed steps when it last ran
-        self._timed_steps = 0
+        # seconds of a step by kind (tokens verified, or "heads"), kept across generations; the cost table before
+        kinds = [*lookup.chain_sizes, *(["heads"] if tree.size > 1 else [])]
+        self.costs = StepCosts(kinds, lambda kind: lookup.kind_cost(kind, tree.size), step_seconds)
+
+    @property
+    def step_seconds(self) -> dict:
+        return self.costs.seconds
 
     def uses_lookup(self, cfg: GenerationConfig) -> bool:
         """cfg.prompt_lookup, or by default: on for greedy Medusa decoding (planned with the step costs measured on
@@ -155,27 +158,11 @@ class Generator:
                 t0 = time.perf_counter()
                 read_host(steps.verify_greedy(x, self.cache.layers, steps.bind(0)))
                 if rep >= 2:
-                    self._timed(kind, time.perf_counter() - t0)
-
-    def _timed(self, kind, seconds: float) -> None:
-        self._timed_steps += 1
-        old = self.step_seconds.get(kind)
-        self.step_seconds[kind] = seconds if old is None else 0.8 * old + 0.2 * seconds
-        self._last_timed[kind] = self._timed_steps
+                    self.costs.record(kind, time.perf_counter() - t0)
 
     def measured_costs(self) -> dict:
-        """Step costs relative to a plain step, from the measured step times (empty until a plain step was timed).
-        A kind not run for a while drifts back to the cost table (STALE_DECAY a step), so that one slow measurement
-        (a load spike) does not rule it out for the rest of the process."""
-        base = self.step_seconds.get(1)
-        if not base:
-            return {}
-        out = {}
-        for kind, seconds in self.step_seconds.items():
-            table = self.lookup.cost(self.tree.size) + self.lookup.head_cost if kind == "heads" else self.lookup.cost(kind)
-            trust = STALE_DECAY ** (self._timed_steps - self._last_timed[kind])
-            out[kind] = trust * seconds / base + (1 - trust) * table
-        return out
+        """Step costs relative to a plain step (StepCosts.relative): measured where timed, the table elsewhere."""
+        return self.costs.relative()
 
     def _planner(self, prompt_ids: list[int], cfg: GenerationConfig) -> DraftPlanner | None:
         if not self.uses_lookup(cfg):
@@ -266,7 +253,7 @@ class Generator:
             x = steps.host("tokens", tree_tokens.reshape(1, -1))
             nodes, next_tree = steps.verify(x, self.cache.layers, start_pos, tree_tokens, cfg, rng, rows)
             if timed:
-                self._timed("heads" if plan.source == "heads" else plan.size, time.perf_counter() - s0)
+                self.costs.record("heads" if plan.source == "heads" else plan.size, time.perf_counter() - s0)
                 planner.measured = self.measured_costs()
             result.accept_lengths.append(len(nodes))
             emitted = [int(tree_tokens[n]) for n in nodes[1:]] + [int(next_tree[0])]  # what followed the root

@@ -65,6 +65,10 @@ class LookupConfig:
         """Relative cost of verifying `size` tokens, interpolated (and extrapolated linearly past the table)."""
         return _table_cost(self.step_costs, size)
 
+    def kind_cost(self, kind, tree_size: int) -> float:
+        """The table's cost of a kind of step: a chain size, or "heads" (the heads' tree of tree_size nodes)."""
+        return self.cost(tree_size) + self.head_cost if kind == "heads" else self.cost(kind)
+
 
 @functools.lru_cache(maxsize=256)
 def _table_cost(step_costs: tuple[tuple[int, float], ...], size: int) -> float:
@@ -281,7 +285,7 @@ class DraftPlanner:
         if self.heads_tree is not None:
             size, depth = self.heads_tree
             gain = self.heads.expected()[min(depth, len(self.heads.tries))]
-            options.append(Plan("heads", size, [], (1 + gain) / (measured.get("heads") or cfg.cost(size) + cfg.head_cost)))
+            options.append(Plan("heads", size, [], (1 + gain) / (measured.get("heads") or cfg.kind_cost("heads", size))))
         for source, (tokens, key) in self.drafts.items():
             expected = self._stats(key).expected()
             for size in cfg.chain_sizes:

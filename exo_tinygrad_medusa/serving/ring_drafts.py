@@ -21,16 +21,15 @@ costs would make the plan depend on the machine's load). Greedy output stays ide
 every kind verifies its tokens against the model's argmax."""
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from tinygrad import Tensor, dtypes
 
-from ..decoding.generate import STALE_DECAY
 from ..decoding.lookup import DraftPlanner, Grafter, LookupConfig, NoProposals, Plan
 from ..decoding.sampling import GenerationConfig
+from ..decoding.step_costs import StepCosts
 from ..decoding.steps import ShardSteps, chain_accept
 from ..decoding.tree import PLAIN, MedusaTree, chain
 from ..kernels.ops import take
@@ -148,42 +147,18 @@ def capture_pass_kinds(slot, sizes: tuple[int, ...], shard, to_tensor, dim: int)
                 read_host(steps.verify_logits(xt, slot.cache.layers, steps.bind(0)))
 
 
-class PassCosts:
+class PassCosts(StepCosts):
     """The last shard's running mean seconds of a whole ring pass per kind (chain size, or "heads" for the tree),
-    and the costs relative to a plain pass that the planner uses."""
+    and the costs relative to a plain pass that the planner uses; before a kind is timed, its standalone step cost
+    from the table with the ring's fixed cost per pass added."""
 
     def __init__(self, cfg: RingDraftConfig, tree: MedusaTree):
         self.cfg, self.tree = cfg, tree
-        self.kinds: list = list(cfg.lookup.chain_sizes) + (["heads"] if tree.size > 1 else [])
-        self.seconds: dict = {}
-        self._last: dict = {}     # kind -> count of timed passes when it last ran
-        self._timed = 0
+        super().__init__([*cfg.lookup.chain_sizes, *(["heads"] if tree.size > 1 else [])], self._pass_prior)
 
-    def prior(self, kind) -> float:
-        lk, fixed = self.cfg.lookup, self.cfg.pass_fixed_cost
-        compute = lk.cost(self.tree.size) + lk.head_cost if kind == "heads" else lk.cost(kind)
-        return (compute + fixed) / (1 + fixed)
-
-    def record(self, kind, seconds: float) -> None:
-        self._timed += 1
-        old = self.seconds.get(kind)
-        self.seconds[kind] = seconds if old is None else 0.8 * old + 0.2 * seconds
-        self._last[kind] = self._timed
-
-    def relative(self) -> dict:
-        """Cost of each kind relative to a plain pass: measured where timed (the plain pass as the unit, else the
-        unit the timed kinds imply through their priors), the prior elsewhere."""
-        if not self.seconds:
-            return {k: self.prior(k) for k in self.kinds}
-        base = self.seconds.get(1) or statistics.median(s / self.prior(k) for k, s in self.seconds.items())
-        out = {}
-        for k in self.kinds:
-            if k in self.seconds:
-                trust = STALE_DECAY ** (self._timed - self._last[k])
-                out[k] = trust * self.seconds[k] / base + (1 - trust) * self.prior(k)
-            else:
-                out[k] = self.prior(k)
-        return out
+    def _pass_prior(self, kind) -> float:
+        fixed = self.cfg.pass_fixed_cost
+        return (self.cfg.lookup.kind_cost(kind, self.tree.size) + fixed) / (1 + fixed)
 
 
 class RequestDrafts:
