@@ -133,6 +133,18 @@ def check_model_args(args) -> None:
             raise ValueError(f"--medusa-choices: {e}") from None
 
 
+# shared model options some commands cannot honour: flag -> (attribute, the value that means "not given")
+_LOAD_OPTIONS = {"--weights": ("weights", None), "--activations": ("activations", "float32")}
+
+
+def refuse_load_options(args, command: str, why: str) -> None:
+    """For commands that load the model their own way: --weights/--activations given to them are refused by name,
+    never silently ignored."""
+    given = [flag for flag, (dest, unset) in _LOAD_OPTIONS.items() if getattr(args, dest, unset) != unset]
+    if given:
+        raise ValueError(f"{command} does not take {' or '.join(given)}: {why}")
+
+
 def read_prompt(args) -> str:
     """--prompt TEXT, --prompt - (stdin) or --prompt-file FILE, read as UTF-8 text."""
     if getattr(args, "prompt_file", None):

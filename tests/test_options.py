@@ -76,3 +76,15 @@ def test_serve_limits_are_checked_before_the_model_loads(argv, message, capsys):
     assert main(["serve", "no-such-model", *argv]) == 2  # the model would fail too: the limits are checked first
     err = capsys.readouterr().err.strip()
     assert err.startswith("exo-medusa: error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train-heads", "--out", "unused", "--activations", "q8"], "train-heads does not take --activations"),
+    (["distill", "--prompts", "p.jsonl", "--corpus", "c", "--weights", "float32"], "distill does not take --weights"),
+    (["eval-heads", "--weights", "compact", "--activations", "q8"], "eval-heads does not take --weights or --activations"),
+    (["bench-ring", "--activations", "q8"], "bench-ring does not take --activations"),
+])
+def test_commands_that_load_their_own_way_refuse_load_options(argv, message, capsys):
+    # no model loads: the refusal comes first, one line, exit 2
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..options import refuse_load_options
 from ..prompts import Prompt, load_prompts
 from ..model.registry import resolve
 from ..serving.ring import LinkConfig, Ring, RingResult
@@ -305,6 +306,7 @@ def parse_list(text: str, kind, flag: str) -> tuple:
 def config_from_args(args) -> RingBenchConfig:
     from .bench import default_prompts_path
     prompts = load_prompts(args.prompts or default_prompts_path(), args.limit)
+    refuse_load_options(args, "bench-ring", "its shard processes load compact weights with float32 activations")
     if args.medusa_num_heads is not None or args.medusa_num_layers is not None:
         raise ValueError("bench-ring uses the heads as they are: --medusa-num-heads/--medusa-num-layers are not "
                          "supported here")

@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..options import refuse_load_options
+
 log = logging.getLogger(__name__)
 DEFAULT_TREES = "cpu-4,cpu-8,mc_sim_7b_63"
 
@@ -221,7 +223,11 @@ def cmd_build_datastore(args) -> int:
     return 0
 
 
+TRAINING_LOAD = "training data and scores come from the model loaded as `run` loads it by default"
+
+
 def cmd_distill(args) -> int:
+    refuse_load_options(args, "distill", TRAINING_LOAD)
     from ..model.loader import load_model
     from .corpus import DistillConfig, RunConfig, distill
     from .data import ModelSpec
@@ -280,6 +286,7 @@ def _corpus_store(loaded, args, data_dir: Path):
 
 
 def cmd_train(args) -> int:
+    refuse_load_options(args, "train-heads", TRAINING_LOAD)
     from ..model.loader import load_model
     from .data import load_prompts, self_prompts
     from .features import FeatureStore
@@ -344,6 +351,7 @@ def _heldout_prompts(info: dict, heads_dir: Path, loaded) -> list[str]:
 
 
 def cmd_eval(args) -> int:
+    refuse_load_options(args, "eval-heads", TRAINING_LOAD)
     from ..model.loader import load_model
     from ..decoding.heads import load_heads_for
     from ..decoding.tree import load_tree
