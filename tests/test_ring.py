@@ -414,3 +414,38 @@ def test_bench_ring_rejects_bad_options(capsys):
     assert "--shards expects comma-separated numbers, got '2,x'" in capsys.readouterr().err
     assert main(["bench-ring", "--link-delays-ms", "-5"]) == 2
     assert "--link-delays-ms must be delays >= 0" in capsys.readouterr().err
+
+
+def test_a_ring_of_shard_threads_matches_plain_decoding(setup):
+    """--shard-threads: the same wire contract over loopback, the shards on threads of this process."""
+    model, heads, prompt, expected = setup
+    specs = [ShardSpec(model, a, b, LAYERS, medusa_heads=heads, medusa_choices="cpu-8", max_new_tokens=MAX_NEW)
+             for a, b in split_layers(LAYERS, 2)]
+    with LocalRing(specs, FAST, start_timeout_s=120, threads=True) as lr:
+        assert all(shard.alive for shard in lr.processes)
+
+        @run
+        async def scenario(ring):
+            result = await ring.generate("threads", prompt)
+            return result, await live(ring)
+
+        result, held = scenario(lr.ring)
+        with pytest.raises(NotImplementedError, match="only shard processes can be killed or frozen"):
+            lr.processes[0].freeze()
+    assert result.tokens == expected and held == [[], []]
+    assert result.engine_s > 0 and not any(shard.alive for shard in lr.processes)  # stopped with the ring
+
+
+def test_bench_ring_with_shard_threads(setup, tmp_path):
+    from exo_tinygrad_medusa.cli import main
+
+    model, heads, _, _ = setup
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Tell me about the sea.", "category": "x", "id": "sea"}\n')
+    out = tmp_path / "ring.json"
+    assert main(["bench-ring", model, "--medusa-heads", heads, "--medusa-choices", "cpu-8", "--shards", "2",
+                 "--link-delays-ms", "0", "--prompts", str(prompts), "--max-generate-tokens", "6",
+                 "--warmup-tokens", "2", "--shard-threads", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["summary"]["shards_as"] == "threads" and report["summary"]["identical"]
+    assert all(0 < r["plain"]["engine_s"] < r["plain"]["decode_s"] for r in report["runs"])

@@ -2,7 +2,8 @@
 
 On a ring every decoding step is one pass around it: N link crossings for N shards. Plain decoding pays a pass per
 token, Medusa one per verify step, so each token a step accepts beyond the first saves a whole pass. For each ring
-size (2 and 3 shards split by layers, one process each, on loopback) and each one-way link delay, the same prompts
+size (2 and 3 shards split by layers, one process each on loopback, or with --shard-threads one thread each of this
+process: ring_local's note says why both) and each one-way link delay, the same prompts
 run through a plain ring and a Medusa ring alternately (which goes first alternates too), so background load and
 the kernels' speed hit both alike. Requests go through the engine's wire contract (`infer_tensor` and the JSON step
 state, see engine.py) over sockets (ring.py); the delay is injected in that transport, never on the machine's
@@ -56,6 +57,7 @@ class RingBenchConfig:
     max_context: int = 2048
     hop_timeout_s: float = 300.0
     start_timeout_s: float = 900.0
+    shard_threads: bool = False           # shards as threads of this process (ring_local's note), not processes
 
     def __post_init__(self):
         if not self.prompts:
@@ -264,10 +266,13 @@ def run_ring_bench(cfg: RingBenchConfig, progress=lambda line: print(line, file=
     for shards in cfg.shard_counts:
         if shards > n_layers:
             raise ValueError(f"cannot split {n_layers} layers into {shards} shards")
-        progress(f"{shards} shards: starting {2 * shards} shard processes (a plain ring and a Medusa ring) ...")
+        progress(f"{shards} shards: starting {2 * shards} shard {'threads' if cfg.shard_threads else 'processes'} "
+                 "(a plain ring and a Medusa ring) ...")
         link = LinkConfig(hop_timeout_s=cfg.hop_timeout_s)
-        plain = LocalRing(ring_specs(cfg, n_layers, shards, False), link, cfg.start_timeout_s)
-        medusa = LocalRing(ring_specs(cfg, n_layers, shards, True), link, cfg.start_timeout_s)
+        plain = LocalRing(ring_specs(cfg, n_layers, shards, False), link, cfg.start_timeout_s,
+                          threads=cfg.shard_threads)
+        medusa = LocalRing(ring_specs(cfg, n_layers, shards, True), link, cfg.start_timeout_s,
+                           threads=cfg.shard_threads)
         try:
             t0 = time.perf_counter()
             plain.start()
@@ -286,6 +291,7 @@ def run_ring_bench(cfg: RingBenchConfig, progress=lambda line: print(line, file=
     summary = {"model": cfg.model, "n_layers": n_layers, "prompts": [p.id for p in cfg.prompts],
                "max_generate_tokens": cfg.max_new_tokens, "tree": tree.get("name"), "tree_size": tree.get("size"),
                "heads": cfg.medusa_heads or default_heads(cfg.model), "dtype": cfg.dtype, "device": cfg.device,
+               "shards_as": "threads" if cfg.shard_threads else "processes",
                "identical": all(p.identical for p in pairs)}
     return {"summary": summary, "cells": [c.to_json() for c in cells],
             "model_fit": [ring_model(cells, n) for n in cfg.shard_counts],
@@ -306,14 +312,14 @@ def parse_list(text: str, kind, flag: str) -> tuple:
 def config_from_args(args) -> RingBenchConfig:
     from .bench import default_prompts_path
     prompts = load_prompts(args.prompts or default_prompts_path(), args.limit)
-    refuse_load_options(args, "bench-ring", "its shard processes load compact weights with float32 activations")
+    refuse_load_options(args, "bench-ring", "its shards load compact weights with float32 activations")
     if args.medusa_num_heads is not None or args.medusa_num_layers is not None:
         raise ValueError("bench-ring uses the heads as they are: --medusa-num-heads/--medusa-num-layers are not "
                          "supported here")
     return RingBenchConfig(args.model, tuple(prompts), parse_list(args.shards, int, "--shards"),
                            parse_list(args.link_delays_ms, float, "--link-delays-ms"), args.max_generate_tokens,
                            args.warmup_tokens, args.medusa_heads, args.medusa_choices, args.dtype, args.device,
-                           args.max_context, args.hop_timeout_s)
+                           args.max_context, args.hop_timeout_s, shard_threads=args.shard_threads)
 
 
 def cmd_bench_ring(args) -> int:
@@ -347,6 +353,10 @@ def register(subparsers, model_args, generation_args) -> None:
     p.add_argument("--warmup-tokens", type=int, default=6, help="passes of each untimed warm-up request")
     p.add_argument("--hop-timeout-s", type=float, default=300.0,
                    help="a shard that does not answer a pass in this time fails the request")
+    p.add_argument("--shard-threads", action="store_true",
+                   help="run the shards as threads of this process (sharing its compiled kernels and kernel pool, "
+                        "as nodes with cores of their own would not contend) instead of one process each; they "
+                        "still talk over loopback sockets")
     p.add_argument("--exo", action="store_true",
                    help="also compare on a two-node classic Exo ring (skipped with a note when Exo is not installed)")
     p.add_argument("--exo-link-delay-ms", type=float, default=5.0, help="one-way gRPC delay of the --exo ring")

@@ -1,6 +1,13 @@
-"""Engine shards as processes on one machine: what each loads (`ShardSpec`), one process per shard
-(`ShardProcess`, `python -m exo_tinygrad_medusa.serving.ring_shard`) and a `LocalRing` of them on loopback, the ring of
-`exo-medusa bench-ring` and of the ring fault tests."""
+"""Engine shards on one machine: what each loads (`ShardSpec`), one process per shard (`ShardProcess`,
+`python -m exo_tinygrad_medusa.serving.ring_shard`) or one thread per shard in this process (`ShardThread`), and a
+`LocalRing` of them on loopback, the ring of `exo-medusa bench-ring` and of the ring fault tests.
+
+Why threads too. Shard processes on one machine take turns on the same cores: each hop starts after the other
+shard's process ran there, with cold caches (every process has its own copy of the same compiled kernels) and a
+kernel pool that went to sleep, costs that nodes with machines of their own do not pay. Shard threads share this
+process's compiled kernels and kernel pool; they still talk over loopback sockets with the same wire contract, so a
+pass pays the framing, the sockets and the relay, and one lock keeps their engines from running tinygrad at once.
+Processes are what the fault tests need (a shard killed or frozen mid-request)."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +47,12 @@ class ShardSpec:
     @property
     def shard(self) -> Shard:
         return Shard(self.model, self.start, self.end, self.n_layers)
+
+    def engine_options(self) -> dict:
+        """ring_shard.build_engine's keywords."""
+        return {"medusa_enabled": self.medusa_enabled, "medusa_heads": self.medusa_heads,
+                "medusa_choices": self.medusa_choices, "max_new_tokens": self.max_new_tokens, "device": self.device,
+                "dtype": self.dtype, "max_context": self.max_context, "max_requests": self.max_requests}
 
     def argv(self) -> list[str]:
         out = [self.model, str(self.start), str(self.end), str(self.n_layers), "--max-new-tokens",
@@ -180,13 +194,70 @@ class ShardProcess:
             self.log_path.unlink(missing_ok=True)
 
 
+class ShardThread:
+    """A shard server on a thread of this process (see the module's note). The engine loads on the caller's thread
+    and every shard thread runs its messages under one lock: tinygrad never runs on two threads at once."""
+
+    lock = threading.Lock()
+
+    def __init__(self, spec: ShardSpec):
+        self.spec = spec
+        self.port: int | None = None
+        self.server = None
+        self.thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"shard thread {shard_label(self.spec.shard)}"
+
+    def spawn(self) -> None:
+        """Nothing runs yet: loading happens in wait_ready, one shard after the other."""
+
+    def wait_ready(self, timeout_s: float = 600.0) -> int:
+        from .ring_shard import ShardServer, build_engine
+        try:
+            engine = build_engine(**self.spec.engine_options())
+            engine.load_now(self.spec.shard)
+        except Exception as e:
+            raise ShardUnavailable(f"{self} could not load: {type(e).__name__}: {e}") from None
+        self.server = ShardServer(engine, self.spec.shard, lock=ShardThread.lock)
+        self.thread = threading.Thread(target=self.server.serve, name=repr(self), daemon=True)
+        self.thread.start()
+        self.port = self.server.port
+        return self.port
+
+    def start(self, timeout_s: float = 600.0) -> int:
+        return self.wait_ready(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def request_stop(self) -> None:
+        if self.alive:
+            self.server.stop()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.request_stop()
+        if self.thread is not None:
+            self.thread.join(timeout_s)
+
+    def kill(self) -> None:
+        raise NotImplementedError(f"{self}: only shard processes can be killed or frozen (LocalRing(threads=False))")
+
+    freeze = thaw = kill
+
+    def remove_log(self) -> None:
+        """A thread logs to this process's log."""
+
+
 class LocalRing:
-    """N shard processes on loopback and a Ring over them; a context manager that always ends its processes."""
+    """N shards on loopback (processes, or threads of this process) and a Ring over them; a context manager that
+    always ends them."""
 
     def __init__(self, specs: list[ShardSpec], link: LinkConfig = LinkConfig(), start_timeout_s: float = 600.0,
-                 log_dir: str | Path | None = None):
+                 log_dir: str | Path | None = None, threads: bool = False):
         self.specs, self.link, self.start_timeout_s = specs, link, start_timeout_s
-        self.processes = [ShardProcess(s, log_dir) for s in specs]
+        self.processes = [ShardThread(s) if threads else ShardProcess(s, log_dir) for s in specs]
         self.ring: Ring | None = None
 
     def start(self) -> "LocalRing":

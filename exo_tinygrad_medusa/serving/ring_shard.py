@@ -15,6 +15,7 @@ as the engine runs one call at a time anyway.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import selectors
@@ -36,8 +37,11 @@ SEND_TIMEOUT_S = 30.0   # a reply the driver does not read for this long (it hun
 class ShardServer:
     """Serves `engine` for `shard` (the default when a message names none) on the calling thread until `stop()`."""
 
-    def __init__(self, engine, shard: Shard, host: str = HOST, port: int = 0):
+    def __init__(self, engine, shard: Shard, host: str = HOST, port: int = 0, lock=None):
+        """lock: held while a message runs, where several servers share a process (their engines must not run
+        tinygrad at once; a ring's hops never overlap, but warm-ups and releases go to every shard together)."""
         self.engine, self.shard = engine, shard
+        self.lock = lock if lock is not None else contextlib.nullcontext()
         self.listener = socket.create_server((host, port))
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
@@ -98,7 +102,8 @@ class ShardServer:
             except ValueError:
                 log.info("shard %s: a malformed message header: closing the connection", shard_label(self.shard))
                 return False
-            reply, out = self.handle(header, frame_array(header, frame[1]))
+            with self.lock:
+                reply, out = self.handle(header, frame_array(header, frame[1]))
             try:
                 conn.sendall(pack_frame(reply, out))
             except OSError:  # the driver went away or stopped reading: it reconnects for its next message
@@ -164,11 +169,20 @@ def serve_until_stdin_closes(engine, shard: Shard) -> None:
     server.serve()
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_engine(*, medusa_enabled: bool = False, medusa_heads: str | None = None, medusa_choices: str | None = None,
+                 max_new_tokens: int = 128, device: str | None = None, dtype: str | None = None,
+                 max_context: int = 2048, max_requests: int = 4):
+    """The engine a shard serves, from a shard's options (the command line's, or a ShardSpec's)."""
     from .engine import MedusaInferenceEngine
     from ..decoding.sampling import GenerationConfig
     from ..decoding.session import MedusaOptions
 
+    medusa = MedusaOptions(medusa_enabled or medusa_heads is not None, medusa_heads, choices=medusa_choices)
+    return MedusaInferenceEngine(medusa, GenerationConfig(max_new_tokens=max_new_tokens), device=device, dtype=dtype,
+                                 max_context=max_context, max_requests=max_requests)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m exo_tinygrad_medusa.serving.ring_shard",
                                 description="serve one engine shard")
     p.add_argument("model")
@@ -185,10 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-requests", type=int, default=4)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s shard {args.start}..{args.end} %(name)s: %(message)s")
-    medusa = MedusaOptions(args.medusa_enabled or args.medusa_heads is not None, args.medusa_heads,
-                           choices=args.medusa_choices)
-    engine = MedusaInferenceEngine(medusa, GenerationConfig(max_new_tokens=args.max_new_tokens), device=args.device,
-                                   dtype=args.dtype, max_context=args.max_context, max_requests=args.max_requests)
+    engine = build_engine(medusa_enabled=args.medusa_enabled, medusa_heads=args.medusa_heads,
+                          medusa_choices=args.medusa_choices, max_new_tokens=args.max_new_tokens, device=args.device,
+                          dtype=args.dtype, max_context=args.max_context, max_requests=args.max_requests)
     serve_until_stdin_closes(engine, Shard(args.model, args.start, args.end, args.n_layers))
 
 
