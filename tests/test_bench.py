@@ -8,6 +8,7 @@ import pytest
 from exo_tinygrad_medusa.prompts import Prompt
 
 from exo_tinygrad_medusa.bench import bench
+from exo_tinygrad_medusa.decoding.generate import Generator
 from exo_tinygrad_medusa.cli import main
 
 PROMPTS = [{"question_id": 7, "category": "greeting", "turns": ["hi there", "and a second turn"]},
@@ -122,7 +123,7 @@ def test_bench_without_heads_points_at_random_heads(tiny_checkpoint, tmp_path, c
 def test_cost_curve_rejects_trees_beyond_the_cache_slack(tiny_model):
     model = tiny_model().model
     with pytest.raises(ValueError, match="cost-curve size 129 exceeds the model's cache slack of 128 tokens"):
-        bench.measure_cost_curve(model, [1, 129])
+        bench.measure_cost_curve(Generator(model, eos_token_ids=()), [1, 129])
 
 
 def test_bench_random_heads_on_tiny_model(tiny_checkpoint, tmp_path, capsys):

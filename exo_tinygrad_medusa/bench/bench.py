@@ -16,14 +16,14 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Tensor, TinyJit, UOp
+from tinygrad import Tensor, TinyJit
 
 from ..options import session_from_args
 from ..decoding.generate import GenerationResult, Generator
 from ..decoding.heads import MedusaHeads, random_heads
 from ..decoding.tree import PLAIN, MedusaTree, load_tree
 from ..prompts import Prompt, load_prompts
-from ..model.transformer import KVCache, Transformer, causal_mask
+from ..model.transformer import Transformer
 from ..model.registry import resolve
 from ..decoding.sampling import GenerationConfig
 from ..decoding.session import Session, default_tree_spec, open_session
@@ -65,11 +65,13 @@ class CostCurve:
         return {str(T): round(r, 4) for T, r in self.relative.items()}
 
 
-def measure_cost_curve(model: Transformer, sizes=COST_SIZES, reps: int = 5, start_pos: int | None = None) -> CostCurve:
-    """Time the captured forward over T tokens under a causal mask at a fixed start position, for each T.
-
-    Each size gets its own TinyJit (captured on the second call) and a scratch KV cache: generators' caches
-    are untouched. A chain mask costs what a tree mask of the same size does: the kernels only see a (T, T) mask."""
+def measure_cost_curve(generator: Generator, sizes=COST_SIZES, reps: int = 5,
+                       start_pos: int | None = None) -> CostCurve:
+    """Time the generator's own greedy verify steps over T tokens (chain_steps(T): the steps decoding runs, captured
+    on its cache) at a fixed start position, for each T. The positions written are garbage afterwards, as after
+    any step: the next prefill rewrites them. A chain mask costs what a tree mask of the same size does: the
+    kernels only see a (T, T) mask."""
+    model = generator.model
     sizes = sorted(set(int(T) for T in sizes))
     if not sizes or sizes[0] < 1:
         raise ValueError("cost-curve sizes must be positive integers")
@@ -79,17 +81,14 @@ def measure_cost_curve(model: Transformer, sizes=COST_SIZES, reps: int = 5, star
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     start = min(COST_START_POS, model.max_context - sizes[-1]) if start_pos is None else start_pos
-    device = model.lm_head.device
-    cache = model.new_cache()
-    pos = UOp.variable("start_pos", 0, model.max_context).bind(start)
     seconds = {}
     for T in sizes:
-        step = _forward_step(model, T, device, cache)
-        x = Tensor.zeros(1, T, dtype="int32", device=device).contiguous().realize()
+        steps = generator.chain_steps(T)
+        x = steps.host("tokens", np.zeros((1, T), dtype=np.int32))
         times = []
-        for rep in range(reps + 2):  # the first two calls compile and capture
+        for rep in range(reps + 2):  # the first two calls compile and capture (unless decoding already did)
             t0 = time.perf_counter()
-            read_host(step(x, pos))  # as decoding reads a step's result: no scheduling
+            read_host(steps.verify_greedy(x, generator.cache.layers, steps.bind(start)))
             if rep >= 2:
                 times.append(time.perf_counter() - t0)
         seconds[T] = statistics.median(times)
@@ -129,17 +128,6 @@ def measure_prefill(generator: Generator, prompt_tokens: int, reps: int = 3) -> 
         if rep >= 2:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def _forward_step(model: Transformer, T: int, device: str, cache: KVCache) -> TinyJit:
-    """A T-token forward and its argmax, captured on `cache` as a Generator's steps are."""
-    depths = Tensor(np.arange(T, dtype=np.int32), device=device).realize()
-    mask = Tensor(causal_mask(T), device=device).realize()
-
-    def step(x: Tensor, start_pos: UOp) -> Tensor:
-        _, logits = model.forward(x, cache.layers, start_pos, depths, mask)
-        return logits[0].argmax(-1).realize()
-    return TinyJit(step)
 
 
 # -- plain against Medusa ------------------------------------------------------------------------------------
@@ -409,7 +397,7 @@ def run_bench(args) -> dict:
         print(f"[{i + 1}/{len(prompts)}] {prompt.id} ({prompt.category}): plain {run.plain_tokens_per_s:.2f} tok/s, "
               f"Medusa {run.medusa_tokens_per_s:.2f} tok/s, accepted {run.mean_accepted:.2f}/step (steps: {sources})"
               f"{'' if run.identical else ', TOKENS DIFFER'}", file=sys.stderr)
-    curve = measure_cost_curve(session.loaded.model, sizes, args.cost_reps) if sizes else None
+    curve = measure_cost_curve(plain, sizes, args.cost_reps) if sizes else None
     # a step runs only as many heads as its tree is deep; a root-only tree proposes nothing
     head_s = (measure_head_cost(session.loaded.model, medusa.steps.heads, medusa.tree.top_k, args.cost_reps,
                                 medusa.tree.depth) if medusa.tree.size > 1 else None)

@@ -167,7 +167,7 @@ def cmd_tune(args) -> int:
     scorer = HeadScorer(plain, heads, args.top_k)
     acc, counts = scorer.accuracies([session.prompt_ids(p.text) for p in prompts],
                                     GenerationConfig(max_new_tokens=args.max_generate_tokens))
-    curve = measure_cost_curve(loaded.model, sizes, args.cost_reps)
+    curve = measure_cost_curve(plain, sizes, args.cost_reps)
     head_cost = measure_head_cost(loaded.model, heads, args.top_k, args.cost_reps) / curve.seconds[1]
     tuned = build_tree(acc, curve.relative, loaded.model.cache_len - loaded.model.max_context, head_cost)
     write_tree_file(out, {
