@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -552,6 +553,45 @@ def test_teacher_forced_features_equal_the_generated_ones(distill_model, tmp_pat
             assert sample.answer_ids == expected.answer_ids and sample.prompt_ids == expected.prompt_ids
             np.testing.assert_allclose(rows, hidden.astype(np.float32), atol=2e-3)
             assert (rows @ lm_head.T).argmax(-1).tolist() == sample.answer_ids
+
+
+def test_a_cut_off_feature_pass_continues_where_it_stopped(distill_model, tmp_path, caplog):
+    _distill(distill_model, _source_prompts(5), tmp_path / "corpus")
+    shutil.rmtree(tmp_path / "corpus" / "hidden")  # every sample teacher-forced, in batches of 2
+    corpus = AnswerCorpus.open(tmp_path / "corpus")
+    corpus_features(distill_model.model, corpus, tmp_path / "full", batch_size=2, show_progress=False)
+    full = FeatureStore.open(tmp_path / "full")
+
+    def cut(name: str, lines: list[str]) -> Path:
+        """A copy of the full store as a kill leaves it: no meta.json, 3 whole sample lines and half of the 4th;
+        rows from the 3rd sample on zeroed (the 3rd is recomputed: its batch was cut)."""
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "full", d)
+        (d / "meta.json").unlink()
+        (d / "samples.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])
+        hidden = np.load(d / "hidden.npy", mmap_mode="r+")
+        hidden[full.offsets[2]:] = 0
+        hidden.flush()
+        return d
+
+    lines = (tmp_path / "full" / "samples.jsonl").read_text().splitlines()
+    with caplog.at_level(logging.INFO, logger="exo_tinygrad_medusa.training.corpus"):
+        info = corpus_features(distill_model.model, corpus, cut("cut", lines), batch_size=2, show_progress=False,
+                               resume=True)
+    assert "after 2 of 5 samples" in caplog.text  # back to the batch boundary before the cut
+    resumed = FeatureStore.open(tmp_path / "cut")
+    assert info["samples"] == 5 and resumed.samples == full.samples
+    assert np.array_equal(np.asarray(resumed.hidden), np.asarray(full.hidden))
+    # a store left by other answers is not continued: it starts over and still ends equal to an unbroken run
+    other = json.loads(lines[0])
+    other["answer_ids"] = other["answer_ids"][::-1] + [7]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="exo_tinygrad_medusa.training.corpus"):
+        corpus_features(distill_model.model, corpus, cut("other", [json.dumps(other)] + lines[1:]), batch_size=2,
+                        show_progress=False, resume=True)
+    assert "starting over" in caplog.text
+    again = FeatureStore.open(tmp_path / "other")
+    assert again.samples == full.samples and np.array_equal(np.asarray(again.hidden), np.asarray(full.hidden))
 
 
 def test_cli_build_prompts_drops_the_benchmark_and_duplicates(tmp_path, capsys):

@@ -35,7 +35,8 @@ def register(subparsers, model_args, generation_args) -> None:
     train.add_argument("--gen-workers", type=int, default=None,
                        help="processes answering prompts in parallel (default: one per core on a CPU, else 1)")
     train.add_argument("--data", default=None,
-                       help="feature store directory (default: OUT-data next to OUT); a finished one is reused as it is")
+                       help="feature store directory (default: OUT-data next to OUT); a finished one is reused as it "
+                            "is, an unfinished one from --corpus continued")
     train.add_argument("--corpus", default=None,
                        help="train on an answer corpus made by `exo-medusa distill` (its hidden states are recomputed "
                             "into --data in one teacher-forced pass) instead of generating answers here")
@@ -278,8 +279,9 @@ def _corpus_store(loaded, args, data_dir: Path):
         raise ValueError(f"{args.corpus} holds answers of {corpus.settings.model}, not {loaded.resolved.model_id}")
     if not (data_dir / "meta.json").is_file():
         from .sources import PromptRecovery  # withheld (ShareGPT) prompts: from the `train` extra, by record id
+        # resume: a pass cut off earlier (the store has no meta.json yet) continues where it stopped
         corpus_features(loaded.model, corpus, data_dir, batch_size=args.gen_batch_size,
-                        recovery=PromptRecovery(loaded.tokenizer, corpus.settings.chat_template))
+                        recovery=PromptRecovery(loaded.tokenizer, corpus.settings.chat_template), resume=True)
     else:
         log.info("reusing the features in %s", data_dir)
     return FeatureStore.open(data_dir)

@@ -341,10 +341,11 @@ class TeacherForcer:
 
 
 def corpus_features(model: Transformer, corpus: AnswerCorpus, out_dir: str | Path, batch_size: int = 8,
-                    show_progress: bool = True, recovery: PromptRecovery | None = None) -> dict:
+                    show_progress: bool = True, recovery: PromptRecovery | None = None, resume: bool = False) -> dict:
     """The feature store the head trainer reads, recomputed from the corpus: row i of a sample is the hidden state
     at the token before answer[i] (the last prompt token for i = 0), as generation would have stored it.
-    Withheld prompts are rebuilt by `recovery` (needed only when the corpus holds some)."""
+    Withheld prompts are rebuilt by `recovery` (needed only when the corpus holds some). With resume=True an
+    unfinished store in out_dir left by the same corpus is continued after its last whole sample."""
     records = corpus.records()
     if not records:
         raise ValueError(f"{corpus.dir} holds no answers yet: run `exo-medusa distill` first")
@@ -358,26 +359,37 @@ def corpus_features(model: Transformer, corpus: AnswerCorpus, out_dir: str | Pat
         log.warning("skipped %d answers longer than the context of %d", len(records) - len(fits), model.max_context)
     fits.sort(key=lambda r: len(r["prompt_ids"]) + len(r["answer_ids"]))  # similar lengths share a batch
     total = sum(len(r["answer_ids"]) for r in fits)
-    writer = FeatureWriter(out_dir, model.config.dim, total)
-    bar = Progress(total, "features", "tok", enabled=show_progress)
     cached = corpus.cached_hidden()
-    n_cached = 0
-    for r in fits:
+    # the store's order: samples with cached hidden states first, then those recomputed, batch by batch
+    order = [r for r in fits if r["key"] in cached] + [r for r in fits if r["key"] not in cached]
+    writer = FeatureWriter(out_dir, model.config.dim, total, resume=resume)
+    n_cached = sum(r["key"] in cached for r in order)
+    done = len(writer.resumed)
+    if done and [s.answer_ids for s in writer.resumed] != [r["answer_ids"] for r in order[:done]]:
+        log.warning("%s holds features of other answers: starting over", out_dir)
+        done = 0
+    elif done > n_cached:  # back to a batch boundary: a sample's rows do not depend on where a run stopped
+        done = n_cached + (done - n_cached) // batch_size * batch_size
+    if done:
+        log.info("continuing the features in %s after %d of %d samples", out_dir, done, len(order))
+    writer.keep(done)
+    bar = Progress(total, "features", "tok", enabled=show_progress)
+    bar.update(sum(len(r["answer_ids"]) for r in order[:done]))
+    for r in order[done:]:
         if r["key"] in cached:
-            n_cached += 1
             writer.add(Sample(r["prompt"], r["prompt_ids"], r["answer_ids"]), cached[r["key"]])
             bar.update(len(r["answer_ids"]))
-    fits = [r for r in fits if r["key"] not in cached]
-    forcer = TeacherForcer(model, min(batch_size, len(fits))) if fits else None
-    for b in range(0, len(fits), batch_size):
-        batch = fits[b:b + batch_size]
+    forced = order[max(done, n_cached):]
+    forcer = TeacherForcer(model, min(batch_size, len(order) - n_cached)) if forced else None  # as an unbroken run
+    for b in range(0, len(forced), batch_size):
+        batch = forced[b:b + batch_size]
         hidden = forcer.hidden([r["prompt_ids"] + r["answer_ids"][:-1] for r in batch])
         for r, h in zip(batch, hidden):
             n = len(r["answer_ids"])
             writer.add(Sample(r["prompt"], r["prompt_ids"], r["answer_ids"]), h[len(h) - n:])
             bar.update(n)
     bar.close()
-    info = {"samples": n_cached + len(fits), "answer_tokens": total, "recomputed_samples": len(fits),
+    info = {"samples": len(order), "answer_tokens": total, "recomputed_samples": len(order) - n_cached,
             "corpus": str(corpus.dir), **asdict(corpus.settings)}
     writer.close(**info)
     return info

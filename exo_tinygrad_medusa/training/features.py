@@ -24,21 +24,56 @@ class Sample:
 
 
 class FeatureWriter:
-    """Appends samples and their hidden rows; meta.json is written last, so a store without it is incomplete."""
+    """Appends samples and their hidden rows; meta.json is written last, so a store without it is incomplete.
 
-    def __init__(self, out_dir: str | Path, dim: int, capacity: int):
+    With resume=True an unfinished store of the same shape is continued: the samples whose line reached
+    samples.jsonl are kept (`resumed` holds them, in order) and the next sample goes after them. A sample's line is
+    written after its rows, and the rows live in a shared file mapping that outlives a killed process, so a kept
+    line always has its rows. A store of another shape starts over."""
+
+    def __init__(self, out_dir: str | Path, dim: int, capacity: int, resume: bool = False):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / META_FILE).unlink(missing_ok=True)
-        self.dim, self.rows = dim, 0
-        self.hidden = np.lib.format.open_memmap(self.dir / HIDDEN_FILE, mode="w+", dtype=np.float16, shape=(capacity, dim))
-        self.samples = open(self.dir / SAMPLES_FILE, "w")
+        self.dim, self.rows, self.resumed = dim, 0, []
+        hidden_path, samples_path = self.dir / HIDDEN_FILE, self.dir / SAMPLES_FILE
+        if resume and hidden_path.is_file() and samples_path.is_file():
+            hidden = np.load(hidden_path, mmap_mode="r+")
+            if hidden.shape == (capacity, dim) and hidden.dtype == np.float16:
+                self.hidden, self.resumed = hidden, self._complete_lines(samples_path)
+                self.rows = sum(len(s.answer_ids) for s in self.resumed)
+                self.samples = open(samples_path, "a", buffering=1)
+                return
+        self.hidden = np.lib.format.open_memmap(hidden_path, mode="w+", dtype=np.float16, shape=(capacity, dim))
+        self.samples = open(samples_path, "w", buffering=1)  # line-buffered: a finished sample reaches the file
+
+    @staticmethod
+    def _complete_lines(path: Path) -> list[Sample]:
+        """The samples of every whole line; a line cut off by a kill is dropped from the file."""
+        data = path.read_bytes()
+        keep = data[:data.rfind(b"\n") + 1]
+        if len(keep) < len(data):
+            with open(path, "r+b") as f:
+                f.truncate(len(keep))
+        return [Sample(**json.loads(line)) for line in keep.decode().splitlines() if line]
+
+    def keep(self, count: int) -> None:
+        """Keep only the first `count` resumed samples; the next sample goes after them."""
+        self.resumed = self.resumed[:count]
+        self.samples.seek(0)
+        self.samples.truncate()
+        for s in self.resumed:
+            self._write_line(s)
+        self.rows = sum(len(s.answer_ids) for s in self.resumed)
 
     def add(self, sample: Sample, hidden: np.ndarray) -> None:
         if hidden.shape != (len(sample.answer_ids), self.dim):
             raise ValueError(f"expected {len(sample.answer_ids)} hidden rows of {self.dim}, got {hidden.shape}")
         self.hidden[self.rows:self.rows + len(hidden)] = hidden
         self.rows += len(hidden)
+        self._write_line(sample)
+
+    def _write_line(self, sample: Sample) -> None:
         self.samples.write(json.dumps({"prompt": sample.prompt, "prompt_ids": sample.prompt_ids,
                                        "answer_ids": sample.answer_ids}) + "\n")
 
