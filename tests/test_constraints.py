@@ -187,6 +187,10 @@ def test_forced_tokens_are_accepted_even_from_random_heads(gens):
     # random heads propose nothing useful, yet the property names come several tokens a step
     assert got.mean_accepted > 1.5 and max(got.accept_lengths) >= 4
     assert got.generated_ids == plain.generate(prompt, cfg).generated_ids
+    # with drafts planned (the default for greedy Medusa), forced tokens are a draft source of their own
+    planned = medusa.generate(prompt, GenerationConfig(max_new_tokens=80, response_format=cfg.response_format))
+    assert planned.generated_ids == got.generated_ids
+    assert planned.source_steps.get("grammar", 0) > 0 and planned.source_tokens["grammar"] > planned.source_steps["grammar"]
 
 
 def test_json_object_mode(gens):

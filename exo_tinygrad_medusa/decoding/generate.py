@@ -257,7 +257,7 @@ class Generator:
             if planner is not None:
                 h0 = time.perf_counter()
                 planner.extend(result.generated_ids[len(planner.index.tokens) - len(prompt_ids):])
-                plan = planner.plan()
+                plan = planner.plan(constraint.forced() if constraint is not None else None)
                 result.host_s += time.perf_counter() - h0
             else:
                 plan = plain
