@@ -11,8 +11,9 @@ import pytest
 
 from exo_tinygrad_medusa.decoding.constraints import Constraint, ResponseFormat, vocabulary
 from exo_tinygrad_medusa.decoding.generate import Generator
-from exo_tinygrad_medusa.decoding.heads import random_heads
+from exo_tinygrad_medusa.decoding.heads import load_heads, random_heads
 from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
+from exo_tinygrad_medusa.decoding.session import MedusaOptions, default_tree_spec, resolve_heads_path
 from exo_tinygrad_medusa.decoding.tree import PLAIN, MedusaTree, chain, load_tree
 from exo_tinygrad_medusa.model.tokenizer import Tokenizer
 from helpers_tokenizer import BYTE_OFFSET, write_tiny_tokenizer
@@ -239,3 +240,49 @@ def test_a_generator_without_tokenizer_refuses_a_format(tiny_model):
     gen = Generator(loaded.model, loaded.tokenizer.eos_token_ids, PLAIN)
     with pytest.raises(ValueError, match="response_format needs the generator's tokenizer"):
         gen.generate([5, 6], GenerationConfig(max_new_tokens=2, response_format=ResponseFormat.json_object()))
+
+
+# -- the default model ------------------------------------------------------------------------------------------------
+REAL_CASES = [  # (prompt, schema): bounded where a 135M model would loop in an unbounded string or array
+    ("Describe a fictional person as JSON.", {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 30}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3}},
+        "required": ["name", "age", "hobbies"], "additionalProperties": False}),
+    ("Classify the sentiment of 'I love this phone' as JSON.", {"type": "object", "properties": {
+        "sentiment": {"enum": ["positive", "negative", "neutral"]}, "confidence": {"type": "number"}},
+        "required": ["sentiment", "confidence"], "additionalProperties": False}),
+    ("Give two cities in France with their population, as JSON.", {"type": "object", "properties": {
+        "cities": {"type": "array", "maxItems": 2, "items": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 20}, "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
+            "required": ["city", "population"], "additionalProperties": False}}},
+        "required": ["cities"], "additionalProperties": False}),
+    ("Is the sky blue? Answer as JSON.", {"type": "object", "properties": {
+        "answer": {"type": "boolean"}, "reason": {"type": "string", "maxLength": 60}},
+        "required": ["answer", "reason"], "additionalProperties": False}),
+    ("Name a colour as JSON.", {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 12}},
+                                "required": ["colour"], "additionalProperties": False}),
+    ("List two programming languages and their creators as a JSON object.", None),  # JSON mode
+]
+
+
+@pytest.mark.slow
+def test_default_model_greedy_medusa_equals_plain_under_schemas(default_model):
+    model, tok = default_model.model, default_model.tokenizer
+    heads_path = resolve_heads_path(default_model, MedusaOptions(True))
+    heads = load_heads(heads_path, model.config, model.lm_head)
+    tree = load_tree(default_tree_spec(default_model.device, heads_path))
+    plain = Generator(model, tok.eos_token_ids, PLAIN, tokenizer=tok)
+    medusa = Generator(model, tok.eos_token_ids, tree, heads, tokenizer=tok)
+    accepted, emitted = 0, 0
+    for prompt, schema in REAL_CASES:
+        fmt = ResponseFormat.json_object() if schema is None else ResponseFormat.json_schema(schema)
+        ids = tok.encode_chat([{"role": "user", "content": prompt}])
+        cfg = GenerationConfig(max_new_tokens=120, response_format=fmt)
+        want = plain.generate(ids, cfg)
+        assert want.finish_reason == "stop", reply(tok, want)
+        value = json.loads(reply(tok, want))
+        jsonschema.validate(value, schema or {"type": "object"})
+        got = medusa.generate(ids, cfg)
+        assert got.generated_ids == want.generated_ids, prompt
+        accepted, emitted = accepted + got.steps, emitted + len(got.generated_ids) - 1
+    assert emitted / accepted > 1.3  # drafts (forced tokens among them) are accepted under the constraint
