@@ -242,6 +242,12 @@ def test_a_generator_without_tokenizer_refuses_a_format(tiny_model):
         gen.generate([5, 6], GenerationConfig(max_new_tokens=2, response_format=ResponseFormat.json_object()))
 
 
+def test_the_exo_engine_refuses_a_format_by_name():
+    from exo_tinygrad_medusa.serving.engine import MedusaInferenceEngine
+    with pytest.raises(ValueError, match="response_format .* is not supported by the Exo engine"):
+        MedusaInferenceEngine(generation=GenerationConfig(response_format=ResponseFormat.json_object()))
+
+
 # -- the default model ------------------------------------------------------------------------------------------------
 REAL_CASES = [  # (prompt, schema): bounded where a 135M model would loop in an unbounded string or array
     ("Describe a fictional person as JSON.", {"type": "object", "properties": {
