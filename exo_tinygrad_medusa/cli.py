@@ -13,9 +13,10 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 
 from .options import (USER_ERRORS, check_model_args, generation_args, generation_config, model_args,
-                      read_prompt, stored_session_from_args)
+                      read_prompt, response_format, stored_session_from_args)
 from .model.tokenizer import StreamDecoder
 from .status import Status
 
@@ -23,6 +24,7 @@ from .status import Status
 def cmd_run(args) -> int:
     started = time.perf_counter()
     cfg = generation_config(args)       # every option is checked before the model loads
+    cfg = replace(cfg, response_format=response_format(args))
     check_model_args(args)
     prompt = read_prompt(args)
     status = Status(enabled=not args.json)
@@ -62,6 +64,7 @@ def cmd_run(args) -> int:
         "startup_s": round(t0 - started, 2), "stored_session": store.hit,
         "steps": result.steps, "mean_accepted": round(result.mean_accepted, 3),
         "accept_histogram": result.accept_histogram, "finish_reason": result.finish_reason,
+        "response_format": cfg.response_format.kind if cfg.response_format else "text",
     }
     startup = "a stored session loaded" if store.hit else "loading, compiling, capturing"
     if args.json:
@@ -72,6 +75,9 @@ def cmd_run(args) -> int:
               f"with compiled, captured steps; first token {report['first_token_s']} s after the prompt, "
               f"{report['mean_accepted']} tokens a step over {result.steps} steps (tree {session.tree.name}); "
               f"start-up {report['startup_s']} s ({startup})", file=sys.stderr)
+        if cfg.response_format and result.finish_reason == "length":
+            print("exo-medusa: the token budget ran out before the JSON closed: the reply is cut "
+                  "(raise --max-generate-tokens)", file=sys.stderr)
     store.save_if_grown(session)  # after the output: the next run starts from these captures
     return 0
 
@@ -88,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file", default=None, metavar="FILE", help="read the user's message from FILE")
     run.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text, without the chat template")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    fmt = run.add_mutually_exclusive_group()
+    fmt.add_argument("--json-object", action="store_true",
+                     help="constrained decoding: the reply is a JSON object (JSON mode)")
+    fmt.add_argument("--json-schema", default=None, metavar="FILE",
+                     help="constrained decoding: the reply is JSON valid against the schema in FILE (a JSON schema, "
+                          "or OpenAI's {\"name\": ..., \"schema\": {...}})")
     run.add_argument("--no-step-cache", action="store_true",
                      help="build the session from the checkpoint, without loading or storing its captured steps "
                           "(stored in EXO_MEDUSA_CACHE_DIR, default ~/.cache/exo-tinygrad-medusa)")

@@ -6,12 +6,14 @@ of them, so `cli.py` only dispatches.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from .model.registry import DEFAULT_MODEL, ModelNotFound
 from .decoding.sampling import GenerationConfig
 from .decoding.capture_cache import StoredSession, open_session_stored
+from .decoding.constraints import ResponseFormat
 from .decoding.session import MedusaOptions, Session, open_session
 from .decoding.tree import load_tree
 
@@ -143,6 +145,30 @@ def refuse_load_options(args, command: str, why: str) -> None:
     given = [flag for flag, (dest, unset) in _LOAD_OPTIONS.items() if getattr(args, dest, unset) != unset]
     if given:
         raise ValueError(f"{command} does not take {' or '.join(given)}: {why}")
+
+
+def response_format(args) -> ResponseFormat | None:
+    """--json-object or --json-schema FILE (read, parsed and compiled here, before the model loads), else None."""
+    if getattr(args, "json_object", False):
+        return ResponseFormat.json_object()
+    path = getattr(args, "json_schema", None)
+    if path is None:
+        return None
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--json-schema {path}: cannot read it ({type(e).__name__}: {e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--json-schema {path}: not valid JSON ({e})") from None
+    # OpenAI's wrapper ({"name": ..., "schema": {...}}) is taken as well as the bare schema
+    if isinstance(schema, dict) and isinstance(schema.get("schema"), dict) and "name" in schema:
+        schema = schema["schema"]
+    try:
+        fmt = ResponseFormat.json_schema(schema, Path(path).stem)
+        fmt.check()
+    except ValueError as e:
+        raise ValueError(f"--json-schema {path}: {e}") from None
+    return fmt
 
 
 def read_prompt(args) -> str:

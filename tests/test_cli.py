@@ -92,6 +92,38 @@ def test_option_errors_come_before_the_model_loads(capsys, args, needle):
     assert needle in run_error(capsys, "no-such-model", *args)
 
 
+def test_json_schema_errors_name_the_flag_before_the_model_loads(capsys, tmp_path):
+    (tmp_path / "broken.json").write_text('{"type": ')
+    (tmp_path / "bad.json").write_text('{"type": "objekt"}')
+    (tmp_path / "list.json").write_text('[1, 2]')
+    for name, needle in (("missing.json", "cannot read it"), ("broken.json", "not valid JSON"),
+                         ("bad.json", "the JSON schema cannot be compiled for constrained decoding: Invalid type"),
+                         ("list.json", "the JSON schema must be an object")):
+        err = run_error(capsys, "no-such-model", "--json-schema", str(tmp_path / name))
+        assert f"--json-schema {tmp_path / name}: " in err and needle in err, err
+
+
+def test_run_with_a_json_schema_medusa_equals_plain(checkpoint, heads_dir, capsys, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+                                               "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    # OpenAI's wrapper, as a client would write it
+    (tmp_path / "weather.json").write_text(json.dumps({"name": "weather", "strict": True, "schema": schema}))
+    args = (checkpoint, "--prompt", "weather?", "--max-generate-tokens", "60", "--json-schema",
+            str(tmp_path / "weather.json"))
+    plain = run_json(capsys, *args)
+    assert plain["finish_reason"] == "stop" and plain["response_format"] == "json_schema"
+    jsonschema.validate(json.loads(plain["text"]), schema)
+    medusa = run_json(capsys, *args, "--medusa", "--medusa-heads", heads_dir, "--medusa-choices", "chain-2")
+    assert medusa["generated_ids"] == plain["generated_ids"]
+    assert isinstance(json.loads(run_json(capsys, checkpoint, "--json-object", "--max-generate-tokens", "40")["text"]),
+                      dict)
+    # a budget too small for the JSON: said so, not hidden
+    assert main(["run", *args[:3], "--max-generate-tokens", "3", *args[5:]]) == 0
+    assert "the token budget ran out before the JSON closed" in capsys.readouterr().err
+
+
 def test_help_names_every_command_and_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -223,7 +223,7 @@ def _load(path: Path, model: str | None, device: str | None) -> tuple[Session, i
     loaded = LoadedModel(transformer, state["tokenizer"], resolve(model), device, dtype, weights)
     generator = Generator(transformer, loaded.tokenizer.eos_token_ids, state["tree"], state["heads"],
                           datastore=default_datastore(loaded), cache=KVCache(state["cache"], transformer.max_context),
-                          step_seconds=state["step_seconds"])
+                          step_seconds=state["step_seconds"], tokenizer=loaded.tokenizer)
     for kind, caps in state["captures"].items():
         jits = _jits(generator.steps if kind == "tree" else generator.chain_steps(kind))
         for name, captured in caps.items():

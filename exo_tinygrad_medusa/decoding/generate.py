@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 from tinygrad import Tensor
 
+from .constraints import Constraint
 from .heads import MedusaHeads
 from .lookup import DraftPlanner, Grafter, LookupConfig, NoProposals, Plan
 from .tree import PLAIN, MedusaTree, chain
@@ -100,13 +101,15 @@ class Generator:
 
     def __init__(self, model: Transformer, eos_token_ids, tree: MedusaTree = PLAIN, heads: MedusaHeads | None = None,
                  lookup: LookupConfig = LookupConfig(), datastore=None, cache: KVCache | None = None,
-                 step_seconds: dict | None = None):
+                 step_seconds: dict | None = None, tokenizer=None):
         """cache: the KV cache to own (a stored session's, which its captures were made on), else a new one.
-        step_seconds: step times measured before (a stored session's), which the planner starts from."""
+        step_seconds: step times measured before (a stored session's), which the planner starts from.
+        tokenizer: the model's (model/tokenizer.Tokenizer), which a GenerationConfig.response_format's grammar is
+        matched against; without it, constrained generation is refused."""
         if not (model.shard.is_first_layer() and model.shard.is_last_layer()):
             raise ValueError("Generator needs the whole model; use the engine for sharded models")
         self.model, self.tree, self.eos_ids, self.lookup = model, tree, set(eos_token_ids), lookup
-        self.datastore = datastore
+        self.datastore, self.tokenizer = datastore, tokenizer
         self.cache: KVCache = cache or model.new_cache()
         self.steps = ShardSteps(model, tree, heads, cache=self.cache)
         self.grafter = Grafter(tree) if tree.size > 1 else None
@@ -201,6 +204,14 @@ class Generator:
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
 
+    def constraint(self, cfg: GenerationConfig) -> Constraint | None:
+        """The grammar state of a generation under cfg.response_format, None for free text."""
+        if cfg.response_format is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("response_format needs the generator's tokenizer (Generator(..., tokenizer=...))")
+        return Constraint(cfg.response_format, self.tokenizer, self.model.config.vocab_size)
+
     def prefill(self, prompt_ids: list[int]) -> tuple[Tensor, int]:
         """Run the prompt in chunks (steps.prefill_plan; the last one padded); returns the last chunk's hidden states
         and the row of the last prompt token. Padding writes K/V past the prompt: those slots are rewritten first."""
@@ -219,8 +230,11 @@ class Generator:
         device's rule): result.logprobs, and on_logprobs before each on_tokens, hold the base model's
         log-probabilities of the emitted tokens, the same with Medusa as in plain decoding. on_step(source), before
         each step's tokens, says where its drafts came from: "prefill" (the first token), then "plain", "heads",
-        "context" or "datastore"."""
+        "context" or "datastore". With cfg.response_format every token is chosen among those its grammar allows
+        (constraints.py): the steps' logits then come to the host, and drafts are checked and filled by the grammar
+        before each verify step."""
         self.check_prompt(prompt_ids)
+        constraint = self.constraint(cfg)
         result = GenerationResult(list(prompt_ids))
         rng = np.random.default_rng(cfg.seed)
         emit = _Emitter(result, self.eos_ids, min(cfg.max_new_tokens, self.model.max_context - len(prompt_ids)),
@@ -229,29 +243,38 @@ class Generator:
         planner = self._planner(prompt_ids, cfg)
         t0 = time.perf_counter()
         hidden, row = self.prefill(prompt_ids)
-        tree_tokens = self.steps.first_tree(hidden, row, cfg, rng, rows)
+        tree_tokens = self.steps.first_tree(hidden, row, cfg, rng, rows,
+                                            None if constraint is None else constraint.allowed())
         result.prefill_s = (t1 := time.perf_counter()) - t0
         if on_step:
             on_step("prefill")
         emit.push([int(tree_tokens[0])], _logprobs(rows, [int(tree_tokens[0])], cfg))
+        if constraint is not None and not emit.done:
+            constraint.advance([int(tree_tokens[0])])
         start_pos = len(prompt_ids)
         plain = Plan("heads" if self.tree.size > 1 else "plain", self.tree.size, [], 0.0)
         while not emit.done:
             if planner is not None:
                 h0 = time.perf_counter()
                 planner.extend(result.generated_ids[len(planner.index.tokens) - len(prompt_ids):])
-                plan = planner.plan()
+                plan = planner.plan(constraint.forced() if constraint is not None else None)
                 result.host_s += time.perf_counter() - h0
             else:
                 plan = plain
             proposed = tree_tokens if len(tree_tokens) == self.tree.size and self.tree.size > 1 else None
             steps, tree_tokens = self._tokens_for(plan, tree_tokens)
-            # greedy steps are timed once captured (a capturing call compiles); sampling plans from the cost table
-            timed = planner is not None and cfg.greedy and rows is None and self.lookup.measure_costs and \
-                steps.verify_greedy.captured is not None
+            allowed = None
+            if constraint is not None:
+                h0 = time.perf_counter()
+                tree_tokens, allowed = constraint.tree_masks(steps.tree, tree_tokens)
+                result.host_s += time.perf_counter() - h0
+            # greedy steps are timed once captured (a capturing call compiles); sampling plans from the cost table;
+            # steps whose logits come to the host (log-probabilities, a grammar) are not the device's own cost
+            timed = planner is not None and cfg.greedy and rows is None and allowed is None and \
+                self.lookup.measure_costs and steps.verify_greedy.captured is not None
             s0 = time.perf_counter()
             x = steps.host("tokens", tree_tokens.reshape(1, -1))
-            nodes, next_tree = steps.verify(x, self.cache.layers, start_pos, tree_tokens, cfg, rng, rows)
+            nodes, next_tree = steps.verify(x, self.cache.layers, start_pos, tree_tokens, cfg, rng, rows, allowed)
             if timed:
                 self.costs.record("heads" if plan.source == "heads" else plan.size, time.perf_counter() - s0)
                 planner.measured = self.measured_costs()
@@ -263,6 +286,8 @@ class Generator:
             if on_step:
                 on_step(plan.source)
             emit.push(emitted, _logprobs(rows, emitted, cfg))
+            if constraint is not None and not emit.done:
+                constraint.advance(emitted)
             if nodes != list(range(len(nodes))):  # accepted nodes must sit in consecutive cache slots
                 keep = np.arange(steps.tree.size, dtype=np.int32)
                 keep[:len(nodes)] = nodes

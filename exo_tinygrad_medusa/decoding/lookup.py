@@ -28,7 +28,7 @@ DEFAULT_STEP_COSTS = ((1, 1.0), (2, 1.04), (3, 1.12), (4, 1.3), (5, 1.5), (6, 1.
 # what running the heads adds to a step (proposals over the heads' vocabulary): chain-1 hydra heads measured 1.29
 # accepted a step at 1.08x plain with a 2-token verify
 DEFAULT_HEAD_COST = 0.14
-SOURCES = ("context", "datastore", "heads")
+SOURCES = ("context", "datastore", "heads", "grammar")
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,9 @@ class AcceptStats:
 # from offline replays on the model's own answers: a context match predicts better the longer it is
 _PRIORS = {("context", 1): [0.2, 0.5], ("context", 2): [0.3, 0.6], ("context", 3): [0.4, 0.7],
            ("context", 4): [0.5, 0.8], ("datastore", 1): [0.15, 0.4], ("datastore", 2): [0.2, 0.5], ("datastore", 3): [0.25, 0.55],
-           ("datastore", 4): [0.3, 0.6]}
+           ("datastore", 4): [0.3, 0.6],
+           # a grammar's forced tokens (constraints.py): the text is certain, only its tokenisation may differ
+           ("grammar", 1): [0.9, 0.9]}
 HEADS_PRIOR = [0.35, 0.5]  # a little above what the shipped SmolLM2 heads score (0.29 first-token acceptance)
 HEADS_RELAX = 0.99  # per step without the heads' proposals: ~100 steps to forget what they scored
 MATCH_BUCKETS = 4  # suffix matches of 4 or more tokens share statistics
@@ -274,11 +276,14 @@ class DraftPlanner:
                 out["datastore"] = (d.tokens, ("datastore", min(d.match, MATCH_BUCKETS), d.shares[0] >= SURE_SHARE))
         return out
 
-    def plan(self) -> Plan:
-        """The step to run next (ties: the cheaper kind, plain first)."""
+    def plan(self, forced: list[int] | None = None) -> Plan:
+        """The step to run next (ties: the cheaper kind, plain first). forced: the tokens a grammar forces next
+        (a JSON schema's property name, punctuation), a draft source of their own ("grammar")."""
         cfg, measured = self.cfg, self.measured
         cost = {T: measured.get(T) or cfg.cost(T) for T in cfg.chain_sizes}
         self.drafts = self._draft()
+        if forced and cfg.max_draft >= 1:
+            self.drafts["grammar"] = (list(forced[:cfg.max_draft]), ("grammar", 1))
         options = []
         if 1 in cfg.chain_sizes or self.heads_tree is None:
             options.append(Plan("plain", 1, [], 1.0 / (measured.get(1) or cfg.cost(1))))

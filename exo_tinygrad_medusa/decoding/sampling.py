@@ -4,10 +4,14 @@ and the log-probabilities of emitted tokens."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .tree import MedusaTree
+
+if TYPE_CHECKING:
+    from .constraints import ResponseFormat
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI
 
@@ -26,6 +30,8 @@ class GenerationConfig:
     # the base model's log-probability of each emitted token, with this many most likely alternatives (0 to 20);
     # None: none (the logits then stay on the device when decoding greedily)
     logprobs: int | None = None
+    # JSON mode or a JSON schema, enforced by a token mask at every position (constraints.py); None: free text
+    response_format: "ResponseFormat | None" = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

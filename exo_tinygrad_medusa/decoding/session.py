@@ -102,5 +102,6 @@ def open_session(model: str | None = None, *, device: str | None = None, dtype: 
         log.info("Medusa: %d heads, tree %s (%d nodes)", heads.num_heads, tree.name, tree.size)
     elif any(v is not None for v in (medusa.heads, medusa.num_heads, medusa.num_layers, medusa.choices)):
         raise ValueError("Medusa options were given without --medusa-enabled")
-    generator = Generator(loaded.model, loaded.tokenizer.eos_token_ids, tree, heads, datastore=default_datastore(loaded))
+    generator = Generator(loaded.model, loaded.tokenizer.eos_token_ids, tree, heads, datastore=default_datastore(loaded),
+                          tokenizer=loaded.tokenizer)
     return Session(loaded, generator, heads, tree)

@@ -129,44 +129,50 @@ class ShardSteps:
         return self.prefill_steps[x.shape[1]](x, layers, start_pos)
 
     def verify(self, x: Tensor, layers: list[Tensor], start_pos: int, tree_tokens: np.ndarray, cfg: GenerationConfig,
-               rng: np.random.Generator, logits_out: list | None = None) -> tuple[list[int], np.ndarray]:
+               rng: np.random.Generator, logits_out: list | None = None,
+               allowed: np.ndarray | None = None) -> tuple[list[int], np.ndarray]:
         """Last shard, one Medusa step: the accepted tree nodes (root first) and the next tree (its root is the
         bonus token). Greedy stays on the device; sampling accepts on the host, then proposes from the last node.
         With logits_out (a list), the logits come to the host also when greedy (accepted there by the device's
-        rule) and the rows of the accepted nodes, each predicting the token emitted after it, are appended."""
+        rule) and the rows of the accepted nodes, each predicting the token emitted after it, are appended.
+        allowed (T, vocab) bool: a grammar's mask after each node (constraints.py); the model's choice at a node is
+        then made among its allowed tokens, on the host (logits_out still gets the unmasked rows)."""
         pos = self.bind(start_pos)
-        if cfg.greedy and logits_out is None:
+        if cfg.greedy and logits_out is None and allowed is None:
             hidden_input = () if self.model.shard.is_first_layer() else (self.host("tree", tree_tokens),)
             summary = read_host(self.verify_greedy(x, layers, pos, *hidden_input))
             n_accepted, best = int(summary[0]), int(summary[1])
             return self.tree.retrieve_paths[best][:n_accepted + 1].tolist(), summary[2:]
         hidden, logits = self.verify_logits(x, layers, pos)
         logits = read_host(logits)
+        chosen = logits if allowed is None else np.where(allowed, logits, -np.inf)
         if cfg.greedy:
-            nodes, bonus = greedy_accept(self.tree, tree_tokens, logits)
+            nodes, bonus = greedy_accept(self.tree, tree_tokens, chosen)
         else:
             accept = exact_accept if cfg.medusa_sampling == "exact" or self.tree.size == 1 else typical_accept
-            nodes, bonus = accept(self.tree, tree_tokens, logits, cfg, rng)
+            nodes, bonus = accept(self.tree, tree_tokens, chosen, cfg, rng)
         if logits_out is not None:
             logits_out.extend(logits[nodes])
         _, next_tree = self.propose_after_verify(hidden, self.host("node", [nodes[-1]]), self.host("root", [bonus]))
         return [int(n) for n in nodes], read_host(next_tree)
 
     def first_tree(self, hidden: Tensor, row: int, cfg: GenerationConfig, rng: np.random.Generator,
-                   logits_out: list | None = None) -> np.ndarray:
+                   logits_out: list | None = None, allowed: np.ndarray | None = None) -> np.ndarray:
         """Last shard, after prefill: the first tree from hidden row `row`; its root is the first generated token
-        (the argmax, or sampled from the base logits), and the heads propose from that root. With logits_out (a
-        list), the logits that chose the root are appended."""
+        (the argmax, or sampled from the base logits; among the `allowed` tokens only when a grammar masks them), and
+        the heads propose from that root. With logits_out (a list), the logits that chose the root are appended."""
         logits, tree_tokens = self.propose_after_prefill(hidden, self.host("node", [row]), self.host("root", [-1]))
         tree_tokens = read_host(tree_tokens)
-        if logits_out is not None or not cfg.greedy:
+        host_choice = not cfg.greedy or allowed is not None
+        if logits_out is not None or host_choice:
             logits = read_host(logits).reshape(-1)
             if logits_out is not None:
                 logits_out.append(logits)
-        if not cfg.greedy:
-            root = sample(probabilities(logits, cfg), rng)
-            if self.heads is not None and self.heads.sequential and self.tree.size > 1:
-                # sequential heads continue the root: propose again from the sampled one
+        if host_choice:
+            chosen = logits if allowed is None else np.where(allowed, logits, -np.inf)
+            root = int(chosen.argmax()) if cfg.greedy else sample(probabilities(chosen, cfg), rng)
+            if root != int(tree_tokens[0]) and self.heads is not None and self.heads.sequential and self.tree.size > 1:
+                # sequential heads continue the root: propose again from the chosen one
                 _, tree_tokens = self.propose_after_prefill(hidden, self.host("node", [row]), self.host("root", [root]))
                 tree_tokens = read_host(tree_tokens)
             tree_tokens[0] = root

@@ -3,6 +3,7 @@
 The prompt is one string (tokenised with the model's special tokens read as such: the client writes the whole
 prompt, template included if it wants one) or one list of token ids. `echo` puts the prompt before the completion;
 `logprobs` (0 to 20 alternatives) gives the completion's tokens' log-probabilities in the route's older shape.
+`response_format` (an extension of this route, as some servers offer) constrains the completion as in chat.
 Limits and errors are the chat route's (protocol.py): the same fields refused, the same bounds before tokenising.
 """
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 from http import HTTPStatus
 from typing import Callable, Iterator
 
-from .protocol import (BadRequest, ChatRequest, Piece, check_text, error_body, generation_config, short, stops,
-                       streaming, top_logprobs)
+from .protocol import (BadRequest, ChatRequest, Piece, check_text, error_body, generation_config, response_format,
+                       short, stops, streaming, top_logprobs)
 
 PATHS = ("/v1/completions", "/completions")
 
@@ -51,6 +53,10 @@ def parse(app, data: dict) -> ChatRequest:
     stream, include_usage, sources = streaming(data)
     config = generation_config(app.defaults, data, logprobs)
     stop = stops(data.get("stop"))
+    fmt = response_format(data, stop, app.vocabulary)
+    if fmt is not None and echo:
+        raise BadRequest("echo cannot be combined with response_format: the prompt before the JSON would not parse")
+    config = replace(config, response_format=fmt)
     prompt_ids, prompt_text = _prompt(app, data.get("prompt"))
     app.check_prompt(prompt_ids)
     return ChatRequest(prompt_ids, config, stream, stop, include_usage, kind="text", echo=prompt_text if echo else "",

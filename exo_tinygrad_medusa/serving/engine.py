@@ -148,6 +148,11 @@ class MedusaInferenceEngine(_EngineBase):
             raise ValueError("Medusa options were given without --medusa-enabled")
         if max_requests < 1:
             raise ValueError(f"max_requests must be >= 1, got {max_requests}")
+        if generation.response_format is not None:
+            # Exo's API hands the engine tokens, never a request's response_format: a format set here would hold
+            # for every request, which no client asked for
+            raise ValueError("response_format (JSON mode, JSON schemas) is not supported by the Exo engine: use "
+                             "`exo-medusa serve` for constrained decoding")
         ring_drafts.drafts_on(generation)  # refuses drafts with sampling now rather than at the first load
         self.medusa, self.generation = medusa, generation
         self.device, self.dtype, self.max_context, self.max_requests = device, dtype, max_context, max_requests

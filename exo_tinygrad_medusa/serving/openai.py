@@ -8,7 +8,7 @@ What a request may cost is bounded before any expensive work, each with a JSON e
 - the body must fit what the context can hold (413, enforced by the HTTP layer from `ChatApp.max_body_bytes`), and
   the messages' count and characters too (400), all checked before the chat template is rendered or tokenised;
 - OpenAI fields that would change what the reply means and that this server cannot honour are refused (400), not
-  silently ignored.
+  silently ignored; a `response_format` whose schema cannot be compiled is refused (400) before the request waits.
 Message contents are text: special-token strings in them are tokenised as characters, never as control tokens
 (Tokenizer.encode_chat), so a message cannot forge a turn of another role.
 """
@@ -17,14 +17,16 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 from http import HTTPStatus
 from typing import Callable, Iterator
 
+from ..decoding.constraints import vocabulary
 from ..decoding.sampling import GenerationConfig
 from . import completions
 from .logprobs import TokenTexts
 from .protocol import (BadRequest, ChatRequest, HTTPError, Piece, check_common, check_text, error_body,
-                       finite_json, generation_config, short, stops, streaming, top_logprobs)
+                       finite_json, generation_config, response_format, short, stops, streaming, top_logprobs)
 
 MAX_BODY_BYTES = 16 << 20        # ceiling whatever the context: a body is read into memory whole
 BODY_SLACK_BYTES = 64 << 10      # room for the JSON around the messages and the other fields
@@ -100,6 +102,7 @@ class ChatApp:
         stream, include_usage, sources = streaming(data)
         config = generation_config(self.defaults, data, logprobs)
         stop = stops(data.get("stop"))
+        config = replace(config, response_format=response_format(data, stop, self.vocabulary))
         try:
             prompt_ids = self.session.tokenizer.encode_chat(messages)
         except ValueError as e:
@@ -108,6 +111,10 @@ class ChatApp:
             raise BadRequest(f"cannot apply the chat template: {e}") from None
         self.check_prompt(prompt_ids)
         return ChatRequest(prompt_ids, config, stream, stop, include_usage, sources=sources)
+
+    def vocabulary(self):
+        """The model's vocabulary as llguidance reads it (built on the first request with a response_format)."""
+        return vocabulary(self.session.tokenizer)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         try:

@@ -1,5 +1,6 @@
 """What the OpenAI routes share: errors, the validated request, the worker's text pieces, the `stop` matcher and the
-checks of request fields (numbers, stop strings, sampling settings, streaming options, log-probabilities).
+checks of request fields (numbers, stop strings, sampling settings, streaming options, log-probabilities, the
+response format).
 
 Nothing here knows about sockets or about one route's JSON shapes (openai.py: chat; completions.py: completions).
 """
@@ -10,6 +11,9 @@ import math
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 
+from typing import Callable
+
+from ..decoding.constraints import ResponseFormat
 from ..decoding.sampling import MAX_TOP_LOGPROBS, GenerationConfig, TokenLogprob
 from ..options import check_seed, effective_temperature
 
@@ -21,7 +25,6 @@ UNSUPPORTED = {
     "tool_choice": lambda v: v in (None, "none"), "function_call": lambda v: v in (None, "none"),
     "logit_bias": lambda v: v in (None, {}), "frequency_penalty": lambda v: v in (None, 0),
     "presence_penalty": lambda v: v in (None, 0),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     "suffix": lambda v: v in (None, ""), "best_of": lambda v: v in (None, 1),
 }
 
@@ -205,3 +208,20 @@ def generation_config(defaults: GenerationConfig, data: dict, logprobs: int | No
         return replace(defaults, **overrides)
     except ValueError as e:
         raise BadRequest(str(e)) from None
+
+
+def response_format(data: dict, stop: tuple[str, ...], vocabulary: Callable[[], object]) -> ResponseFormat | None:
+    """The request's `response_format` (None: text), its grammar compiled against the model's vocabulary (`vocabulary`
+    builds or returns it): a schema llguidance cannot compile is the client's error, answered before the request
+    waits for the model."""
+    try:
+        fmt = ResponseFormat.from_openai(data.get("response_format"))
+        if fmt is not None:
+            fmt.check(vocabulary())
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    if fmt is not None and stop:
+        # a stop string inside the JSON (a key, a value) would cut it before it closes: the reply would not parse
+        raise BadRequest("stop cannot be combined with response_format: a stop string could cut the JSON before it "
+                         "closes (the reply ends by itself once the JSON is complete)")
+    return fmt
