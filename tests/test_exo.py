@@ -134,16 +134,22 @@ def test_in_process_ring_of_exo_nodes(model, tmp_path):
         try:
             await nodes[0].process_prompt(Shard(model["dir"], 0, 0, 4), prompt, request_id=request_id)
             await asyncio.wait_for(done.wait(), 600)
+            # every node releases the finished request (its cache slot then serves the next one, captures kept)
+            for _ in range(100):
+                if not any(n.inference_engine.requests for n in nodes):
+                    break
+                await asyncio.sleep(0.05)
+            live = [list(n.inference_engine.requests) for n in nodes]
         finally:
             for n in nodes:
                 await n.stop()
         shards = sorted((n.inference_engine.shard.start_layer, n.inference_engine.shard.end_layer) for n in nodes)
         for task in asyncio.all_tasks() - {asyncio.current_task()}:
             task.cancel()
-        return tokens, shards
+        return tokens, shards, live
 
-    tokens, shards = asyncio.run(scenario())
-    assert shards == [(0, 1), (2, 3)]
+    tokens, shards, live = asyncio.run(scenario())
+    assert shards == [(0, 1), (2, 3)] and live == [[], []]
     assert tokens == model["standalone"]["generated_ids"]
 
 

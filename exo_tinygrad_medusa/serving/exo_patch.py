@@ -18,6 +18,8 @@ Patches (each function below says why):
  7. serialize_inference_state  JSON: Exo's version raises TypeError on Linux for any non-empty state.
  8. run_model_cli              waits for the ring to settle and collects every token (Exo's drops some).
  9. ChatGPTAPI.run host        binds the API to --node-host (Exo binds 0.0.0.0), so a loopback node stays local.
+10. Node.__init__              a finished request is released on every node (its KV cache slot, with the steps
+                               captured on it, goes to the next request): Exo never tells an engine a request ended.
 """
 from __future__ import annotations
 
@@ -121,7 +123,7 @@ def configure_from_exo_args(exo_main) -> None:
 
 
 def apply_patches(make_engine=MedusaInferenceEngine) -> None:
-    """Patches 1-7 (idempotent). `make_engine(shard_downloader=...)` builds the engine Exo asks for."""
+    """Patches 1-7 and 10 (idempotent). `make_engine(shard_downloader=...)` builds the engine Exo asks for."""
     import exo.download.new_shard_download as downloads
     import exo.inference.inference_engine as inference_engine
     import exo.inference.tokenizers as tokenizers
@@ -148,6 +150,17 @@ def apply_patches(make_engine=MedusaInferenceEngine) -> None:
 
     node_module.Node.select_best_inference_engine = select_best_inference_engine
     node_module.Node.process_inference_result = process_inference_result  # 6
+    original_init = getattr(node_module.Node.__init__, "exo_original", node_module.Node.__init__)
+
+    # 10: every node hears of a finished request (the last shard's own callbacks, the others through Exo's result
+    # broadcast); without a release each request takes a new cache slot and captures its steps again (seconds),
+    # until max_requests slots are held
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.on_token.register("exo-medusa-release").on_next(functools.partial(_release_finished, self))
+
+    __init__.exo_original = original_init
+    node_module.Node.__init__ = __init__
     GRPCPeerHandle.serialize_inference_state = serialize_inference_state   # 7
 
     # 3: Exo finds models (and the engine's repo id) by engine class name in model_cards
@@ -290,6 +303,17 @@ async def process_inference_result(self, shard, result: np.ndarray, request_id: 
         asyncio.create_task(self.forward_tensor(shard, forward, request_id, self.get_partition_index(offset=1),
                                                 inference_state))
     return np.array(buffered)
+
+
+def _release_finished(node, request_id: str, tokens, finished: bool) -> None:
+    release = getattr(node.inference_engine, "release", None)
+    if finished and release is not None:
+        _release_tasks(node).add(task := asyncio.ensure_future(release(request_id)))  # held: not collected mid-run
+        task.add_done_callback(_release_tasks(node).discard)
+
+
+def _release_tasks(node) -> set:
+    return node.__dict__.setdefault("_medusa_release_tasks", set())
 
 
 def _held_tokens(node) -> dict[str, list[int]]:
