@@ -435,3 +435,43 @@ def test_half_precision_products_widen_exactly_and_run_the_hand_written_kernel(h
     assert f"packed_{half}_11_{cols}_{rows}" in _hand_programs() | before
     alone = np.concatenate([linear(Tensor(x[:, i:i + 1])).numpy() for i in range(11)], axis=1)
     np.testing.assert_array_equal(got, alone)
+
+
+def test_the_pools_spin_is_set_at_run_time_and_bounds_idle_cpu(monkeypatch):
+    """An idle pool thread spins for the set time before it sleeps: a long spin burns CPU while the process waits (what
+    a ring node that owns its cores wants between hops), no spin burns none; products stay right either way."""
+    import time
+    if hooks.NUM_THREADS() < 2:
+        pytest.skip("one core: no pool threads")
+    rng = np.random.default_rng(3)
+    raw = BLOCKS[Q4_1](rng, 4096, 576)  # a product split over the cores
+    linear = Linear(576, 4096)
+    Tensor.realize(*linear.set(pack_ggml(raw, Q4_1, (4096, 576))))
+    dense = linear.matrix().numpy()
+    step = _product_step(linear)
+
+    def idle_cpu_after_a_step(spin_s: float) -> float:
+        assert hooks.set_pool_spin(spin_s)
+        x = rng.standard_normal((1, 1, 576)).astype(np.float32)
+        # the reference without BLAS: its threads busy-wait after a product too
+        np.testing.assert_allclose(hooks.read_host(step(Tensor(x).realize())), (x[..., None, :] * dense).sum(-1),
+                                   rtol=1e-4, atol=1e-3)
+        c0 = time.process_time()
+        time.sleep(0.06)
+        return time.process_time() - c0
+    try:
+        for _ in range(3):
+            idle_cpu_after_a_step(0.0)
+        no_spin = min(idle_cpu_after_a_step(0.0) for _ in range(2))
+        long_spin = max(idle_cpu_after_a_step(0.05) for _ in range(2))
+    finally:
+        hooks.set_pool_spin(hooks.pool_spin_seconds())
+    assert long_spin > 0.015, long_spin
+    assert no_spin < 0.01, no_spin
+    monkeypatch.setenv("EXO_MEDUSA_POOL_SPIN_MS", "fast")
+    with pytest.raises(ValueError, match="EXO_MEDUSA_POOL_SPIN_MS"):
+        hooks.pool_spin_seconds()
+    monkeypatch.setenv("EXO_MEDUSA_POOL_SPIN_MS", "12.5")
+    assert hooks.pool_spin_seconds() == 0.0125
+    with pytest.raises(ValueError, match="between 0 and 1 s"):
+        hooks.set_pool_spin(-1)

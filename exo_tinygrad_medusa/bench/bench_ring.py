@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import logging
 import statistics
 import sys
@@ -29,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..kernels.tinygrad_hooks import pool_spin_seconds, set_pool_spin
 from ..options import refuse_load_options
 from ..prompts import Prompt, load_prompts
 from ..model.registry import resolve
@@ -58,6 +60,7 @@ class RingBenchConfig:
     hop_timeout_s: float = 300.0
     start_timeout_s: float = 900.0
     shard_threads: bool = False           # shards as threads of this process (ring_local's note), not processes
+    pool_spin_ms: float | None = None     # idle kernel-pool threads spin this long before sleeping (None: default)
 
     def __post_init__(self):
         if not self.prompts:
@@ -70,6 +73,8 @@ class RingBenchConfig:
             raise ValueError("--max-generate-tokens must be >= 2 (decode speed is measured after the first token)")
         if self.warmup_tokens < 2:
             raise ValueError("--warmup-tokens must be >= 2 (TinyJit captures on a step's second call)")
+        if self.pool_spin_ms is not None and not 0 <= self.pool_spin_ms <= 1000:
+            raise ValueError(f"--pool-spin-ms must be between 0 and 1000, got {self.pool_spin_ms:g}")
 
 
 @dataclass
@@ -260,6 +265,9 @@ async def bench_one_ring_size(cfg: RingBenchConfig, plain: LocalRing, medusa: Lo
 
 def run_ring_bench(cfg: RingBenchConfig, progress=lambda line: print(line, file=sys.stderr, flush=True)) -> dict:
     n_layers = model_layers(cfg.model)
+    if cfg.pool_spin_ms is not None:  # shard processes inherit the environment; threads share this process's pool
+        os.environ["EXO_MEDUSA_POOL_SPIN_MS"] = f"{cfg.pool_spin_ms:g}"
+        set_pool_spin(cfg.pool_spin_ms / 1e3)
     standalone = Standalone(cfg)
     pairs: list[PromptPair] = []
     trees = {}
@@ -292,6 +300,7 @@ def run_ring_bench(cfg: RingBenchConfig, progress=lambda line: print(line, file=
                "max_generate_tokens": cfg.max_new_tokens, "tree": tree.get("name"), "tree_size": tree.get("size"),
                "heads": cfg.medusa_heads or default_heads(cfg.model), "dtype": cfg.dtype, "device": cfg.device,
                "shards_as": "threads" if cfg.shard_threads else "processes",
+               "pool_spin_ms": pool_spin_seconds() * 1e3,
                "identical": all(p.identical for p in pairs)}
     return {"summary": summary, "cells": [c.to_json() for c in cells],
             "model_fit": [ring_model(cells, n) for n in cfg.shard_counts],
@@ -319,7 +328,8 @@ def config_from_args(args) -> RingBenchConfig:
     return RingBenchConfig(args.model, tuple(prompts), parse_list(args.shards, int, "--shards"),
                            parse_list(args.link_delays_ms, float, "--link-delays-ms"), args.max_generate_tokens,
                            args.warmup_tokens, args.medusa_heads, args.medusa_choices, args.dtype, args.device,
-                           args.max_context, args.hop_timeout_s, shard_threads=args.shard_threads)
+                           args.max_context, args.hop_timeout_s, shard_threads=args.shard_threads,
+                           pool_spin_ms=args.pool_spin_ms)
 
 
 def cmd_bench_ring(args) -> int:
@@ -357,6 +367,10 @@ def register(subparsers, model_args, generation_args) -> None:
                    help="run the shards as threads of this process (sharing its compiled kernels and kernel pool, "
                         "as nodes with cores of their own would not contend) instead of one process each; they "
                         "still talk over loopback sockets")
+    p.add_argument("--pool-spin-ms", type=float, default=None,
+                   help="idle kernel-pool threads spin this long for the next kernel before they sleep (default "
+                        "0.3; EXO_MEDUSA_POOL_SPIN_MS): a node that owns its cores waits a hop between steps, and a "
+                        "longer spin saves it a wake-up per kernel; on a shared machine it burns cores others need")
     p.add_argument("--exo", action="store_true",
                    help="also compare on a two-node classic Exo ring (skipped with a note when Exo is not installed)")
     p.add_argument("--exo-link-delay-ms", type=float, default=5.0, help="one-way gRPC delay of the --exo ring")

@@ -12,7 +12,8 @@ def markdown_report(report: dict) -> str:
     s = report["summary"]
     lines = [f"## exo-medusa bench-ring: {s['model']} ({s['n_layers']} layers), tree {s['tree']} ({s['tree_size']} "
              f"nodes)", "", f"{len(s['prompts'])} prompts, up to {s['max_generate_tokens']} new tokens each, greedy; "
-             f"shards are {s.get('shards_as', 'processes')} on loopback, the delay is one-way per ring link. Compute "
+             f"shards are {s.get('shards_as', 'processes')} on loopback (idle kernel-pool threads spin "
+             f"{s.get('pool_spin_ms', 0.3):g} ms before they sleep), the delay is one-way per ring link. Compute "
              "per pass is the decode time less the injected delay: the shards' engines (as each shard times its own) "
              "plus the transport (framing, loopback sockets, the driver's relay, wake-ups).", "",
              "| shards | link delay | plain tok/s | Medusa tok/s | Medusa/plain | passes/token plain | passes/token "

@@ -228,6 +228,29 @@ def NUM_THREADS() -> int:
     return max(1, int(os.environ.get("EXO_MEDUSA_THREADS", 0)) or tinygrad.helpers.NUM_CPU_THREADS.value)
 
 
+def pool_spin_seconds() -> float:
+    """How long idle pool threads spin before they sleep: EXO_MEDUSA_POOL_SPIN_MS, else DEFAULT_POOL_SPIN_S."""
+    text = os.environ.get("EXO_MEDUSA_POOL_SPIN_MS", "")
+    try:
+        ms = float(text) if text else DEFAULT_POOL_SPIN_S * 1e3
+    except ValueError:
+        raise ValueError(f"EXO_MEDUSA_POOL_SPIN_MS must be a number of milliseconds, got {text!r}") from None
+    if not 0 <= ms <= 1000:
+        raise ValueError(f"EXO_MEDUSA_POOL_SPIN_MS must be between 0 and 1000 ms, got {text!r}")
+    return ms / 1e3
+
+
+def set_pool_spin(seconds: float) -> bool:
+    """Set how long idle pool threads spin before they sleep (this process); False where no pool runs (not the CPU
+    device's hooks, or one core)."""
+    if not 0 <= seconds <= 1:
+        raise ValueError(f"the pool's spin must be between 0 and 1 s, got {seconds}")
+    if _pool is None:
+        return False
+    _pool.set_spin(seconds)
+    return True
+
+
 _choices: dict[bytes, tuple[Opt, ...] | None] = {}
 
 
@@ -260,7 +283,11 @@ pm_choices = PatternMatcher([
 # -- 2. every core -----------------------------------------------------------------------------------------------
 MAX_ARGS = 60        # kernel arguments the trampoline forwards (tinygrad's CPU programs take at most 63)
 GRAPH_CMD_WORDS = 3 + MAX_ARGS
-SPIN_ROUNDS = 1 << 14  # pause instructions a pool thread spins for a next slice (~0.3 ms) before it sleeps
+# how long an idle pool thread spins for the next job before it sleeps. Short by default: a spinning thread burns a
+# core that other processes may need (on a loaded machine long spins made steps several times slower). A ring node
+# that owns its cores waits a link hop between jobs and pays a wake-up for every sleep: EXO_MEDUSA_POOL_SPIN_MS (or
+# set_pool_spin) lengthens the spin for such a node.
+DEFAULT_POOL_SPIN_S = 0.0003
 
 _POOL_SRC = r"""
 #include <pthread.h>
@@ -302,11 +329,24 @@ static void run_slices(u64 gen) {
     atomic_fetch_add(&job_done, 1);
   }
 }
+static atomic_long spin_ns = 300000;
+void pool_set_spin(long ns) { atomic_store(&spin_ns, ns < 0 ? 0 : ns); }
+static long elapsed_ns(const struct timespec *t0) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (long)((t.tv_sec - t0->tv_sec) * 1000000000LL + (t.tv_nsec - t0->tv_nsec));
+}
 static void *worker(void *arg) {
   u64 seen = 0;
   (void)arg;
   for (;;) {
-    for (int i = 0; i < SPIN && GEN(atomic_load(&ticket)) == seen; i++) RELAX();
+    long spin = atomic_load(&spin_ns);
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int i = 1; GEN(atomic_load(&ticket)) == seen; i++) {
+      RELAX();
+      if ((i & 255) == 0 && elapsed_ns(&t0) >= spin) break;  /* the clock is read every 256 pauses */
+    }
     if (GEN(atomic_load(&ticket)) == seen) {  /* idle: sleep until the next job rather than burn a core */
       pthread_mutex_lock(&mu);
       atomic_fetch_add(&sleepers, 1);
@@ -371,7 +411,7 @@ void run_graph(const u64 *cmds, u64 count, u64 *ns) {
 def _pool_source() -> str:
     params = ", ".join(f"u64 a{i}" for i in range(MAX_ARGS))
     args = ", ".join(f"a{i}" for i in range(MAX_ARGS))
-    src = _POOL_SRC.replace("NARGS", str(MAX_ARGS)).replace("SPIN", str(SPIN_ROUNDS)).replace("PARAMS", params)
+    src = _POOL_SRC.replace("NARGS", str(MAX_ARGS)).replace("PARAMS", params)
     src = src.replace("CMDW", str(GRAPH_CMD_WORDS))
     src = src.replace("ARRAY_ARGS", ", ".join(f"a[{i}]" for i in range(MAX_ARGS)))
     return src.replace("ARGS", args)
@@ -382,6 +422,7 @@ class ParallelSlices:
 
     def __init__(self, threads: int):
         """threads: cores split kernels run on (1: slices run in turn on the caller, as tinygrad does)."""
+        spin = pool_spin_seconds()  # a bad setting fails before any thread starts
         lib_path = _build_pool()
         self.lib = ctypes.CDLL(str(lib_path))
         self.threads = self.lib.pool_start(ctypes.c_int(threads))
@@ -391,6 +432,12 @@ class ParallelSlices:
         self.run_graph = self.lib.run_graph
         self.run_graph.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p]
         self.run_graph.restype = None
+        self.lib.pool_set_spin.argtypes = [ctypes.c_long]
+        self.lib.pool_set_spin.restype = None
+        self.set_spin(spin)
+
+    def set_spin(self, seconds: float) -> None:
+        self.lib.pool_set_spin(ctypes.c_long(int(seconds * 1e9)))
 
 
 def _build_pool() -> Path:
