@@ -1,4 +1,4 @@
-"""Requantize a GGUF's matrices into other GGML formats (Q4_0, Q8_0, Q4_K, Q6_K), for benchmarks and tests: the
+"""Requantize a GGUF's matrices into other GGML formats (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), for benchmarks and tests: the
 files people download in those formats, made from the one GGUF this package embeds.
 
 The quantizers are plain round-to-nearest with per-block scales from the block's range (not llama.cpp's search for
@@ -13,7 +13,7 @@ import numpy as np
 
 from .gguf_file import read_metadata
 
-from ..kernels.packed import GGML_BLOCKS, Q4_0, Q4_K, Q6_K, Q8_0
+from ..kernels.packed import GGML_BLOCKS, Q4_0, Q4_1, Q4_K, Q6_K, Q8_0
 
 F32, F16 = 0, 1
 
@@ -41,6 +41,11 @@ def quantize(w: np.ndarray, ggml_type: int) -> np.ndarray:
         d = _f16(np.abs(b).max(-1, keepdims=True) / 7)
         q = np.clip(np.round(b / _safe(d)) + 8, 0, 15).astype(np.uint8)
         return np.concatenate([d.view(np.uint8), q[..., :16] | (q[..., 16:] << 4)], -1).reshape(-1)
+    if ggml_type == Q4_1:
+        m = _f16(b.min(-1, keepdims=True))                              # w = d * q + m
+        d = _f16((b.max(-1, keepdims=True) - m.astype(np.float32)) / 15)
+        q = np.clip(np.round((b - m.astype(np.float32)) / _safe(d)), 0, 15).astype(np.uint8)
+        return np.concatenate([d.view(np.uint8), m.view(np.uint8), q[..., :16] | (q[..., 16:] << 4)], -1).reshape(-1)
     if ggml_type == Q4_K:
         sub = b.reshape(out, n // 256, 8, 32)
         low = np.minimum(sub.min(-1), 0)                               # w = D * q - M with M = -low >= 0
@@ -120,9 +125,29 @@ def q4_k_m(name: str) -> int:
     return Q6_K if any(k in name for k in ("output.weight", "attn_v", "ffn_down", "token_embd")) else Q4_K
 
 
+def more_bits(layer: int, n_layers: int) -> bool:
+    """The layers whose value and down projections llama.cpp's Q4_K_M / Q5_K_M mixes give 6 bits: the first and last
+    eighth of the model, where quantization error hurts most, and every third layer between (half of 16 or 28)."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def q4_k_m_layers(n_layers: int, tied: bool):
+    """llama.cpp's Q4_K_M mix for a model of n_layers, as a plan for requantize_gguf: Q6_K for the logits' matrix
+    (output.weight, or token_embd.weight when the embedding is `tied`) and for attn_v / ffn_down of the more_bits
+    layers, Q4_K elsewhere (an untied token_embd too: only one row of it is read a token)."""
+    def plan(name: str) -> int:
+        if name == "output.weight" or (tied and name == "token_embd.weight"):
+            return Q6_K
+        if name.startswith("blk.") and name.endswith(("attn_v.weight", "ffn_down.weight")):
+            return Q6_K if more_bits(int(name.split(".")[1]), n_layers) else Q4_K
+        return Q4_K
+    return plan
+
+
 def main(argv=None) -> None:
     import argparse
-    plans = {"Q4_0": lambda n: Q4_0, "Q8_0": lambda n: Q8_0, "Q4_K": lambda n: Q4_K, "Q6_K": lambda n: Q6_K, "Q4_K_M": q4_k_m}
+    plans = {"Q4_0": lambda n: Q4_0, "Q4_1": lambda n: Q4_1, "Q8_0": lambda n: Q8_0, "Q4_K": lambda n: Q4_K,
+             "Q6_K": lambda n: Q6_K, "Q4_K_M": q4_k_m}
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("source")
     p.add_argument("target")
