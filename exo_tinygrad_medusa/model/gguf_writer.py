@@ -94,12 +94,18 @@ def write_gguf(path: str | Path, metadata: dict, tensors: list[GGUFTensor], alig
     for key, value in metadata.items():
         kind, raw = _value(value)
         header += [_string(key), struct.pack("<I", kind), raw]
-    offset = 0
+    write_gguf_head(path, b"".join(header), tensors, alignment)
+
+
+def write_gguf_head(path: str | Path, head: bytes, tensors: list[GGUFTensor], alignment: int = 32) -> None:
+    """Write a GGUF file from `head` (magic, version, counts and metadata, as encoded: requantize.py keeps a source
+    file's) followed by the tensor infos and each tensor's data, aligned to `alignment` bytes."""
+    infos, offset = [], 0
     for t in tensors:
-        header += [_string(t.name), struct.pack(f"<I{len(t.shape)}Q", len(t.shape), *reversed(t.shape)),
-                   struct.pack("<IQ", t.ggml_type, offset)]
+        infos += [_string(t.name), struct.pack(f"<I{len(t.shape)}Q", len(t.shape), *reversed(t.shape)),
+                  struct.pack("<IQ", t.ggml_type, offset)]
         offset += -(-t.nbytes // alignment) * alignment
-    head = b"".join(header)
+    head = head + b"".join(infos)
     with open(path, "wb") as f:
         f.write(head + bytes(-len(head) % alignment))
         for t in tensors:

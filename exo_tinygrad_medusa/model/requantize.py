@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from .gguf_file import read_metadata
+from .gguf_writer import GGUFTensor, write_gguf_head
 
 from ..kernels.packed import GGML_BLOCKS, Q4_0, Q4_1, Q4_K, Q6_K, Q8_0
-
-F32, F16 = 0, 1
 
 
 def _f16(a: np.ndarray) -> np.ndarray:
@@ -84,7 +83,7 @@ def requantize_gguf(source: str | Path, target: str | Path, plan) -> None:
     raw = tensor_bytes(source)
     pos, alignment = _tensor_infos_start(data)
     n_tensors = struct.unpack_from("<Q", data, 8)[0]
-    infos, blobs, offset = [], [], 0
+    tensors = []
     for _ in range(n_tensors):
         (length,) = struct.unpack_from("<Q", data, pos)
         name = data[pos + 8:pos + 8 + length].decode()
@@ -94,24 +93,15 @@ def requantize_gguf(source: str | Path, target: str | Path, plan) -> None:
         pos += 4 + 8 * n_dims
         ggml_type, _ = struct.unpack_from("<IQ", data, pos)
         pos += 12
+        shape = tuple(reversed(dims))
         new_type = plan(name) if n_dims == 2 else None
         if new_type is not None and new_type != ggml_type and dims[0] % GGML_BLOCKS[new_type][0] == 0:
-            blob = quantize(state[name].numpy().reshape(dims[1], dims[0]), new_type).tobytes()
-            ggml_type = new_type
+            tensors.append(GGUFTensor(name, shape, new_type, quantize(state[name].numpy().reshape(shape), new_type)))
         else:
-            count = int(np.prod(dims))
-            size = {F32: 4 * count, F16: 2 * count}.get(ggml_type) or count // GGML_BLOCKS[ggml_type][0] * GGML_BLOCKS[ggml_type][1]
-            blob = raw[name][1][:size].tobytes()
-        infos.append(struct.pack("<Q", length) + name.encode() + struct.pack(f"<I{n_dims}Q", n_dims, *dims)
-                     + struct.pack("<IQ", ggml_type, offset))
-        padded = blob + bytes(-len(blob) % alignment)
-        blobs.append(padded)
-        offset += len(padded)
-    header = data[:_tensor_infos_start(data)[0]] + b"".join(infos)
-    with open(target, "wb") as f:
-        f.write(header + bytes(-len(header) % alignment))
-        for blob in blobs:
-            f.write(blob)
+            tensor = GGUFTensor(name, shape, ggml_type, b"")
+            tensor.data = raw[name][1][:tensor.nbytes]
+            tensors.append(tensor)
+    write_gguf_head(target, data[:_tensor_infos_start(data)[0]], tensors, alignment)
 
 
 def _tensor_infos_start(data: bytes) -> tuple[int, int]:
