@@ -52,6 +52,10 @@ def model_args() -> argparse.ArgumentParser:
     m.add_argument("--medusa-num-layers", type=int, default=None, help="ResBlocks per head (must match the checkpoint)")
     m.add_argument("--medusa-choices", default=None,
                    help="tree: chain-N, cpu-4/8/12/16, mc_sim_7b_63, or a JSON file (default: tuned tree or per device)")
+    m.add_argument("--draft-head", default=None, metavar="DIR",
+                   help="a feature-level draft head (exo-medusa train-draft-head) in place of the Medusa heads: greedy "
+                        "decoding only")
+    m.add_argument("--draft-depth", type=int, default=None, help="tokens the draft head drafts a step (default 3)")
     return p
 
 
@@ -77,7 +81,7 @@ def generation_args() -> argparse.ArgumentParser:
 
 def medusa_options(args) -> MedusaOptions:
     return MedusaOptions(args.medusa_enabled, args.medusa_heads, args.medusa_num_heads, args.medusa_num_layers,
-                         args.medusa_choices)
+                         args.medusa_choices, args.draft_head, args.draft_depth or 3)
 
 
 def effective_temperature(temperature: float) -> float:
@@ -122,9 +126,17 @@ def check_model_args(args) -> None:
         raise ValueError(f"--max-context must be >= 2, got {args.max_context}")
     medusa_only = {"--medusa-heads": args.medusa_heads, "--medusa-num-heads": args.medusa_num_heads,
                    "--medusa-num-layers": args.medusa_num_layers, "--medusa-choices": args.medusa_choices}
-    given = [flag for flag, value in medusa_only.items() if value is not None]
+    draft_only = {"--draft-head": args.draft_head, "--draft-depth": args.draft_depth}
+    given = [flag for flag, value in {**medusa_only, **draft_only}.items() if value is not None]
     if given and not args.medusa_enabled:
         raise ValueError(f"Medusa options were given without --medusa-enabled: {', '.join(given)}")
+    heads_given = [flag for flag, value in medusa_only.items() if value is not None]
+    if args.draft_head is not None and heads_given:
+        raise ValueError(f"--draft-head replaces the Medusa heads and their tree: drop {', '.join(heads_given)}")
+    if args.draft_depth is not None and args.draft_head is None:
+        raise ValueError("--draft-depth needs --draft-head")
+    if args.draft_depth is not None and not 1 <= args.draft_depth <= 7:
+        raise ValueError(f"--draft-depth must be in 1..7 (the longest draft chain verifies 8 tokens), got {args.draft_depth}")
     for flag in ("--medusa-num-heads", "--medusa-num-layers"):
         if medusa_only[flag] is not None and medusa_only[flag] < 1:
             raise ValueError(f"{flag} must be >= 1, got {medusa_only[flag]}")
@@ -194,8 +206,9 @@ def session_from_args(args) -> Session:
 
 def stored_session_from_args(args, use_store: bool = True) -> tuple[Session, StoredSession]:
     """session_from_args, loaded from the session a previous run stored when there is one (capture_cache). Stored
-    sessions hold float32-activation kernels only: --activations q8 builds its session every run."""
-    if args.activations != "float32":
+    sessions hold float32-activation kernels only: --activations q8 builds its session every run, as does a draft
+    head (its captures are not stored)."""
+    if args.activations != "float32" or args.draft_head is not None:
         return session_from_args(args), StoredSession(None)
     return open_session_stored(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
                                medusa=medusa_options(args), weights=args.weights, use_store=use_store)

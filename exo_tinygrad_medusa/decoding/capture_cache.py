@@ -147,7 +147,7 @@ class StoredSession:
         for steps in generator.step_kinds().values():
             if captured_of(steps.verify_greedy) is not None:
                 x = steps.host("tokens", np.zeros((1, steps.tree.size), dtype=np.int32))
-                read_host(steps.verify_greedy(x, generator.cache.layers, steps.bind(0)))
+                read_host(steps.greedy_summary(x, generator.cache.layers, steps.bind(0)))
 
     def save_if_grown(self, session: Session) -> bool:
         """Store the session when it holds captures the file lacks (all of them on a first run). Returns whether it

@@ -39,6 +39,7 @@ class GenerationResult:
     source_tokens: dict[str, int] = field(default_factory=dict)
     step_sizes: dict[int, int] = field(default_factory=dict)   # tokens verified a step -> steps
     host_s: float = 0.0           # time spent drafting and planning on the host
+    draft_s: float = 0.0          # time the draft head spent drafting (its captured call, on the device)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when GenerationConfig.logprobs
 
     @property
@@ -101,17 +102,21 @@ class Generator:
 
     def __init__(self, model: Transformer, eos_token_ids, tree: MedusaTree = PLAIN, heads: MedusaHeads | None = None,
                  lookup: LookupConfig = LookupConfig(), datastore=None, cache: KVCache | None = None,
-                 step_seconds: dict | None = None, tokenizer=None):
+                 step_seconds: dict | None = None, tokenizer=None, draft_head=None):
         """cache: the KV cache to own (a stored session's, which its captures were made on), else a new one.
         step_seconds: step times measured before (a stored session's), which the planner starts from.
         tokenizer: the model's (model/tokenizer.Tokenizer), which a GenerationConfig.response_format's grammar is
-        matched against; without it, constrained generation is refused."""
+        matched against; without it, constrained generation is refused.
+        draft_head: a draft_steps.DraftHeadSteps on this model, in place of Medusa heads (the tree stays PLAIN): each
+        greedy step it drafts from the verified rows' hidden states, one more draft source for the planner."""
+        if draft_head is not None and tree.size > 1:
+            raise ValueError("a draft head replaces the Medusa heads: use it with the plain tree")
         if not (model.shard.is_first_layer() and model.shard.is_last_layer()):
             raise ValueError("Generator needs the whole model; use the engine for sharded models")
         self.model, self.tree, self.eos_ids, self.lookup = model, tree, set(eos_token_ids), lookup
-        self.datastore, self.tokenizer = datastore, tokenizer
+        self.datastore, self.tokenizer, self.draft_head = datastore, tokenizer, draft_head
         self.cache: KVCache = cache or model.new_cache()
-        self.steps = ShardSteps(model, tree, heads, cache=self.cache)
+        self.steps = ShardSteps(model, tree, heads, cache=self.cache, keep_hidden=draft_head is not None)
         self.grafter = Grafter(tree) if tree.size > 1 else None
         self._chains: dict[int, ShardSteps] = {}
         # seconds of a step by kind (tokens verified, or "heads"), kept across generations; the cost table before
@@ -129,7 +134,7 @@ class Generator:
         would be planned with the CPU cost table (measured times would make a seed's tokens depend on the load)."""
         if cfg.prompt_lookup is not None:
             return cfg.prompt_lookup
-        return self.tree.size > 1 and cfg.greedy
+        return (self.tree.size > 1 or self.draft_head is not None) and cfg.greedy
 
     def chain_steps(self, size: int) -> ShardSteps:
         """Captured steps verifying `size` tokens (the root and size - 1 drafted ones), made on first use; size 1 is
@@ -140,7 +145,7 @@ class Generator:
             tree = PLAIN if size == 1 else chain(size - 1)
             try:
                 self._chains[size] = ShardSteps(self.model, tree, NoProposals(size - 1) if size > 1 else None,
-                                                cache=self.cache)
+                                                cache=self.cache, keep_hidden=self.draft_head is not None)
             except ValueError as e:
                 raise ValueError(f"prompt lookup drafts {size - 1} tokens a step: {e}") from None
         return self._chains[size]
@@ -159,7 +164,7 @@ class Generator:
             x = steps.host("tokens", np.zeros((1, steps.tree.size), dtype=np.int32))
             for rep in range(5):  # two calls capture, three are timed: a first measure of each step's cost
                 t0 = time.perf_counter()
-                read_host(steps.verify_greedy(x, self.cache.layers, steps.bind(0)))
+                read_host(steps.greedy_summary(x, self.cache.layers, steps.bind(0)))
                 if rep >= 2:
                     self.costs.record(kind, time.perf_counter() - t0)
 
@@ -193,6 +198,12 @@ class Generator:
             return self.steps, filled
         steps = self.chain_steps(plan.size)
         return steps, np.array([tree_tokens[0], *plan.draft], dtype=tree_tokens.dtype)
+
+    def uses_draft_head(self, cfg: GenerationConfig, planner, constraint) -> bool:
+        """The draft head drafts for greedy steps that stay on the device (no log-probabilities, no grammar), the
+        steps whose verified hidden states it continues from."""
+        return self.draft_head is not None and planner is not None and cfg.greedy and cfg.logprobs is None and \
+            constraint is None
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -245,6 +256,9 @@ class Generator:
         hidden, row = self.prefill(prompt_ids)
         tree_tokens = self.steps.first_tree(hidden, row, cfg, rng, rows,
                                             None if constraint is None else constraint.allowed())
+        drafting = self.uses_draft_head(cfg, planner, constraint)
+        if drafting:
+            planner.external["draft head"] = self.draft_head.start(hidden[0, row:row + 1], int(tree_tokens[0]))
         result.prefill_s = (t1 := time.perf_counter()) - t0
         if on_step:
             on_step("prefill")
@@ -288,6 +302,10 @@ class Generator:
             emit.push(emitted, _logprobs(rows, emitted, cfg))
             if constraint is not None and not emit.done:
                 constraint.advance(emitted)
+            if drafting and not emit.done:
+                h0 = time.perf_counter()
+                planner.external["draft head"] = self.draft_head.advance(steps.last_hidden, emitted)
+                result.draft_s += time.perf_counter() - h0
             if nodes != list(range(len(nodes))):  # accepted nodes must sit in consecutive cache slots
                 keep = np.arange(steps.tree.size, dtype=np.int32)
                 keep[:len(nodes)] = nodes

@@ -25,6 +25,8 @@ class MedusaOptions:
     num_heads: int | None = None      # use only the first N heads
     num_layers: int | None = None
     choices: str | None = None        # preset name or JSON file; default: a tuned tree, else per device kind
+    draft_head: str | None = None     # a feature-level draft head's directory (train-draft-head), in place of heads
+    draft_depth: int = 3              # tokens it drafts a step
 
 
 @dataclass
@@ -93,8 +95,13 @@ def open_session(model: str | None = None, *, device: str | None = None, dtype: 
                  weights: str | None = None, activations: str = "float32") -> Session:
     loaded = load_model(model, device=device, dtype=dtype, max_context=max_context, weights=weights,
                         activations=activations)
-    heads, tree = None, PLAIN
-    if medusa.enabled:
+    heads, tree, draft_head = None, PLAIN, None
+    if medusa.enabled and medusa.draft_head:
+        from .draft_head import DraftHead
+        from .draft_steps import DraftHeadSteps
+        draft_head = DraftHeadSteps(DraftHead.load(medusa.draft_head), loaded.model, medusa.draft_depth)
+        log.info("Medusa: draft head %s, %d tokens a step", medusa.draft_head, medusa.draft_depth)
+    elif medusa.enabled:
         heads_path = resolve_heads_path(loaded, medusa)
         heads = load_heads_for(heads_path, loaded.model).use_first(medusa.num_heads, medusa.num_layers)
         tree = load_tree(medusa.choices or default_tree_spec(loaded.device or Device.DEFAULT, heads_path))
@@ -103,5 +110,5 @@ def open_session(model: str | None = None, *, device: str | None = None, dtype: 
     elif any(v is not None for v in (medusa.heads, medusa.num_heads, medusa.num_layers, medusa.choices)):
         raise ValueError("Medusa options were given without --medusa-enabled")
     generator = Generator(loaded.model, loaded.tokenizer.eos_token_ids, tree, heads, datastore=default_datastore(loaded),
-                          tokenizer=loaded.tokenizer)
+                          tokenizer=loaded.tokenizer, draft_head=draft_head)
     return Session(loaded, generator, heads, tree)

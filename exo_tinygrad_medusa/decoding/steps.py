@@ -64,10 +64,12 @@ class _OnCache:
 class ShardSteps:
     """Captured steps for one model shard and one tree (PLAIN for ordinary decoding). `cache`: the one KV cache
     every call will use (a Generator's), baked into the captures; without it, each call passes its cache's layers
-    (the engine keeps one cache per request)."""
+    (the engine keeps one cache per request). `keep_hidden`: greedy verification also keeps the verified nodes'
+    hidden states on the device (`last_hidden`, (T, dim)), which a draft head continues from."""
 
     def __init__(self, model: Transformer, tree: MedusaTree = PLAIN, heads: MedusaHeads | None = None,
-                 prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS, cache: KVCache | None = None):
+                 prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS, cache: KVCache | None = None,
+                 keep_hidden: bool = False):
         if tree.size > 1 and model.shard.is_last_layer():  # only the last shard proposes trees
             if heads is None:
                 raise ValueError("a Medusa tree needs Medusa heads")
@@ -76,7 +78,8 @@ class ShardSteps:
         for what, size in ((f"tree of {tree.size} nodes", tree.size), *((f"prefill chunk of {C}", C) for C in prefill_chunks)):
             if size > slack:
                 raise ValueError(f"{what} exceeds the cache slack of {slack}")
-        self.model, self.tree, self.heads = model, tree, heads
+        self.model, self.tree, self.heads, self.keep_hidden = model, tree, heads, keep_hidden
+        self.last_hidden: Tensor | None = None
         self.chunks = tuple(sorted(set(prefill_chunks), reverse=True))
         self.device = dev = model.float_weight.device
         self._host: dict[tuple, Tensor] = {}
@@ -140,7 +143,7 @@ class ShardSteps:
         pos = self.bind(start_pos)
         if cfg.greedy and logits_out is None and allowed is None:
             hidden_input = () if self.model.shard.is_first_layer() else (self.host("tree", tree_tokens),)
-            summary = read_host(self.verify_greedy(x, layers, pos, *hidden_input))
+            summary = read_host(self.greedy_summary(x, layers, pos, *hidden_input))
             n_accepted, best = int(summary[0]), int(summary[1])
             return self.tree.retrieve_paths[best][:n_accepted + 1].tolist(), summary[2:]
         hidden, logits = self.verify_logits(x, layers, pos)
@@ -155,6 +158,13 @@ class ShardSteps:
             logits_out.extend(logits[nodes])
         _, next_tree = self.propose_after_verify(hidden, self.host("node", [nodes[-1]]), self.host("root", [bonus]))
         return [int(n) for n in nodes], read_host(next_tree)
+
+    def greedy_summary(self, x: Tensor, layers: list[Tensor], pos: UOp, *hidden_input: Tensor) -> Tensor:
+        """The captured greedy verify; its summary vector (keeping the hidden rows in last_hidden when asked to)."""
+        out = self.verify_greedy(x, layers, pos, *hidden_input)
+        if self.keep_hidden:
+            out, self.last_hidden = out
+        return out
 
     def first_tree(self, hidden: Tensor, row: int, cfg: GenerationConfig, rng: np.random.Generator,
                    logits_out: list | None = None, allowed: np.ndarray | None = None) -> np.ndarray:
@@ -197,11 +207,13 @@ class ShardSteps:
         tree_tokens = x[0] if tree_tokens is None else tree_tokens
         pred = logits[0].argmax(-1).cast(dtypes.int32)                                       # (T,)
         if self.tree.size == 1:
-            return Tensor.stack(Tensor.zeros_like(pred[0]), Tensor.zeros_like(pred[0]), pred[0]).realize()
+            summary = Tensor.stack(Tensor.zeros_like(pred[0]), Tensor.zeros_like(pred[0]), pred[0])
+            return self._with_hidden(summary, hidden)
         if getattr(self.heads, "placeholders", False):  # a draft chain: one path, nothing to propose
             n_accepted, bonus = chain_accept(tree_tokens, pred)
-            return Tensor.stack(n_accepted.cast(dtypes.int32), Tensor.zeros_like(bonus), bonus).cat(
-                Tensor.zeros(self.tree.size - 1, dtype=dtypes.int32, device=bonus.device)).realize()
+            summary = Tensor.stack(n_accepted.cast(dtypes.int32), Tensor.zeros_like(bonus), bonus).cat(
+                Tensor.zeros(self.tree.size - 1, dtype=dtypes.int32, device=bonus.device))
+            return self._with_hidden(summary, hidden)
         candidate = take(tree_tokens, self.paths[:, 1:])                                    # (P, D)
         ok = (candidate == take(pred, self.paths[:, :-1])) & self.path_valid
         accepted = (ok.cast(dtypes.int32).cumsum(1) == self.path_steps).cast(dtypes.int32).sum(1)  # (P,)
@@ -211,6 +223,13 @@ class ShardSteps:
         row = (Tensor.arange(self.tree.size).unsqueeze(-1) == last_node).where(hidden[0], 0).sum(0)
         next_tree = self._next_tree(row, take(pred, last_node))
         return Tensor.stack(n_accepted, best).cat(next_tree).realize()
+
+    def _with_hidden(self, summary: Tensor, hidden: Tensor):
+        if not self.keep_hidden:
+            return summary.realize()
+        rows = hidden[0].contiguous()
+        Tensor.realize(summary, rows)
+        return summary, rows
 
     def _propose(self, hidden: Tensor, node: Tensor, root: Tensor) -> tuple[Tensor, Tensor]:
         """Last shard: from hidden row `node`, the base logits and the next tree whose root is `root` (1,), or the

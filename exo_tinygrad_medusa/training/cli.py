@@ -1,6 +1,7 @@
 """`exo-medusa train-heads` and `exo-medusa eval-heads`: self-distilled Medusa heads for a frozen base model."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -12,9 +13,13 @@ import time
 from pathlib import Path
 
 from ..options import refuse_load_options
+from .draft_config import DraftTrainConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_TREES = "cpu-4,cpu-8,mc_sim_7b_63"
+
+
+DraftDefaults = DraftTrainConfig()
 
 
 def register(subparsers, model_args, generation_args) -> None:
@@ -58,6 +63,36 @@ def register(subparsers, model_args, generation_args) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from OUT/train-state")
     train.set_defaults(func=cmd_train)
+
+    dh = subparsers.add_parser("train-draft-head", parents=[model_args()],
+                               help="train a feature-level (EAGLE-style) draft head on the model's own answers and "
+                                    "score its replayed chain acceptance")
+    dh.add_argument("--out", required=True, help="directory for draft_config.json + draft_head.safetensors")
+    dh.add_argument("--corpus", default=None, help="distill corpus whose hidden states are recomputed into --data")
+    dh.add_argument("--data", required=True, help="feature store directory (made from --corpus when unfinished)")
+    dh.add_argument("--heldout-data", default=None, metavar="DIR",
+                    help="a feature store scored during training instead of 10%% of the training answers")
+    dh.add_argument("--eval-data", action="append", default=[], metavar="DIR",
+                    help="feature stores scored at the end (e.g. made by `eval-heads --prompts FILE --data DIR`); "
+                         "repeatable")
+    dh.add_argument("--steps", type=int, default=DraftDefaults.steps, help="chain depths scored (1..N drafts a step)")
+    dh.add_argument("--noise", type=float, default=DraftDefaults.noise, help="uniform noise on the input features")
+    dh.add_argument("--epochs", type=float, default=DraftDefaults.epochs)
+    dh.add_argument("--lr", type=float, default=DraftDefaults.lr)
+    dh.add_argument("--batch-size", type=int, default=DraftDefaults.batch_size, help="answers per step")
+    dh.add_argument("--max-len", type=int, default=DraftDefaults.max_len, help="positions per answer")
+    dh.add_argument("--window", type=int, default=DraftDefaults.window, help="positions the head's attention reads")
+    dh.add_argument("--train-vocab", type=int, default=DraftDefaults.train_vocab,
+                    help="the N most frequent answer tokens the head drafts from")
+    dh.add_argument("--token-weight", type=float, default=DraftDefaults.token_weight,
+                    help="weight of the token cross-entropy next to the feature regression")
+    dh.add_argument("--eval-every", type=int, default=DraftDefaults.eval_every)
+    dh.add_argument("--gen-batch-size", type=int, default=16, help="answers per teacher-forced pass (with --corpus)")
+    dh.add_argument("--seed", type=int, default=0)
+    dh.add_argument("--resume", action="store_true", help="continue from OUT/train-state")
+    dh.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                    help="stop at this step and keep the state to --resume later")
+    dh.set_defaults(func=cmd_train_draft_head)
 
     bp = subparsers.add_parser("build-prompts", help="a deduplicated training prompt file from offline sources, "
                                                      "without anything resembling MT-bench")
@@ -322,6 +357,47 @@ def cmd_train(args) -> int:
     write_heads(trainer, out, info)
     print(json.dumps({"out": str(out), "steps": result.steps, "final_loss": round(result.final_loss, 4),
                       "heldout_top1": [round(a, 4) for a in result.heldout_top1]}))
+    return 0
+
+
+def cmd_train_draft_head(args) -> int:
+    refuse_load_options(args, "train-draft-head", TRAINING_LOAD)
+    import numpy as np
+    from ..decoding.draft_head import DraftHeadConfig
+    from ..model.loader import load_model
+    from .draft_trainer import DraftTrainer
+    from .features import FeatureStore
+    cfg = DraftTrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                           max_len=args.max_len, window=args.window, train_vocab=args.train_vocab,
+                           token_weight=args.token_weight, noise=args.noise, eval_every=args.eval_every,
+                           seed=args.seed)
+    out, data_dir = _writable_dir(args.out), Path(args.data).expanduser()
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context)
+    if args.corpus:
+        args.prompts = args.distill_temperature = None
+        store = _corpus_store(loaded, args, data_dir)
+    else:
+        store = FeatureStore.open(data_dir)
+    heldout = FeatureStore.open(Path(args.heldout_data).expanduser()) if args.heldout_data else None
+    evals = {d: FeatureStore.open(Path(d).expanduser()) for d in args.eval_data}
+    model = loaded.model
+    head_cfg = DraftHeadConfig.of(model.config, cfg.window, loaded.resolved.model_id)
+    trainer = DraftTrainer(store, model.lm_head.float().numpy(), model.norm.weight.float().numpy(), head_cfg, cfg,
+                           heldout)
+    t0 = time.perf_counter()
+    history = trainer.train(out, resume=args.resume, stop_after=args.stop_after)
+    info = {"command": "exo-medusa " + " ".join(sys.argv[1:]), "model": loaded.resolved.model_id,
+            "data": store.meta, "config": dataclasses.asdict(cfg), "steps": trainer.step, "history": history,
+            "train_wall_s": round(time.perf_counter() - t0, 1),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, device {loaded.device}"}
+    if trainer.step < trainer.total_steps:
+        print(json.dumps({"out": str(out), "stopped_at": trainer.step, "of": trainer.total_steps}))
+        return 0
+    info["heldout"] = trainer.score(trainer.held_store, trainer.held_ids)
+    info["eval"] = {d: trainer.score(s, np.arange(len(s.samples))) for d, s in evals.items()}
+    trainer.head.save(out)
+    (out / "train_info.json").write_text(json.dumps(info, indent=2))
+    print(json.dumps({"out": str(out), "heldout": info["heldout"], "eval": info["eval"]}))
     return 0
 
 
