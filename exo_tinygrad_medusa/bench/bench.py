@@ -151,6 +151,7 @@ class PromptRun:
     source_tokens: dict = field(default_factory=dict)
     step_sizes: dict = field(default_factory=dict)     # tokens verified a step -> steps
     host_s: float = 0.0                                 # drafting and planning on the host
+    draft_head_s: float = 0.0                           # the draft head's captured drafting, when there is one
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -172,7 +173,7 @@ def compare(plain: Generator, medusa: Generator, prompt: Prompt, prompt_ids: lis
     return PromptRun(prompt.id, prompt.category, len(prompt_ids), len(p.generated_ids), plain_speed, medusa_speed,
                      speedup, m.mean_accepted, m.steps, p.generated_ids == m.generated_ids, p.decode_s, m.decode_s,
                      sum(m.accept_lengths), dict(m.source_steps), dict(m.source_tokens),
-                     {str(k): v for k, v in sorted(m.step_sizes.items())}, m.host_s)
+                     {str(k): v for k, v in sorted(m.step_sizes.items())}, m.host_s, m.draft_s)
 
 
 def warm_up(plain: Generator, medusa: Generator, prompt_ids: list[int], tokens: int = 8) -> None:
@@ -211,6 +212,7 @@ def _aggregate(runs: list[PromptRun]) -> dict:
         "sources": _by_source(runs),
         "step_sizes": _sum_dicts(r.step_sizes for r in runs),
         "host_ms_per_step": round(1e3 * sum(r.host_s for r in runs) / steps, 4) if steps else 0.0,
+        "draft_head_ms_per_step": round(1e3 * sum(r.draft_head_s for r in runs) / steps, 4) if steps else 0.0,
     }
 
 
@@ -271,7 +273,9 @@ def markdown_report(report: dict) -> str:
                      f"| {'yes' if c['identical'] else '**NO**'} |")
     if s.get("sources"):
         lines += ["", "Medusa steps by source of their drafts (tokens a step: accepted drafts plus the bonus token); "
-                  f"host drafting {s.get('host_ms_per_step', 0):.2f} ms a step; tokens verified a step: "
+                  f"host drafting {s.get('host_ms_per_step', 0):.2f} ms a step"
+                  + (f", the draft head {s['draft_head_ms_per_step']:.2f} ms a step" if s.get("draft_head_ms_per_step") else "")
+                  + "; tokens verified a step: "
                   + ", ".join(f"{T}: {n}" for T, n in s.get("step_sizes", {}).items()), "",
                   "| source | steps | share | tokens/step |", "|---|---:|---:|---:|"]
         for src, v in s["sources"].items():
@@ -355,6 +359,8 @@ def open_bench(args) -> tuple[Session, Generator, Generator, str]:
     if args.random_heads:
         if args.medusa_heads:
             raise ValueError("--random-heads and --medusa-heads exclude each other")
+        if args.draft_head:
+            raise ValueError("--random-heads and --draft-head exclude each other")
         session = open_session(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
                                weights=args.weights, activations=args.activations)
         model = session.loaded.model
@@ -364,7 +370,7 @@ def open_bench(args) -> tuple[Session, Generator, Generator, str]:
         tree.check_heads(heads.num_heads)
         medusa = Generator(model, session.tokenizer.eos_token_ids, tree, heads)
         return session, session.generator, medusa, RANDOM_HEADS_NOTE
-    heads_source = args.medusa_heads
+    heads_source = args.medusa_heads or (f"draft head {args.draft_head}" if args.draft_head else None)
     if heads_source is None:
         card = resolve(args.model).card
         heads_source = card.heads_path() if card else None

@@ -78,31 +78,38 @@ class DraftHead:
         }
         for w in self.weights.values():
             w.requires_grad = True
+        # products that drafting runs packed (draft_steps.py sets them); training and scoring use the float weights
+        self.linears: dict = {}
 
     def parameters(self) -> list[Tensor]:
         return list(self.weights.values())
 
     # -- the layer -------------------------------------------------------------------------------------------
+    def _mm(self, name: str, x: Tensor) -> Tensor:
+        """x @ weight.T, through the packed product where drafting installed one."""
+        linear = self.linears.get(name)
+        return linear(x) if linear is not None else x @ self.weights[name].T
+
     def _qkv(self, u: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u (B, T, dim) -> q (B, kv, group, T, hd), k and v (B, kv, T, hd), rotated at their positions."""
         c, w, (B, T, _) = self.config, self.weights, u.shape
         x = _rms(u, w["input_norm"], c.norm_eps)
-        q = (x @ w["q"].T).reshape(B, T, c.n_heads, c.head_dim).transpose(1, 2)
-        k = (x @ w["k"].T).reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        v = (x @ w["v"].T).reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q = self._mm("q", x).reshape(B, T, c.n_heads, c.head_dim).transpose(1, 2)
+        k = self._mm("k", x).reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = self._mm("v", x).reshape(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.reshape(B, c.n_kv_heads, c.n_heads // c.n_kv_heads, T, c.head_dim), k, v
 
     def _finish(self, u: Tensor, attn: Tensor) -> Tensor:
         """attn (B, kv, group, T, hd) -> the guessed normed feature (B, T, dim)."""
         c, w, (B, T, _) = self.config, self.weights, u.shape
-        h = u + attn.reshape(B, c.n_heads, T, c.head_dim).transpose(1, 2).reshape(B, T, -1) @ w["o"].T
+        h = u + self._mm("o", attn.reshape(B, c.n_heads, T, c.head_dim).transpose(1, 2).reshape(B, T, -1))
         x = _rms(h, w["post_norm"], c.norm_eps)
-        h = h + ((x @ w["gate"].T).silu() * (x @ w["up"].T)) @ w["down"].T
+        h = h + self._mm("down", self._mm("gate", x).silu() * self._mm("up", x))
         return _rms(h, w["out_norm"], c.norm_eps)
 
     def inputs(self, features: Tensor, token_embeddings: Tensor) -> Tensor:
-        return token_embeddings.cat(features, dim=-1) @ self.weights["fc"].T
+        return self._mm("fc", token_embeddings.cat(features, dim=-1))
 
     def forward_chains(self, features: Tensor, token_embeddings: Tensor, steps: int) -> list[Tensor]:
         """features, token_embeddings (B, T, dim): f_i and emb(t_i) of each answer. Returns `steps` tensors

@@ -18,8 +18,10 @@ import numpy as np
 from tinygrad import Tensor, TinyJit, UOp, dtypes
 
 from ..kernels.ops import take
+from ..kernels.packed import Q8_0, pack_ggml
 from ..kernels.tinygrad_hooks import device_buffer, read_host, write_host
-from ..model.transformer import Transformer
+from ..model.requantize import quantize
+from ..model.transformer import Linear, Transformer
 from .draft_head import DraftHead
 
 NEG = -1e9
@@ -28,7 +30,9 @@ NEG = -1e9
 class DraftHeadSteps:
     """Captured drafting for one generation at a time on one model (the head's cache is reused: `start` resets it)."""
 
-    def __init__(self, head: DraftHead, model: Transformer, depth: int):
+    def __init__(self, head: DraftHead, model: Transformer, depth: int, packed: bool = True):
+        """packed: the head's products and its proposal logits read Q8_0 codes (and the model's packed lm_head rows)
+        instead of float32 weights, ~4x fewer bytes a draft; drafts may then differ from the float head's."""
         c = head.config
         if (c.dim, c.vocab_size) != (model.config.dim, model.config.vocab_size):
             raise ValueError(f"the draft head was trained for hidden size {c.dim} and {c.vocab_size} tokens; the model "
@@ -49,6 +53,14 @@ class DraftHeadSteps:
         self.embeddings = model.lm_head.float().numpy()
         self.vocab = Tensor(head.vocab_ids, device=dev).realize()
         self.rows = Tensor(self.embeddings[head.vocab_ids], device=dev).realize()   # (V', dim)
+        # the head's products read Q8_0 codes (a draft is only a proposal: rounding it costs no exactness), and the
+        # proposal logits the model's own packed lm_head rows where it has them, as the Medusa heads do
+        head.linears = {name: _q8_linear(head.weights[name]) for name in
+                        ("fc", "q", "k", "v", "o", "gate", "up", "down")} if packed else {}
+        self.logits = Linear(c.dim, len(head.vocab_ids))
+        lm = model.packed_logits if packed else None
+        Tensor.realize(*self.logits.set(lm.rows(head.vocab_ids) if lm is not None and len(head.vocab_ids) % 4 == 0
+                                        else self.rows))
         self.p = UOp.variable("draft_p", 0, positions - 1)
         self.q = UOp.variable("draft_q", 0, positions - 1)
         self._captures: dict[int, TinyJit] = {}
@@ -115,16 +127,24 @@ class DraftHeadSteps:
 
     def _draft(self, hidden: Tensor, embeddings: Tensor, last: Tensor, mask: Tensor, drafts_mask: Tensor, first,
                next_first):
-        head, V = self.head, self.rows.shape[0]
+        head = self.head
         u = head.inputs(hidden.unsqueeze(0), embeddings.unsqueeze(0))                      # (1, T, dim)
         guesses = self._layer(u, first, mask)[0]                                           # (T, dim)
         guess = (Tensor.arange(guesses.shape[0]).to(self.device).unsqueeze(-1) == last).where(guesses, 0).sum(0)
         picks = []
         for m in range(self.depth):
-            picks.append((self.rows @ guess).argmax().reshape(1))                          # index into the vocabulary
+            picks.append(self.logits(guess.reshape(1, -1)).reshape(-1).argmax().reshape(1))  # index into the vocabulary
             if m + 1 == self.depth:
                 break
-            embedding = (Tensor.arange(V).to(self.device).unsqueeze(-1) == picks[-1]).where(self.rows, 0).sum(0)
+            embedding = self.rows[picks[-1]].reshape(-1)
             u = head.inputs(guess.reshape(1, 1, -1), embedding.reshape(1, 1, -1))
             guess = self._layer(u, next_first + m, drafts_mask[m:m + 1])[0, 0]
         return take(self.vocab, Tensor.cat(*picks)).cast(dtypes.int32).realize()
+
+
+def _q8_linear(weight: Tensor) -> Linear:
+    w = weight.numpy()
+    out, inp = w.shape
+    linear = Linear(inp, out)
+    Tensor.realize(*linear.set(pack_ggml(quantize(w, Q8_0), Q8_0, (out, inp)).to(weight.device)))
+    return linear
