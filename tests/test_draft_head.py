@@ -198,7 +198,7 @@ def test_captured_drafting_follows_the_heads_loop_across_steps(tiny_model):
     assert steps.start(Tensor(feats[0:1]), int(tokens[0])) == expected(0)
     position = 1
     # (verified rows, accepted): chains of 4 and 2 rows, plain steps; each size captured and replayed
-    for T, accepted in [(4, 2), (4, 1), (1, 1), (4, 4), (2, 2), (1, 1), (4, 3), (2, 1)]:
+    for T, accepted in [(4, 2), (1, 1), (4, 4), (2, 1), (1, 1), (4, 1)]:
         hidden = np.concatenate([feats[position:position + accepted],
                                  rng.normal(0, 1, (T - accepted, cfg.dim)).astype(np.float32)])  # rows past: junk
         drafts = steps.advance(Tensor(hidden).realize(), tokens[position:position + accepted].tolist())

@@ -89,6 +89,16 @@ class DraftHeadSteps:
         # every call (the verify steps' rows are plain buffers)
         return self.advance(self._buffer("first", hidden_row.numpy().reshape(1, -1), dtypes.float32), [token])
 
+    def capture(self, sizes) -> None:
+        """Capture the drafting call for each verified size now (TinyJit captures on a second call), on placeholder
+        rows at position 0, which the next generation's start rewrites."""
+        for T in sizes:
+            for _ in range(2):
+                self.position = 0
+                self.advance(self._buffer("placeholder", np.zeros((T, self.head.config.dim), np.float32),
+                                          dtypes.float32), [0] * T)
+        self.position = 0
+
     def advance(self, hidden: Tensor, emitted: list[int]) -> list[int]:
         """After a verify step: hidden (T, dim), the realized hidden rows of its T verified nodes, the accepted ones
         first (a chain), and the tokens that followed the accepted nodes (accepted drafts, then the bonus token).

@@ -157,6 +157,8 @@ class Generator:
     def capture_steps(self) -> None:
         """Capture every draft step now (TinyJit captures on a step's second call), so that no timed generation pays
         for it: greedy verifies of placeholder tokens at position 0, which the next prefill rewrites."""
+        if self.draft_head is not None:
+            self.draft_head.capture(self.lookup.chain_sizes)
         kinds = [(size, self.chain_steps(size)) for size in self.lookup.chain_sizes]
         if self.tree.size > 1:
             kinds.append(("heads", self.steps))
