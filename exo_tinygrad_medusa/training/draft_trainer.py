@@ -28,7 +28,7 @@ from ..decoding.draft_head import DraftHead, DraftHeadConfig
 from .draft_backprop import Adam, DraftLayer, losses
 from .draft_config import DraftTrainConfig
 from .features import IGNORE, FeatureStore
-from .progress import Progress
+from .progress import Progress, resume_progress
 from .trainer import lr_at, proposal_vocab
 
 log = logging.getLogger(__name__)
@@ -194,11 +194,8 @@ class DraftTrainer:
 
     def load_state(self, out: Path) -> bool:
         d = out / STATE_DIR
-        if not (d / "progress.json").is_file():
+        if (progress := resume_progress(d, asdict(self.cfg))) is None:
             return False
-        progress = json.loads((d / "progress.json").read_text())
-        if progress["config"] != asdict(self.cfg):
-            raise ValueError(f"--resume: {d} was written with different settings: {progress['config']}")
         with np.load(d / "state.npz") as saved:
             for name in self.layer.w:
                 self.layer.w[name][...] = saved[f"w.{name}"]

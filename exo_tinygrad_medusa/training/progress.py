@@ -1,8 +1,10 @@
 """A one-line progress bar on stderr: done/total, rate, ETA and whatever numbers the caller adds."""
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 
 
 class Progress:
@@ -43,3 +45,14 @@ def _clock(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def resume_progress(state_dir: Path, config: dict) -> dict | None:
+    """A training run's saved progress.json (written last, so its presence means the state beside it is whole), or
+    None when there is none; a state written with other settings than `config` is refused."""
+    if not (state_dir / "progress.json").is_file():
+        return None
+    progress = json.loads((state_dir / "progress.json").read_text())
+    if progress["config"] != config:
+        raise ValueError(f"--resume: {state_dir} was written with different settings: {progress['config']}")
+    return progress

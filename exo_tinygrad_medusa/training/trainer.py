@@ -22,7 +22,7 @@ from tinygrad.nn.state import get_state_dict, safe_load, safe_save
 from ..decoding.heads import FORMATS, MedusaConfig, MedusaHeads
 from ..model.transformer import Linear
 from .features import IGNORE, FeatureStore
-from .progress import Progress
+from .progress import Progress, resume_progress
 
 log = logging.getLogger(__name__)
 STATE_DIR = "train-state"
@@ -314,11 +314,8 @@ class HeadTrainer:
 
     def load_state(self, out: Path) -> bool:
         d = out / STATE_DIR
-        if not (d / "progress.json").is_file():
+        if (progress := resume_progress(d, asdict(self.cfg))) is None:
             return False
-        progress = json.loads((d / "progress.json").read_text())
-        if progress["config"] != asdict(self.cfg):
-            raise ValueError(f"--resume: {d} was written with different settings: {progress['config']}")
         saved = safe_load(str(d / "state.safetensors"))
         for name, t in self._state().items():
             t.assign(saved[name].to(t.device).cast(t.dtype)).realize()
