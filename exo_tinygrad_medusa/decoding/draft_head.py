@@ -115,7 +115,7 @@ class DraftHead:
         """features, token_embeddings (B, T, dim): f_i and emb(t_i) of each answer. Returns `steps` tensors
         (B, T, dim): step k's guess at position i is the k-th draft of the chain started at i - k + 1, a guess of
         f_{i+1} (rows with i < k - 1 belong to no chain: mask them in any loss)."""
-        c, (B, T, _) = self.config, features.shape
+        c, T = self.config, features.shape[1]
         cos_np, sin_np = c.rope(T)
         cos, sin = Tensor(cos_np, device=features.device), Tensor(sin_np, device=features.device)
         i = np.arange(T)[:, None]
