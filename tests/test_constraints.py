@@ -12,6 +12,7 @@ import pytest
 from exo_tinygrad_medusa.decoding.constraints import Constraint, ResponseFormat, vocabulary
 from exo_tinygrad_medusa.decoding.generate import Generator
 from exo_tinygrad_medusa.decoding.heads import load_heads, random_heads
+from exo_tinygrad_medusa.decoding.lookup import LookupConfig
 from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
 from exo_tinygrad_medusa.decoding.session import MedusaOptions, default_tree_spec, resolve_heads_path
 from exo_tinygrad_medusa.decoding.tree import PLAIN, MedusaTree, chain, load_tree
@@ -278,7 +279,9 @@ def test_default_model_greedy_medusa_equals_plain_under_schemas(default_model):
     heads = load_heads(heads_path, model.config, model.lm_head)
     tree = load_tree(default_tree_spec(default_model.device, heads_path))
     plain = Generator(model, tok.eos_token_ids, PLAIN, tokenizer=tok)
-    medusa = Generator(model, tok.eos_token_ids, tree, heads, tokenizer=tok)
+    # plans from the cost table, not from step times measured under whatever load the machine has: the acceptance
+    # asserted below is then the same on every run
+    medusa = Generator(model, tok.eos_token_ids, tree, heads, tokenizer=tok, lookup=LookupConfig(measure_costs=False))
     accepted, emitted = 0, 0
     for prompt, schema in REAL_CASES:
         fmt = ResponseFormat.json_object() if schema is None else ResponseFormat.json_schema(schema)
@@ -291,4 +294,4 @@ def test_default_model_greedy_medusa_equals_plain_under_schemas(default_model):
         got = medusa.generate(ids, cfg)
         assert got.generated_ids == want.generated_ids, prompt
         accepted, emitted = accepted + got.steps, emitted + len(got.generated_ids) - 1
-    assert emitted / accepted > 1.3  # drafts (forced tokens among them) are accepted under the constraint
+    assert emitted / accepted > 1.3, emitted / accepted  # drafts (forced tokens among them) are accepted under the constraint
