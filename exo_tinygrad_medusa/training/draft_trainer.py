@@ -95,7 +95,7 @@ class DraftTrainer:
                  cfg: DraftTrainConfig, heldout: FeatureStore | None = None):
         """base_lm_head: the model's [vocab, dim] lm_head rows (float32; tied models: the embedding table, which is
         also what the head reads its token embeddings from); out_norm: the model's final norm weight."""
-        self.store, self.cfg, self.heldout = store, cfg, heldout
+        self.store, self.cfg = store, cfg
         if store.meta["dim"] != head_config.dim:
             raise ValueError(f"features have hidden size {store.meta['dim']} but the model's is {head_config.dim}")
         n = len(store.samples)
