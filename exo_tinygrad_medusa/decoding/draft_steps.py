@@ -19,10 +19,11 @@ from tinygrad import Tensor, TinyJit, UOp, dtypes
 
 from ..kernels.ops import take
 from ..kernels.packed import Q8_0, pack_ggml
-from ..kernels.tinygrad_hooks import device_buffer, read_host, write_host
+from ..kernels.tinygrad_hooks import read_host
 from ..model.requantize import quantize
 from ..model.transformer import Linear, Transformer
 from .draft_head import DraftHead
+from .steps import HostInputs
 
 NEG = -1e9
 
@@ -64,16 +65,10 @@ class DraftHeadSteps:
         self.p = UOp.variable("draft_p", 0, positions - 1)
         self.q = UOp.variable("draft_q", 0, positions - 1)
         self._captures: dict[int, TinyJit] = {}
-        self._host: dict[tuple, Tensor] = {}
+        self._buffer = HostInputs(dev)
         self.position = 0            # answer position of the next catch-up row
 
     # -- host side ---------------------------------------------------------------------------------------------------
-    def _buffer(self, name: str, values: np.ndarray, dtype) -> Tensor:
-        key = (name, values.shape)
-        if (buffer := self._host.get(key)) is None:
-            buffer = self._host[key] = device_buffer(values.shape, dtype, self.device)
-        return write_host(buffer, values)
-
     def _mask(self, first: int, rows: int) -> np.ndarray:
         """(rows, window + rows - 1): row r at position first + r sees window slots r..r + window - 1 (itself and the
         window - 1 positions before), of which those before position 0 hold nothing."""

@@ -42,6 +42,24 @@ def chain_accept(tree_tokens: Tensor, pred: Tensor) -> tuple[Tensor, Tensor]:
     return n_accepted, bonus
 
 
+class HostInputs:
+    """Host values as a captured step's inputs (see __call__), on one device."""
+
+    def __init__(self, device: str):
+        self.device, self._buffers = device, {}
+
+    def __call__(self, name: str, values, dtype=dtypes.int32) -> Tensor:
+        """A realized device tensor holding `values`: one buffer per (name, shape, dtype), rewritten on every call, so
+        a step's inputs skip the scheduler (a Tensor made from an ndarray is scheduled when the step realizes it, and
+        the scheduler walks every weight of the model: ~5 ms a decode step on the CPU). Names keep the inputs of one
+        call apart; a tensor returned here holds its values until the next call with the same name and shape."""
+        values = np.asarray(values)
+        key = (name, values.shape, dtype)
+        if (buffer := self._buffers.get(key)) is None:
+            buffer = self._buffers[key] = device_buffer(values.shape, dtype, self.device)
+        return write_host(buffer, values)
+
+
 class _OnCache:
     """A step captured on one KV cache: called like the plain capture (the layers still passed, and checked), it
     replays with the cache's buffers baked in. TinyJit does per-input bookkeeping on every call, ~2 ms a step for a
@@ -82,7 +100,7 @@ class ShardSteps:
         self.last_hidden: Tensor | None = None
         self.chunks = tuple(sorted(set(prefill_chunks), reverse=True))
         self.device = dev = model.float_weight.device
-        self._host: dict[tuple, Tensor] = {}
+        self.host = HostInputs(dev)
         self.start_pos = UOp.variable("start_pos", 0, model.max_context)
         self.tree_mask, self.tree_depths = _const(tree.tree_mask, dev), _const(tree.depths, dev)
         def capture(fn, layers_at: int = 1):  # layers_at: where fn takes the cache's layers
@@ -105,17 +123,6 @@ class ShardSteps:
 
     def bind(self, pos: int) -> UOp:
         return self.start_pos.bind(pos)
-
-    def host(self, name: str, values, dtype=dtypes.int32) -> Tensor:
-        """A realized device tensor holding `values`: one buffer per (name, shape, dtype), rewritten on every call, so
-        a step's inputs skip the scheduler (a Tensor made from an ndarray is scheduled when the step realizes it, and
-        the scheduler walks every weight of the model: ~5 ms a decode step on the CPU). Names keep the inputs of one
-        call apart; a tensor returned here holds its values until the next call with the same name and shape."""
-        values = np.asarray(values)
-        key = (name, values.shape, dtype)
-        if (buffer := self._host.get(key)) is None:
-            buffer = self._host[key] = device_buffer(values.shape, dtype, self.device)
-        return write_host(buffer, values)
 
     def prefill_plan(self, n_tokens: int) -> list[tuple[int, int]]:
         """(start, chunk size) for a prompt of n_tokens: the largest chunks while they fill up, then the smallest (the
