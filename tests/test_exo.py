@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Tell me about the sea."
 MAX_TOKENS = 12
 EXO_COMMAND = Path(sys.executable).with_name("exo")  # Exo's own console script, beside the venv's python
-CAPS = {"model": "T", "chip": "T", "memory": 1000, "flops": {"fp32": 0, "fp16": 0, "int8": 0}}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +50,17 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def own_capabilities() -> dict:
+    """What an Exo node on this machine reports about itself. A manual ring config's capabilities must equal it: Exo
+    partitions by memory from the config until it has asked each peer, and a node that partitions before asking
+    (under load it does) would otherwise split the layers differently from its peer, and the ring stalls."""
+    from exo.topology.device_capabilities import device_capabilities
+    return asyncio.run(device_capabilities()).to_dict()
+
+
 def ring_config(tmp_path: Path, ports: list[int]) -> Path:
-    peers = {f"node{i + 1}": {"address": "127.0.0.1", "port": p, "device_capabilities": CAPS}
+    caps = own_capabilities()
+    peers = {f"node{i + 1}": {"address": "127.0.0.1", "port": p, "device_capabilities": caps}
              for i, p in enumerate(ports)}
     path = tmp_path / f"ring{len(ports)}.json"
     path.write_text(json.dumps({"peers": peers}))
@@ -206,7 +214,7 @@ def test_exo_two_node_ring_matches_standalone(model, tmp_path):
     try:
         time.sleep(2)
         out = subprocess.run(exo_node(model, config, 1, ports[0], ports[2], "run", model["dir"], "--prompt", PROMPT),
-                             cwd=ROOT, capture_output=True, text=True, timeout=900)
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     finally:
         node2.terminate()
         node2.wait(timeout=60)
