@@ -14,14 +14,14 @@ from exo_tinygrad_medusa.decoding.sampling import GenerationConfig
 from exo_tinygrad_medusa.decoding.tree import PLAIN, load_tree
 from exo_tinygrad_medusa.kernels import products_q8
 from exo_tinygrad_medusa.model.loader import load_model
-from exo_tinygrad_medusa.kernels.packed import GGML_BLOCKS, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, _decode_blocks, pack_ggml
+from exo_tinygrad_medusa.kernels.packed import GGML_BLOCKS, Q4_0, Q4_1, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, _decode_blocks, pack_ggml
 from exo_tinygrad_medusa.model.transformer import Linear
 from test_tinygrad_hooks import BLOCKS, _cols, _hand_programs
 from test_weights import quantize_blocks
 
 vnni = pytest.mark.skipif(not products_q8.cpu_has_vnni(), reason="q8 activations need AVX512-VNNI and VBMI")
-Q8_TYPES = [Q4_0, Q4_1, Q8_0, Q4_K, Q5_K]
-NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K"}
+Q8_TYPES = [Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K]
+NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
 OFFSET = {Q4_0: 8, Q8_0: 128}
 
 
@@ -52,12 +52,19 @@ def _reference(x: np.ndarray, raw: np.ndarray, ggml_type: int, shape: tuple[int,
     q, fields = _decode_blocks(raw.reshape(out_f, in_f // per, nbytes), ggml_type)
     q = q.reshape(out_f, in_f // 32, 32).astype(np.int64)
     half = lambda a: a.view(np.float16).astype(np.float32)
-    if "super_scale" in fields:   # K-quants: the super-block's float16 times each 32-row sub-block's integer
+    codes, sx, sums = _quantized(x)
+    if ggml_type == Q6_K:   # 16-row sub-blocks: per half, int8 scale * (sum q * xq - 32 * sum xq), added in integers
+        halves = np.einsum("obhr,tbhr->tobh", q.reshape(out_f, -1, 2, 16), codes.reshape(*codes.shape[:2], 2, 16))
+        halves -= 32 * codes.reshape(*codes.shape[:2], 2, 16).sum(-1)[:, None]
+        isum = (halves * fields["scale"].reshape(out_f, -1, 2).astype(np.int64)[None]).sum(-1)
+        d = np.repeat(half(fields["super_scale"]).reshape(out_f, -1), 8, axis=1)   # 8 blocks of 32 a super-block
+        out = (d[None] * sx[:, None, :]).astype(np.float32).astype(np.float64) * isum
+        return out.sum(-1)
+    if "super_minimum" in fields:   # Q4_K, Q5_K: the super-block's float16 times each 32-row sub-block's integer
         d = (half(fields["super_scale"]) * fields["scale"].astype(np.float32)).reshape(out_f, -1)
         m = (-(half(fields["super_minimum"]) * fields["minimum"].astype(np.float32))).reshape(out_f, -1)
     else:
         d, m = half(fields["scale"])[..., 0], half(fields["minimum"])[..., 0] if "minimum" in fields else None
-    codes, sx, sums = _quantized(x)
     isum = np.einsum("obr,tbr->tob", q, codes) - OFFSET.get(ggml_type, 0) * sums[:, None, :]
     out = (d[None] * sx[:, None, :]).astype(np.float32).astype(np.float64) * isum
     if m is not None:
@@ -98,7 +105,7 @@ def test_q8_products_match_a_numpy_reference_of_the_same_quantization(ggml_type,
 
 
 def _tag(ggml_type: int) -> str:
-    return {Q4_0: "q4o8", Q4_1: "q4m", Q8_0: "q8o128", Q4_K: "q4km", Q5_K: "q8km"}[ggml_type]
+    return {Q4_0: "q4o8", Q4_1: "q4m", Q8_0: "q8o128", Q4_K: "q4km", Q5_K: "q8km", Q6_K: "q6ko32"}[ggml_type]
 
 
 @vnni
@@ -116,12 +123,12 @@ def test_q8_outputs_of_a_token_do_not_depend_on_the_other_tokens(ggml_type, q8):
 
 @vnni
 def test_formats_without_a_q8_kernel_keep_the_exact_one(q8):
-    """Q6_K (16-row blocks) keeps the exact kernel under q8: its outputs equal the dequantized product."""
+    """Q5_0 (a high plane of 1 bit) keeps the exact kernel under q8: its outputs equal the dequantized product."""
     rng = np.random.default_rng(13)
-    linear, _ = _packed_linear(Q6_K, rng, 48, 256)
+    linear, _ = _packed_linear(Q5_0, rng, 48, 256)
     x = rng.standard_normal((1, 2, 256)).astype(np.float32)
     np.testing.assert_array_equal(linear(Tensor(np.eye(256, dtype=np.float32)[None])).numpy()[0], linear.matrix().numpy().T)
-    assert not any("_a8_" in name and name.startswith("packed_q6k") for name in _hand_programs())
+    assert not any("_a8_" in name and name.startswith("packed_q5o") for name in _hand_programs())
     exact = x @ linear.matrix().numpy().T
     np.testing.assert_allclose(linear(Tensor(x)).numpy(), exact, rtol=2e-5, atol=2e-5 * np.abs(exact).max())
 
