@@ -217,12 +217,14 @@ def _group_function(spec, size: int, super_rows: int, prefetch: int) -> str:
         lines.append(f"    acc{i} = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(sx[{k}])), _mm512_cvtepi32_ps(is{i}), acc{i});")
         if spec.minimum:
             lines.append(f"    acc{i} = _mm512_fmadd_ps(m, _mm512_set1_ps(ss[{k}]), acc{i});")
-    lines.append("  }")
+    return "\n".join(lines + _stores(spec, size))
+
+
+def _stores(spec, size: int) -> list[str]:
+    """The end of group<size>: close the loop over blocks, store each token's 16 sums."""
     outputs = spec.panels * WIDTH
-    for i in range(size):
-        lines.append(f"  _mm512_storeu_ps(out + (long)(n0 + t + {i}) * {outputs} + p * 16, acc{i});")
-    lines.append("}")
-    return "\n".join(lines)
+    return ["  }", *(f"  _mm512_storeu_ps(out + (long)(n0 + t + {i}) * {outputs} + p * 16, acc{i});" for i in range(size)),
+            "}"]
 
 
 def _q6k_blocks(spec, size: int, super_rows: int, prefetch: int) -> list[str]:
@@ -265,12 +267,7 @@ def _q6k_blocks(spec, size: int, super_rows: int, prefetch: int) -> list[str]:
                      f"_mm512_mullo_epi32(s0, _mm512_sub_epi32(is{i}_0, _mm512_set1_epi32(32 * sq[2 * ({k})]))), "
                      f"_mm512_mullo_epi32(s1, _mm512_sub_epi32(is{i}_1, _mm512_set1_epi32(32 * sq[2 * ({k}) + 1]))));")
         lines.append(f"      acc{i} = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(sx[{k}])), _mm512_cvtepi32_ps(q), acc{i}); }}")
-    lines.append("  }")
-    outputs = spec.panels * WIDTH
-    for i in range(size):
-        lines.append(f"  _mm512_storeu_ps(out + (long)(n0 + t + {i}) * {outputs} + p * 16, acc{i});")
-    lines.append("}")
-    return lines
+    return lines + _stores(spec, size)
 
 
 PRELUDE = r"""#if !defined(__AVX512VNNI__) || !defined(__AVX512VBMI__) || !defined(__AVX512BW__)
