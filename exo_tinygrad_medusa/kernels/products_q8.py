@@ -100,16 +100,17 @@ def source(spec: PackedProduct, name: str, params: list[str]) -> str:
                     for s in ({min(c, group), c % group} - {0})})
     constant = lambda values: ", ".join(map(str, reversed(values)))   # _mm512_set_*: the last element first
     lines = [PRELUDE, f"#define TRANSPOSE_IDX {constant(transpose)}"]
-    # Q6_K's high plane: 32 loaded bytes (two 16-byte rows, outputs in byte order) -> 64-bit element m holds outputs
-    # 2m and 2m + 1's two bytes each; a multishift then picks each row's 2 bits at 4-bit steps (+2 for odd rows)
-    high = [0] * 64
-    for m in range(8):
-        for k, j in enumerate((2 * m, 2 * m + 1)):
-            high[8 * m + 2 * k], high[8 * m + 2 * k + 1] = OUTPUT_BYTE[j], 16 + OUTPUT_BYTE[j]
-    lines.append(f"#define HIGH_IDX {constant(high)}")
-    lines.append(f"#define HIGH_EVEN {constant([4 * (i % 8) for i in range(64)])}")
-    lines.append(f"#define HIGH_ODD {constant([4 * (i % 8) + 2 for i in range(64)])}")
     halves = 2 if _is_q6k(spec) else 1   # Q6_K needs each 16-row half's code sum (its sub-blocks)
+    if _is_q6k(spec):
+        # the high plane: 32 loaded bytes (two 16-byte rows, outputs in byte order) -> 64-bit element m holds outputs
+        # 2m and 2m + 1's two bytes each; a multishift then picks each row's 2 bits at 4-bit steps (+2 for odd rows)
+        high = [0] * 64
+        for m in range(8):
+            for k, j in enumerate((2 * m, 2 * m + 1)):
+                high[8 * m + 2 * k], high[8 * m + 2 * k + 1] = OUTPUT_BYTE[j], 16 + OUTPUT_BYTE[j]
+        lines.append(f"#define HIGH_IDX {constant(high)}")
+        lines.append(f"#define HIGH_EVEN {constant([4 * (i % 8) for i in range(64)])}")
+        lines.append(f"#define HIGH_ODD {constant([4 * (i % 8) + 2 for i in range(64)])}")
     lines.append(_quantize_function(rows, spec.bits, halves))
     for size in sizes:
         lines.append(_group_function(spec, size, SUPER, PREFETCH))
