@@ -284,3 +284,16 @@ def test_step_costs_measured_replace_priors_and_drift_back():
     # chain-4 was timed two steps ago: its measurement keeps STALE_DECAY ** 2 of the weight, the prior the rest
     assert costs.relative()[4] == pytest.approx(STALE_DECAY ** 2 * 0.03 / unit + (1 - STALE_DECAY ** 2) * 1.5)
     assert costs.relative()[1] == 1.0 and costs.relative()["heads"] == 1.4
+
+
+def test_step_costs_keep_the_plain_step_exactly_one_while_other_kinds_run():
+    # the unit is the plain step's own running mean: however stale, its relative cost is 1.0 exactly, not 0.99..
+    # (the planner compares costs, and callers compare against 1.0)
+    from exo_tinygrad_medusa.decoding.step_costs import StepCosts
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        costs = StepCosts([1, 2, 4], {1: 1.0, 2: 1.04, 4: 1.3}.__getitem__)
+        for kind in (1, 2, 4):
+            for _ in range(3):
+                costs.record(kind, float(rng.uniform(1e-4, 1e-2)))
+        assert costs.relative()[1] == 1.0

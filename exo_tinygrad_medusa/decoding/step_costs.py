@@ -41,7 +41,9 @@ class StepCosts:
         for kind in dict.fromkeys([*self.kinds, *self.seconds]):
             if kind in self.seconds:
                 trust = STALE_DECAY ** (self._timed - self._last[kind])
-                out[kind] = trust * self.seconds[kind] / unit + (1 - trust) * self.prior(kind)
+                # prior + trust * (measured - prior): exact when they agree (the plain step is 1.0, not 0.99..)
+                prior = self.prior(kind)
+                out[kind] = prior + trust * (self.seconds[kind] / unit - prior)
             else:
                 out[kind] = self.prior(kind)
         return out
